@@ -1,0 +1,3 @@
+from lit_spine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""`lit-spine` (alias `lightning`): LightningCLI subcommands plus the suite's own tools.
+
+`fit`, `validate`, `test` and `predict` go to LightningCLI; the suite's commands
+(`phantom`, `inspect`, `evaluate`, `describe`, `sweep`, `report`, `bench`) are plain
+argparse programs, imported only when called so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line description); each module has `main(argv: list[str]) -> int`.
+SUITE_COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("lit_spine.data.phantom", "write synthetic lumbar-spine MRI studies as DICOM"),
+    "inspect": ("lit_spine.data.inspect", "show what the suite sees in a dataset folder"),
+    "evaluate": ("lit_spine.evaluate", "score a prediction file against an annotation file"),
+    "describe": ("lit_spine.models.summary", "parameters, FLOPs, receptive field, norm/drop map"),
+    "sweep": ("lit_spine.sweep", "run a W&B sweep file offline (or online with --online)"),
+    "report": ("lit_spine.report", "tables and plots from sweep or run folders"),
+    "bench": ("lit_spine.bench", "time training, data, metric and phantom; write BENCHMARKS.md"),
+}
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a model (LightningCLI)",
+    "validate": "run one validation epoch on a checkpoint",
+    "test": "score a checkpoint on the test split",
+    "predict": "write a prediction file and overlay PNGs",
+}
+
+
+def _usage(prog: str) -> str:
+    lines = [f"usage: {prog} <command> [options]   ({prog} <command> --help for details)", ""]
+    lines.append("training (LightningCLI):")
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines.append("")
+    lines.append("suite tools:")
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
+    lines.append("")
+    lines.append(f"example: {prog} fit --config experiments/smoke.yaml")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a suite command or to LightningCLI."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "lit-spine"
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(prog))
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from lit_spine import __version__
+
+        print(__version__)
+        return 0
+    command = argv[0]
+    if command in SUITE_COMMANDS:
+        module = importlib.import_module(SUITE_COMMANDS[command][0])
+        return int(module.main(argv[1:]) or 0)
+    if command in LIGHTNING_COMMANDS:
+        from lit_spine.train_cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    from lit_spine.utils import choose
+
+    try:
+        choose(command, [*LIGHTNING_COMMANDS, *SUITE_COMMANDS], "command")
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: DICOM reading, series choice, annotations, phantom, cache, targets, transforms, datamodule."""

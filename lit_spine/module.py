@@ -1,0 +1,320 @@
+"""The LightningModule: thin wiring of an injected `SpineNet`, `SpineLoss` and the metrics.
+
+Also the callbacks that belong to training: the DropBlock rate warm-up (Ghiasi et al. 2018,
+"DropBlock: A regularization method for convolutional networks": the drop rate grows
+linearly from 0 to its target during training), a throughput / peak-memory monitor, and a
+checkpoint on interruption so that `fit --ckpt_path last` continues where a run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from lit_spine.data.labels import get_vocabulary
+from lit_spine.losses import SpineLoss
+from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
+from lit_spine.utils import choose
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+
+class SpineModule(pl.LightningModule):
+    """Trains and evaluates a `SpineNet` on heatmap + per-point class targets.
+
+    Args:
+        net: the network (backbone + heads), built from its own config section.
+        optimizer: "adamw" or "sgd" (Nesterov momentum).
+        lr: peak learning rate.
+        weight_decay: L2 / decoupled weight decay for conv and linear weights.
+        norm_weight_decay: weight decay for norm scales/shifts and biases (0 as in the GroupNorm paper).
+        momentum: SGD momentum.
+        scheduler: "cosine" (linear warm-up then cosine decay, per step) or "constant".
+        warmup_epochs: length of the linear warm-up, in epochs (fractions allowed).
+        min_lr_ratio: final learning rate as a fraction of `lr`.
+        heatmap_loss: "mse" or "focal" (penalty-reduced focal loss on sigmoid heatmaps).
+        heatmap_weight: weight of the heatmap loss.
+        class_loss: "bce", "ce" or "focal" for the per-point disease labels.
+        class_weight: weight of the classification loss.
+        label_smoothing: label smoothing of the disease targets.
+        focal_gamma: focusing parameter of the focal losses.
+        focal_alpha: class-balance weight of the focal class loss.
+        radius_mm: hit radius of the primary point-detection metric.
+        baseline_radius_mm: hit radius of the 2020 baseline's macro-F1.
+        multi_label_threshold: extra disease labels predicted when their probability reaches this.
+        channels_last: run the net in channels_last memory format (faster convolutions on GPUs).
+        compile: wrap the net with `torch.compile`.
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm when training on several processes.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: str = "adamw",
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        norm_weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        heatmap_loss: str = "mse",
+        heatmap_weight: float = 1.0,
+        class_loss: str = "bce",
+        class_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: float = 0.25,
+        radius_mm: float = 8.0,
+        baseline_radius_mm: float = 6.0,
+        multi_label_threshold: float = 0.5,
+        channels_last: bool = False,
+        compile: bool = False,
+        sync_batchnorm: bool = True,
+    ) -> None:
+        super().__init__()
+        choose(optimizer, OPTIMIZERS, "optimizer")
+        choose(scheduler, SCHEDULERS, "scheduler")
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.vocab = get_vocabulary(getattr(net, "vocab_name", None) or net.vocab)
+        self.loss_fn = SpineLoss(
+            heatmap_loss=heatmap_loss,
+            heatmap_weight=heatmap_weight,
+            class_loss=class_loss,
+            class_weight=class_weight,
+            label_smoothing=label_smoothing,
+            focal_gamma=focal_gamma,
+            focal_alpha=focal_alpha,
+        )
+        self.multi_label = class_loss != "ce"
+        metric_args = dict(
+            vocab=self.vocab.name, radius_mm=radius_mm, baseline_radius_mm=baseline_radius_mm
+        )
+        self.val_metric = SpineDetectionMetric(**metric_args)
+        self.test_metric = SpineDetectionMetric(**metric_args)
+        self.best_val_map = -math.inf
+        self._compiled = False
+
+    # ------------------------------------------------------------------ model set-up
+    def configure_model(self) -> None:
+        """Apply SyncBatchNorm, channels_last and compile once the strategy is known."""
+        if self._compiled:
+            return
+        if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
+            from timm.layers import convert_sync_batchnorm
+
+            self.net = convert_sync_batchnorm(self.net)
+        if self.hparams.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.net = torch.compile(self.net)
+        self._compiled = True
+
+    @property
+    def spine_net(self) -> nn.Module:
+        """The SpineNet itself (unwrapped from torch.compile)."""
+        return getattr(self.net, "_orig_mod", self.net)
+
+    @property
+    def heatmap_stride(self) -> int:
+        return int(self.spine_net.heatmap_stride)
+
+    def forward(self, images: torch.Tensor, points: torch.Tensor | None = None) -> dict:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images, points)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        outputs = self(batch["image"], batch["points"])
+        losses = self.loss_fn(outputs, batch)
+        bs = batch["image"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/heatmap_loss", losses["heatmap"], batch_size=bs)
+        self.log("train/class_loss", losses["cls"], batch_size=bs)
+        return losses["loss"]
+
+    def _predict(self, images: torch.Tensor) -> dict:
+        """Decoded points, point scores and class probabilities for a batch of images."""
+        outputs = self(images)
+        points, scores = decode_heatmaps(outputs["heatmaps"].float(), self.heatmap_stride)
+        vert_probs, disc_probs = self._class_probabilities(outputs)
+        return {
+            "outputs": outputs,
+            "points": points,
+            "scores": scores,
+            "vertebra_probs": vert_probs,
+            "disc_probs": disc_probs,
+        }
+
+    def _class_probabilities(self, outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.multi_label:
+            return outputs["vertebra_logits"].float().sigmoid(), outputs["disc_logits"].float().sigmoid()
+        return outputs["vertebra_logits"].float().softmax(-1), outputs["disc_logits"].float().softmax(-1)
+
+    def _eval_step(self, batch: dict, metric: SpineDetectionMetric, stage: str) -> None:
+        pred = self._predict(batch["image"])
+        losses = self.loss_fn(pred["outputs"], batch)
+        self.log(f"{stage}/loss", losses["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
+        rows = select_predictions(
+            pred["points"],
+            pred["scores"],
+            pred["vertebra_probs"],
+            pred["disc_probs"],
+            self.vocab,
+            multi_label_threshold=self.hparams.multi_label_threshold,
+        )
+        metric.update(
+            *rows,
+            gt_points=batch["points"],
+            gt_present=batch["present"],
+            gt_labels=batch["labels"],
+            spacing_mm=batch["spacing_mm"],
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metric, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metric, "test")
+
+    def _log_metric(self, metric: SpineDetectionMetric, stage: str) -> dict[str, float]:
+        values = metric.compute()
+        metric.reset()
+        logged = {f"{stage}/{k}": float(v) for k, v in values.items()}
+        # NaN (a class without ground truth) would poison loggers' aggregations; leave it out.
+        logged = {k: v for k, v in logged.items() if math.isfinite(v)}
+        self.log_dict(logged, sync_dist=False)
+        return logged
+
+    def on_validation_epoch_end(self) -> None:
+        logged = self._log_metric(self.val_metric, "val")
+        if self.trainer.sanity_checking:
+            return
+        current = logged.get("val/mAP", logged.get("val/map", 0.0))
+        self.best_val_map = max(self.best_val_map, current)
+        self.log("val/mAP_best", self.best_val_map)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric(self.test_metric, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        pred = self._predict(batch["image"])
+        pred.pop("outputs")
+        pred["index"] = batch["index"]
+        return {k: v.detach().cpu() for k, v in pred.items()}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_val_map"] = float(self.best_val_map)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_val_map = float(checkpoint.get("best_val_map", -math.inf))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.spine_net.param_groups(hp.weight_decay, norm_weight_decay=hp.norm_weight_decay)
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+        if hp.scheduler == "constant":
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(total_steps - 1, int(round(hp.warmup_epochs * total_steps / epochs)))
+
+        def lr_factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / (warmup_steps + 1)
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DropBlockSchedule(pl.Callback):
+    """Ramp the DropBlock rate linearly from 0 to its target over the first part of training.
+
+    Args:
+        enabled: False keeps the full rate from the first step (schedule off).
+        warmup_fraction: share of all training steps over which the rate grows (the DropBlock
+            paper ramps over the whole of training: 1.0).
+    """
+
+    def __init__(self, enabled: bool = True, warmup_fraction: float = 1.0) -> None:
+        self.enabled = enabled
+        self.warmup_fraction = warmup_fraction
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        net = getattr(pl_module, "spine_net", None)
+        if net is None or not hasattr(net, "set_drop_schedule"):
+            return
+        if not self.enabled:
+            net.set_drop_schedule(1.0)
+            return
+        total = max(1.0, float(trainer.estimated_stepping_batches) * self.warmup_fraction)
+        net.set_drop_schedule(min(1.0, trainer.global_step / total))
+
+
+class ThroughputMonitor(pl.Callback):
+    """Log training images/s (per epoch, after a short warm-up) and peak memory in MB."""
+
+    def __init__(self, warmup_batches: int = 2) -> None:
+        self.warmup_batches = warmup_batches
+        self.images = 0
+        self.seconds = 0.0
+        self._t0: float | None = None
+        self.images_per_s: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.images, self.seconds = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is None or batch_idx < self.warmup_batches:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.seconds += time.perf_counter() - self._t0
+        self.images += int(batch["image"].shape[0])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.images and self.seconds > 0:
+            self.images_per_s = self.images / self.seconds * trainer.world_size
+            pl_module.log("train/images_per_s", self.images_per_s, rank_zero_only=True)
+        pl_module.log("sys/peak_mem_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPUs, else the process's peak resident set size, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class CheckpointOnInterrupt(pl.Callback):
+    """Save `last.ckpt` when training stops on an exception (Ctrl-C included) so it can resume."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")

@@ -1,0 +1,383 @@
+"""`lit-spine fit|validate|test|predict`: LightningCLI with the suite's run folders.
+
+Every invocation writes into one run folder (default `runs/<experiment>/<run_id>`, the id being
+a timestamp plus random hex so that runs started together never collide; the environment
+variable LIT_SPINE_RUN_DIR or `--run_dir` name it exactly):
+
+    config.yaml  meta.json  metrics.csv  summary.json  checkpoints/{best,last}.ckpt
+
+`validate`, `test` and `predict` on a checkpoint inside a run folder write into a subfolder
+of that run (`<run>/test/...`), never over the training run's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger
+
+from lit_spine.data.datamodule import SpineDataModule
+from lit_spine.module import (
+    CheckpointOnInterrupt,
+    DropBlockSchedule,
+    SpineModule,
+    ThroughputMonitor,
+    peak_memory_mb,
+)
+from lit_spine.utils import atomic_write_json
+
+PACKAGES = (
+    "lit_spine", "torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "wandb",
+    "pydicom", "numpy", "jsonargparse", "omegaconf", "sweeps",
+)
+# Config keys copied to W&B under short names so dashboards can group and filter runs.
+GROUP_KEYS = {
+    "backbone": "model.net.init_args.backbone",
+    "norm": "model.net.init_args.norm",
+    "drop": "model.net.init_args.drop",
+    "drop_rate": "model.net.init_args.drop_rate",
+    "head": "model.net.init_args.head",
+    "batch_size": "data.batch_size",
+    "image_size": "data.image_size",
+    "seed": "seed_everything",
+}
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state(cwd: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit hash, dirty?) of the working tree holding the code, or (None, None) outside git."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys; lists become JSON strings."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    key = prefix[:-1]
+    if isinstance(obj, (list, tuple)):
+        out[key] = json.dumps(obj, default=str)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        out[key] = obj
+    else:
+        out[key] = str(obj)
+    return out
+
+
+def new_run_id() -> str:
+    """A run id unique even for runs started in the same second."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def wandb_mode(requested: str) -> str:
+    """Resolve 'auto' to online (API key and server reachable) or offline; respect WANDB_MODE."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return "offline" if env == "dryrun" else env
+    if requested != "auto":
+        return requested
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        netrc = Path.home() / ".netrc"
+        has_key = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not has_key:
+        return "offline"
+    import socket
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+        return "online"
+    except OSError:
+        return "offline"
+
+
+class RunFolder(SaveConfigCallback):
+    """Save config.yaml and meta.json at start, summary.json at the end (or on failure)."""
+
+    run_dir: Path
+    cli: SpineCLI
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        cli = self.cli
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        import yaml
+
+        config_flat = flatten(yaml.safe_load(config))
+        commit, dirty = git_state(Path.cwd())
+        data = trainer.datamodule
+        meta = {
+            "run_id": self.run_dir.name,
+            "experiment": cli.experiment,
+            "subcommand": cli.subcommand,
+            "seed": self.config.get("seed_everything"),
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "versions": package_versions(),
+            "cache_hash": getattr(data, "cache_hashes", None),
+            "params": sum(p.numel() for p in pl_module.parameters()),
+            "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+            "world_size": trainer.world_size,
+            "argv": sys.argv,
+            "config_flat": config_flat,
+        }
+        log_dir = Path(trainer.log_dir)
+        atomic_write_json(log_dir / "meta.json", meta)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.config.update(
+                    {**config_flat, **{k: config_flat.get(v) for k, v in GROUP_KEYS.items()}},
+                    allow_val_change=True,
+                )
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def _summary(self, trainer, pl_module, status: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.log_dir) / "summary.json"
+        previous = 0.0
+        if path.is_file():
+            try:
+                previous = float(json.loads(path.read_text()).get("runtime_s", 0.0))
+            except (ValueError, OSError):
+                previous = 0.0
+        throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))
+        }
+        best = getattr(pl_module, "best_val_map", None)
+        ckpt = trainer.checkpoint_callback
+        summary = {
+            "status": status,
+            "val/mAP_best": best if best is not None and best > -1 else None,
+            "runtime_s": previous + time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
+            "images_per_s": throughput.images_per_s if throughput else None,
+            "peak_mem_mb": peak_memory_mb(pl_module.device),
+            "params": sum(p.numel() for p in pl_module.parameters()),
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "best_checkpoint": getattr(ckpt, "best_model_path", None) or None,
+            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **metrics,
+        }
+        atomic_write_json(path, summary)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._summary(trainer, pl_module, "finished")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn == "fit":
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            self._summary(trainer, pl_module, status)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        if trainer.is_global_zero:
+            atomic_write_json(Path(trainer.log_dir) / "test_metrics.json", metrics)
+
+
+class SpineCLI(LightningCLI):
+    """LightningCLI for SpineModule + SpineDataModule with run folders and default callbacks."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str, default="default",
+                            help="experiment name: runs land in runs/<experiment>/<run_id>")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="exact run folder (also env LIT_SPINE_RUN_DIR); default: a new one")
+        parser.add_argument("--runs_root", type=str, default="runs", help="parent of run folders")
+        parser.add_argument("--wandb", type=str, default="auto",
+                            help="W&B logging: auto (online with a key and network, else offline), "
+                                 "online, offline, disabled")
+        parser.add_argument("--wandb_project", type=str, default="lit_spine", help="W&B project")
+        parser.add_argument("--print_model", type=bool, default=False,
+                            help="print the model summary (params, FLOPs, receptive field, "
+                                 "norm/drop layers) and exit")
+        parser.add_argument("--overlays", type=int, default=16,
+                            help="predict: number of PNG overlays of predicted vs true points")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/mAP",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": True,
+            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.enable_version_counter": False,
+        })
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({
+            "early_stopping.monitor": "val/mAP",
+            "early_stopping.mode": "max",
+            "early_stopping.patience": 1000,
+            "early_stopping.check_finite": False,
+        })
+        parser.add_lightning_class_args(DropBlockSchedule, "drop_schedule")
+        parser.link_arguments("data.slices", "model.net.init_args.in_chans", apply_on="parse")
+        parser.link_arguments("data.vocab", "model.net.init_args.vocab", apply_on="parse")
+        parser.link_arguments("model.net.init_args.heatmap_stride", "data.stride", apply_on="parse")
+
+    # ------------------------------------------------------------------ run folder
+    def _resolve_run_dir(self, cfg) -> Path:
+        explicit = cfg.get("run_dir") or os.environ.get("LIT_SPINE_RUN_DIR")
+        ckpt = cfg.get("ckpt_path")
+        root = Path(cfg.get("runs_root") or "runs") / self.experiment
+        if explicit:
+            return Path(explicit)
+        if ckpt and ckpt != "last" and Path(ckpt).parent.name == "checkpoints":
+            return Path(ckpt).parent.parent
+        if ckpt in ("last", "best"):
+            candidates = sorted(
+                (p.parent.parent for p in root.glob("*/checkpoints/last.ckpt")),
+                key=lambda p: p.stat().st_mtime,
+            )
+            unfinished = [p for p in candidates if _status(p) != "finished"]
+            pick = (unfinished or candidates or [None])[-1]
+            if pick is None:
+                raise SystemExit(
+                    f"lit-spine: --ckpt_path {ckpt}: no run of experiment {self.experiment!r} with "
+                    f"checkpoints under {root}; pass --run_dir or a checkpoint path"
+                )
+            print(f"lit-spine: resuming run folder {pick}", file=sys.stderr)
+            return pick
+        return root / new_run_id()
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        self.experiment = cfg.get("experiment") or "default"
+        self.run_dir = self._resolve_run_dir(cfg)
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("last", "best"):
+            path = self.run_dir / "checkpoints" / f"{ckpt}.ckpt"
+            if not path.is_file():
+                raise SystemExit(f"lit-spine: --ckpt_path {ckpt}: {path} does not exist")
+            cfg["ckpt_path"] = str(path)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # DDP children re-run this program: they must land in the same folder.
+        os.environ["LIT_SPINE_RUN_DIR"] = str(self.run_dir)
+        self.log_dir = self.run_dir if self.subcommand == "fit" else self.run_dir / self.subcommand
+        cfg["checkpoint"]["dirpath"] = str(self.run_dir / "checkpoints")
+        norm = cfg["model"]["net"]["init_args"].get("norm") if cfg["model"].get("net") else None
+        if norm == "batchnorm":
+            cfg["model"]["sync_batchnorm"] = cfg["model"].get("sync_batchnorm", True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        cfg = self.config_init[self.subcommand]
+        trainer_cfg = cfg.get("trainer", {})
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self._loggers(cfg)
+        kwargs.setdefault("default_root_dir", str(self.run_dir))
+        return super().instantiate_trainer(**kwargs)
+
+    def _loggers(self, cfg) -> list:
+        version = "" if self.subcommand == "fit" else self.subcommand
+        loggers: list = [CSVLogger(save_dir=str(self.run_dir), name="", version=version)]
+        mode = wandb_mode(cfg.get("wandb") or "auto")
+        if mode != "disabled":
+            from pytorch_lightning.loggers import WandbLogger
+
+            loggers.append(WandbLogger(
+                project=cfg.get("wandb_project") or "lit_spine",
+                name=f"{self.experiment}/{self.run_dir.name}",
+                id=self.run_dir.name.replace("-", "")[-16:] + self.subcommand[:1],
+                group=self.experiment,
+                job_type=self.subcommand,
+                save_dir=str(self.run_dir),
+                offline=mode == "offline",
+                resume="allow",
+            ))
+        return loggers
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+        callbacks = list(callbacks)
+        callbacks.append(ThroughputMonitor())
+        callbacks.append(CheckpointOnInterrupt(self.run_dir / "checkpoints"))
+        if self.subcommand != "fit":
+            callbacks = [
+                c for c in callbacks
+                if not isinstance(c, (ModelCheckpoint, EarlyStopping, CheckpointOnInterrupt))
+            ]
+        if self.subcommand == "predict":
+            from lit_spine.predict import PredictionWriter
+
+            cfg = self.config_init[self.subcommand]
+            callbacks.append(PredictionWriter(self.log_dir, overlays=cfg.get("overlays", 16)))
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_instantiate_classes(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("print_model"):
+            from lit_spine.models.summary import describe, format_description
+
+            image_size = self.datamodule.hparams.get("image_size", 256)
+            print(format_description(describe(self.model.spine_net, image_size=image_size)))
+            raise SystemExit(0)
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, RunFolder):
+                cb.run_dir = self.run_dir
+                cb.cli = self
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def run_lightning_cli(argv: list[str]) -> SpineCLI:
+    """Run LightningCLI on argv (e.g. ['fit', '--config', 'experiments/smoke.yaml'])."""
+    threads = os.environ.get("LIT_SPINE_NUM_THREADS")
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    return SpineCLI(
+        SpineModule,
+        SpineDataModule,
+        save_config_callback=RunFolder,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "lit-spine"},
+        args=argv,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,279 @@
+"""`lit-spine evaluate`: same numbers as the training-time metric, DICOM spacing, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from dicom_factory import write_slice
+from test_metrics import _study_ordered_case, batches_from_case
+
+from lit_spine import cli
+from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
+from lit_spine.data.dicom import read_spacing_for_instances
+from lit_spine.data.labels import POINT_NAMES, get_vocabulary
+from lit_spine.evaluate import main
+from lit_spine.metrics import PredictionArrays, SpineDetectionMetric
+
+VOCAB = get_vocabulary("tianchi2020")
+SPACINGS = [(0.625, 0.75), (0.5, 0.5), (0.875, 0.6875), (0.75, 0.75)]
+
+
+def write_dicom(path, study_uid, instance_uid, spacing):
+    """A tiny MR slice whose header carries the study, instance and pixel spacing."""
+    write_slice(
+        path,
+        np.zeros((4, 4)),
+        study_uid=study_uid,
+        series_uid=study_uid + ".7",
+        description="T2 sag",
+        instance_uid=instance_uid,
+        spacing=spacing,
+    )
+
+
+def exact_case(n_studies=4, seed=11):
+    """A random case whose coordinates and scores survive the JSON writer unchanged."""
+    gt, pred, _ = _study_ordered_case(seed, n=n_studies)
+    spacing = np.array(SPACINGS * (n_studies // len(SPACINGS) + 1))[:n_studies]
+    pred = PredictionArrays(
+        pred.study, pred.point, pred.cls, np.round(pred.xy * 8) / 8, np.round(pred.score * 64) / 64
+    )
+    gt = type(gt)(gt.study, gt.point, np.round(gt.xy * 8) / 8, gt.labels)
+    return gt, pred, spacing
+
+
+def to_studies(gt, pred, n_studies):
+    """Annotation-schema studies: GT points with all labels; one predicted point per row."""
+    classes = VOCAB.classes
+    gts, preds = [], []
+    for s in range(n_studies):
+        uid, inst = f"1.2.826.0.1.{s}", f"1.2.826.0.1.{s}.7.1"
+        g = StudyAnnotation(uid, f"{uid}.7", inst)
+        for i in np.flatnonzero(gt.study == s):
+            codes = tuple(classes[c].split("/")[1] for c in np.flatnonzero(gt.labels[i]))
+            g.points.append(
+                Point(POINT_NAMES[gt.point[i]], *map(float, gt.xy[i]), codes, z_index=6)
+            )
+        p = StudyAnnotation(uid, f"{uid}.7", inst)
+        for j in np.flatnonzero(pred.study == s):
+            code = classes[pred.cls[j]].split("/")[1]
+            p.points.append(
+                Point(
+                    POINT_NAMES[pred.point[j]],
+                    *map(float, pred.xy[j]),
+                    (code,),
+                    score=float(pred.score[j]),
+                )
+            )
+        gts.append(g)
+        preds.append(p)
+    return gts, preds
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    n = 4
+    gt, pred, spacing = exact_case(n)
+    gts, preds = to_studies(gt, pred, n)
+    root = tmp_path / "data"
+    for s, study in enumerate(gts):
+        write_dicom(
+            root / "val" / f"study{s}" / "image5.dcm",
+            study.study_uid,
+            study.instance_uid,
+            spacing[s],
+        )
+        write_dicom(
+            root / "val" / f"study{s}" / "image6.dcm",
+            study.study_uid,
+            study.instance_uid + ".2",
+            (9.0, 9.0),
+        )  # another slice: not the annotated one
+    (root / "val" / "study0" / "broken.dcm").write_bytes(b"DICM")  # truncated: skipped
+    write_annotations(root / "val_annotation.json", gts)  # the dataset layout: a split's file
+    write_annotations(tmp_path / "pred.json", preds)
+    return dict(
+        tmp=tmp_path,
+        root=root,
+        gt=gt,
+        pred=pred,
+        spacing=spacing,
+        gts=gts,
+        preds=preds,
+        args=[
+            "--pred",
+            str(tmp_path / "pred.json"),
+            "--gt",
+            str(root / "val_annotation.json"),
+            "--data-root",
+            str(root),
+        ],
+    )
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return rc, out.out, out.err
+
+
+def test_cli_json_equals_metric_on_the_same_predictions(dataset, capsys):
+    rc, out, _ = run([*dataset["args"], "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out)
+    metric = SpineDetectionMetric()
+    for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], dataset["spacing"], 3):
+        metric.update(*rows, **kw)
+    expected = json.loads(json.dumps(metric.compute_report().to_dict()))
+    assert result == expected
+    for key in (
+        "map",
+        "precision",
+        "recall",
+        "f1",
+        "ap",
+        "baseline_macro_f1",
+        "keypoint_recall",
+        "mre_mm",
+        "sdr",
+    ):
+        assert key in result
+    assert set(result["sdr"]) == {"2", "4", "6", "8"}
+    assert result["tp"] > 0 and result["fp"] > 0
+    flat = metric.compute()
+    assert flat["map"] == result["map"] and flat["sdr/6mm"] == result["sdr"]["6"]
+
+
+def test_cli_table_and_dispatcher(dataset, capsys):
+    assert cli.main(["evaluate", *dataset["args"], "--radius-mm", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "Point detection at R = 6 mm (4 studies" in out
+    for text in (
+        "disc/v5",
+        "Schmorl",
+        "pooled",
+        "baseline macro-F1 @ 6 mm",
+        "key-point recall",
+        "vertebra",
+        "<8mm",
+    ):
+        assert text in out
+
+
+def test_data_root_may_be_the_split_or_the_dataset_root(dataset, capsys):
+    found = read_spacing_for_instances(dataset["root"] / "val")
+    assert found[dataset["gts"][2].instance_uid] == (0.875, 0.6875)
+    _, by_root, _ = run([*dataset["args"], "--json"], capsys)
+    args = [*dataset["args"][:-1], str(dataset["root"] / "val"), "--json"]
+    _, by_split, _ = run(args, capsys)
+    assert json.loads(by_root) == json.loads(by_split)
+
+
+def test_spacing_override(dataset, capsys):
+    rc, out, _ = run([*dataset["args"][:4], "--spacing-mm", "0.5,0.5", "--json"], capsys)
+    assert rc == 0
+    metric = SpineDetectionMetric()
+    for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], np.full((4, 2), 0.5), 4):
+        metric.update(*rows, **kw)
+    assert json.loads(out) == json.loads(json.dumps(metric.compute_report().to_dict()))
+
+
+def test_studies_absent_from_the_prediction_file_count_as_missed(dataset, capsys):
+    write_annotations(dataset["tmp"] / "pred.json", dataset["preds"][1:])
+    rc, out, _ = run([*dataset["args"], "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out)
+    assert result["n_studies"] == 4
+    assert result["localisation"]["all"]["n_missing"] >= 10
+
+
+def _edit_pred(dataset, fn):
+    path = dataset["tmp"] / "pred.json"
+    obj = json.loads(path.read_text())
+    fn(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _first_point(obj):
+    return obj[0]["data"][0]["annotation"][0]["data"]["point"][0]
+
+
+def test_unknown_study_is_an_error_or_a_warning(dataset, capsys):
+    def add(obj):
+        extra = json.loads(json.dumps(obj[0]))
+        extra["studyUid"] = "9.9.9"
+        obj.append(extra)
+
+    _edit_pred(dataset, add)
+    rc, _, err = run(dataset["args"], capsys)
+    assert rc == 2 and "study 9.9.9" in err and "--ignore-unknown" in err
+    rc, out, err = run([*dataset["args"], "--ignore-unknown", "--json"], capsys)
+    assert rc == 0 and "warning" in err and "9.9.9" in err
+    assert json.loads(out)["n_studies"] == 4
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda p: p.__setitem__("coord", ["a", 3]), "'coord' must be two finite numbers"),
+        (lambda p: p.__setitem__("coord", [1.0]), "'coord' must be two finite numbers"),
+        (
+            lambda p: p["tag"].__setitem__(
+                next(k for k in p["tag"] if k != "identification"), "v9"
+            ),
+            "unknown",
+        ),
+        (lambda p: p.__setitem__("score", 1.5), "'score' must be a number in [0, 1]"),
+        (lambda p: p.__setitem__("score", -0.1), "'score' must be a number in [0, 1]"),
+    ],
+)
+def test_bad_predictions_name_the_study_and_point(dataset, capsys, edit, expected):
+    ident = []
+
+    def apply(obj):
+        point = _first_point(obj)
+        ident.append(point["tag"]["identification"])
+        edit(point)
+
+    _edit_pred(dataset, apply)
+    rc, out, err = run(dataset["args"], capsys)
+    assert rc == 2 and out == ""
+    assert expected in err
+    assert f"study {dataset['gts'][0].study_uid}, point {ident[0]}" in err
+
+
+def test_missing_spacing_names_study_and_instance(dataset, capsys):
+    for f in (dataset["root"] / "val" / "study2").glob("image5.dcm"):
+        f.unlink()
+    rc, _, err = run(dataset["args"], capsys)
+    study = dataset["gts"][2]
+    assert rc == 2
+    assert f"study {study.study_uid}" in err and study.instance_uid in err
+
+
+def test_spacing_source_required_and_files_checked(dataset, capsys):
+    rc, _, err = run(dataset["args"][:4], capsys)
+    assert rc == 2 and "--spacing-mm" in err
+    rc, _, err = run(
+        ["--pred", "nope.json", "--gt", dataset["args"][3], "--spacing-mm", "1,1"], capsys
+    )
+    assert rc == 2 and "nope.json: file not found" in err
+    with pytest.raises(SystemExit) as exc:
+        main([*dataset["args"], "--spacing-mm", "0.7"])
+    assert exc.value.code == 2
+
+
+def test_phantom_annotation_scored_against_itself_is_perfect(phantom_root, tmp_path, capsys):
+    gt_path = phantom_root / "val_annotation.json"
+    rc, out, err = run(
+        ["--pred", str(gt_path), "--gt", str(gt_path), "--data-root", str(phantom_root), "--json"],
+        capsys,
+    )
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["n_studies"] == 2 and result["fp"] == 0 and result["fn"] == 0
+    assert result["map"] == 1.0 and result["baseline_macro_f1"] == 1.0
+    assert result["mre_mm"] == 0.0 and result["sdr"]["2"] == 1.0

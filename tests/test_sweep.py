@@ -1,0 +1,439 @@
+"""`lit-spine sweep`: sweep files, wandb-identical command macros, the offline runner end to end
+(parallel workers, state file, resume after failure and after Ctrl-C), changed sweep files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_spine import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_FIT = Path(__file__).with_name("fake_fit.py")
+SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------- macros
+
+
+def wandb_agent_command(template: list[str], params: dict, program: str, monkeypatch, tmp_path):
+    """The argv wandb's own agent builds for one run (its AgentProcess is captured, not run)."""
+    from wandb import wandb_agent
+
+    captured = {}
+
+    class Capture:
+        def __init__(self, command=None, **kwargs):
+            captured["command"] = command
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Capture)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw")
+    monkeypatch.chdir(tmp_path)
+    agent = wandb_agent.Agent.__new__(wandb_agent.Agent)
+    agent._sweep_command = list(template)
+    agent._function = None
+    agent._in_jupyter = False
+    agent._forward_signals = False
+    agent._run_processes = {}
+    agent._last_report_time = None
+    agent._command_run(
+        {
+            "run_id": "r1",
+            "program": program,
+            "args": {k: {"value": v} for k, v in params.items()},
+        }
+    )
+    return captured["command"]
+
+
+TEMPLATES = [
+    ["${env}", "${interpreter}", "${program}", "${args}"],
+    ["lit-spine", "fit", "--config", "experiments/base.yaml", "${args}"],
+    ["python", "train.py", "${args_no_hyphens}"],
+    ["train", "${args_no_boolean_flags}", "--tag=${envvar:LIT_SPINE_TEST_TAG}"],
+    ["train", "${args_json}"],
+    ["train", "${args_no_equals}", "${unknown_macro}"],
+    ["train", "${args_json_file}"],
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda t: " ".join(t)[:40])
+def test_expand_command_matches_wandb_agent(template, monkeypatch, tmp_path):
+    monkeypatch.setenv("LIT_SPINE_TEST_TAG", "abc")
+    params = {
+        "model.net.init_args.norm": "groupnorm",
+        "model.net.init_args.drop_rate": 0.1,
+        "drop_schedule.enabled": False,
+        "trainer.fast_dev_run": True,
+        "seed_everything": 1,
+        "data.image_size": None,
+    }
+    expected = wandb_agent_command(template, params, "prog.py", monkeypatch, tmp_path)
+    json_file = None
+    if "${args_json_file}" in template:  # wandb's own path for the file
+        json_file = os.path.join(str(tmp_path), "wandb", "sweep-sw", "config-r1.json")
+    got = sweep.expand_command(template, params, program="prog.py", args_json_file=json_file)
+    assert got == expected
+
+
+def test_resolve_executable_uses_this_interpreter():
+    assert sweep.resolve_executable(["lit-spine", "fit"])[:3] == [sys.executable, "-m", "lit_spine"]
+    assert sweep.resolve_executable(["/usr/bin/env", "python", "x.py"]) == [
+        "/usr/bin/env",
+        sys.executable,
+        "x.py",
+    ]
+    assert sweep.resolve_executable(["bash", "-c", "true"]) == ["bash", "-c", "true"]
+
+
+# ----------------------------------------------------------------------------- sweep files
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_files_are_valid_and_replicated(path):
+    config = sweep.load_sweep_file(path)
+    assert config["metric"] == {"name": "val/mAP_best", "goal": "maximize"}
+    assert "${args}" in config["command"] and config["command"][:2] == ["lit-spine", "fit"]
+    for i, word in enumerate(config["command"]):
+        if word == "--config":
+            assert (ROOT / config["command"][i + 1]).is_file(), config["command"][i + 1]
+    seeds = config["parameters"]["seed_everything"]["values"]
+    assert len(seeds) >= 2
+    planner = sweep.Planner(config, None)
+    state = sweep.SweepState(
+        path=Path("/nonexistent/state.json"),
+        sweep_file=str(path),
+        name=path.stem,
+        hash="",
+        config=config,
+    )
+    while (nxt := planner.next_params(state)) is not None:
+        sweep.add_run(state, *nxt)
+    assert len({r.id for r in state.runs}) == len(state.runs)
+    cells = {
+        tuple((k, v) for k, v in r.params.items() if k != "seed_everything") for r in state.runs
+    }
+    assert len(state.runs) == len(cells) * len(seeds)
+
+
+def test_required_sweep_files_exist():
+    names = {p.stem for p in SWEEP_FILES}
+    assert {"default", "norms", "drops", "backbones", "full", "norm_vs_batch"} <= names
+    assert {"stochastic_depth", "dropblock"} <= names
+    nvb = sweep.load_sweep_file(ROOT / "sweeps" / "norm_vs_batch.yaml")["parameters"]
+    assert nvb["data.batch_size"]["values"] == [2, 4, 8, 16]
+    assert set(nvb["model.net.init_args.norm"]["values"]) == {
+        "batchnorm",
+        "groupnorm",
+        "layernorm",
+        "instancenorm",
+    }
+    full = sweep.load_sweep_file(ROOT / "sweeps" / "full.yaml")["parameters"]
+    assert len(full["seed_everything"]["values"]) == 3
+    assert {
+        "model.net.init_args.backbone",
+        "model.net.init_args.norm",
+        "model.net.init_args.drop",
+    } <= set(full)
+
+
+def test_bad_sweep_files_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nparameters:\n  model.net.init_args.norm: [batchnorm]\n")
+    with pytest.raises(sweep.SweepError, match=r"bad.yaml: parameters.model.net.init_args.norm"):
+        sweep.load_sweep_file(bad)
+    bad.write_text("method: grdi\nparameters:\n  a: {values: [1]}\n")
+    with pytest.raises(
+        sweep.SweepError, match=r"(?s)bad.yaml: not a valid W&B sweep config.*method: 'grdi'"
+    ):
+        sweep.load_sweep_file(bad)
+    bad.write_text("method: random\nparameters:\n  a: {values: [1, 2]}\n")
+    with pytest.raises(sweep.SweepError, match="--count"):
+        sweep.Planner(sweep.load_sweep_file(bad), None)
+    assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--workers",
+        "--count",
+        "--online",
+        "--out",
+        "--force",
+        "--dry-run",
+        "--max-runs",
+    ):
+        assert option in text
+
+
+def test_online_without_login_fails_clearly(tmp_path, monkeypatch, capsys):
+    path = write_sweep(tmp_path, norms=["batchnorm"], seeds=[0])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert sweep.main([str(path), "--online"]) == 2
+    assert "--online needs W&B online" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def write_sweep(
+    tmp_path: Path, norms=("batchnorm", "groupnorm"), seeds=(0, 1), method="grid", name="tiny"
+):
+    config = {
+        "name": name,
+        "program": str(FAKE_FIT),
+        "method": method,
+        "metric": {"name": "val/mAP_best", "goal": "maximize"},
+        "parameters": {
+            "model.net.init_args.norm": {"values": list(norms)},
+            "seed_everything": {"values": list(seeds)},
+        },
+        "command": ["${env}", "${interpreter}", "${program}", "--config", "x.yaml", "${args}"],
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def starts(marker: Path) -> list[dict]:
+    return [json.loads(line) for line in marker.read_text().splitlines()] if marker.exists() else []
+
+
+def test_grid_sweep_end_to_end(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert sweep.main([str(path), "--workers", "2", "--out", str(out)]) == 0
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["finished"] * 4
+    assert state["metric"] == {"name": "val/mAP_best", "goal": "maximize"}
+    assert all(r["command"][-1].startswith("--") for r in state["runs"])
+    assert {r["metric"] for r in state["runs"]} == {0.5, 0.51, 0.6, 0.61}
+    launched = starts(marker)
+    assert len(launched) == 4
+    cpus = sweep.cpu_count()
+    assert {s["env"]["LIT_SPINE_NUM_THREADS"] for s in launched} == {str(max(1, cpus // 2))}
+    assert {s["env"]["WANDB_MODE"] for s in launched} == {"disabled"}  # tests keep W&B off
+    assert {s["env"]["WANDB_RUN_GROUP"] for s in launched} == {
+        "tiny/norm=batchnorm",
+        "tiny/norm=groupnorm",
+    }
+    text = capsys.readouterr().out
+    assert "4/4 done" in text and "ETA" in text
+    assert "| 1 | groupnorm | 2 |" in text  # the ranked table, best first
+    report = out / "tiny" / "report"
+    for name in ("report.md", "report.csv", "runs.csv", "curves.png", "factors.png"):
+        assert (report / name).is_file(), name
+    assert (report / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Rerunning a finished sweep starts nothing.
+    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
+    assert len(starts(marker)) == 4
+
+
+def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    monkeypatch.setenv("FAKE_FIT_FAIL", "model.net.init_args.norm=groupnorm")
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 1
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    status = {
+        r["params"]["model.net.init_args.norm"] + str(r["params"]["seed_everything"]): r["status"]
+        for r in state["runs"]
+    }
+    assert status == {
+        "batchnorm0": "finished",
+        "batchnorm1": "finished",
+        "groupnorm0": "failed",
+        "groupnorm1": "failed",
+    }
+    assert len(starts(marker)) == 4
+    monkeypatch.delenv("FAKE_FIT_FAIL")
+    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
+    rerun = starts(marker)[4:]
+    assert len(rerun) == 2 and all("groupnorm" in s["run_dir"] for s in rerun)
+    assert all(not any(a.startswith("--ckpt_path") for a in s["argv"]) for s in rerun)
+    assert len(list((out / "tiny" / "attempts").iterdir())) == 2  # failed attempts kept aside
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert all(r["status"] == "finished" for r in state["runs"])
+
+
+def test_ctrl_c_stops_children_and_rerun_resumes(tmp_path):
+    marker = tmp_path / "marker.jsonl"
+    env = dict(os.environ, FAKE_FIT_MARKER=str(marker), FAKE_FIT_SLEEP="1.5")
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "lit_spine",
+        "sweep",
+        str(path),
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        "--no-report",
+    ]
+    proc = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    state_file = out / "tiny" / "state.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if len(starts(marker)) == 2:
+            break
+        time.sleep(0.1)
+    assert len(starts(marker)) == 2, proc.stdout.read() if proc.poll() is not None else "no start"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "Rerun the same command to continue" in output
+    state = json.loads(state_file.read_text())
+    assert sorted(r["status"] for r in state["runs"]) == [
+        "interrupted",
+        "interrupted",
+        "pending",
+        "pending",
+    ]
+    assert not (out / "tiny" / ".lock").exists()
+    env["FAKE_FIT_SLEEP"] = "0.01"
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rerun = starts(marker)[2:]
+    assert len(rerun) == 4
+    resumed = [s for s in rerun if any(a.startswith("--ckpt_path=") for a in s["argv"])]
+    assert len(resumed) == 2  # the interrupted runs continue from checkpoints/last.ckpt
+    state = json.loads(state_file.read_text())
+    assert all(r["status"] == "finished" for r in state["runs"])
+
+
+def test_changed_sweep_file(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    out = tmp_path / "out"
+    path = write_sweep(tmp_path, norms=["batchnorm"], seeds=[0, 1])
+    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 0
+    # A superset keeps the finished runs and adds the new ones.
+    write_sweep(tmp_path, norms=["batchnorm", "layernorm"], seeds=[0, 1])
+    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 0
+    assert len(starts(marker)) == 4
+    # Dropping planned runs needs --force; their folders move to stale/.
+    write_sweep(tmp_path, norms=["groupnorm"], seeds=[0, 1])
+    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert sweep.main([str(path), "--out", str(out), "--no-report", "--force"]) == 0
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert {r["params"]["model.net.init_args.norm"] for r in state["runs"]} == {"groupnorm"}
+    assert len(list((out / "tiny" / "stale").iterdir())) == 4
+
+
+def test_bayes_and_random_plan_count_runs_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(tmp_path / "marker.jsonl"))
+    out = tmp_path / "out"
+    for method in ("bayes", "random"):
+        path = write_sweep(
+            tmp_path,
+            norms=["batchnorm", "groupnorm", "layernorm"],
+            seeds=[0, 1],
+            method=method,
+            name=method,
+        )
+        assert (
+            sweep.main(
+                [str(path), "--count", "3", "--workers", "2", "--out", str(out), "--no-report"]
+            )
+            == 0
+        )
+        state = json.loads((out / method / "state.json").read_text())
+        assert len(state["runs"]) == 3 and all(r["status"] == "finished" for r in state["runs"])
+    assert len(starts(tmp_path / "marker.jsonl")) == 6
+
+
+def test_dry_run_and_max_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(tmp_path / "marker.jsonl"))
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    assert sweep.main([str(path), "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4 run(s) planned" in text and "--model.net.init_args.norm=groupnorm" in text
+    assert not out.exists()
+    assert sweep.main([str(path), "--max-runs", "1", "--out", str(out), "--no-report"]) == 0
+    assert len(starts(tmp_path / "marker.jsonl")) == 1
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert sorted(r["status"] for r in state["runs"]) == [
+        "finished",
+        "pending",
+        "pending",
+        "pending",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_fit_grid_with_test_models(tmp_path):
+    """Two real `lit-spine fit` runs (test_resnet, batchnorm vs groupnorm) through the sweep."""
+    config = {
+        "name": "real",
+        "program": "lit-spine",
+        "method": "grid",
+        "metric": {"name": "val/mAP_best", "goal": "maximize"},
+        "parameters": {
+            "model.net.init_args.norm": {"values": ["batchnorm", "groupnorm"]},
+            "seed_everything": {"values": [0]},
+        },
+        "command": [
+            "lit-spine",
+            "fit",
+            "--config",
+            str(ROOT / "experiments" / "smoke.yaml"),
+            "--model.net.init_args.backbone=test_resnet",
+            "--model.net.init_args.norm_groups=8",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            f"--data.phantom_dir={tmp_path / 'phantom'}",
+            "--data.phantom_studies=12",
+            "--data.image_size=64",
+            "--data.batch_size=2",
+            "--wandb=disabled",
+            "${args}",
+        ],
+    }
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "lit_spine",
+        "sweep",
+        str(path),
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=850)
+    logs = "\n".join(p.read_text()[-3000:] for p in out.glob("real/runs/*/stdout.log"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    state = json.loads((out / "real" / "state.json").read_text())
+    assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
+    for run in state["runs"]:
+        summary = json.loads((out / "real" / run["run_dir"] / "summary.json").read_text())
+        assert summary["status"] == "finished" and "val/mAP_best" in summary
+    assert (out / "real" / "report" / "report.md").is_file()

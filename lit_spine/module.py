@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lit_spine.data.labels import get_vocabulary
-from lit_spine.losses import SpineLoss
+from lit_spine.losses import SpineLoss, class_probabilities
 from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
 from lit_spine.utils import choose
 
@@ -43,6 +43,8 @@ class SpineModule(pl.LightningModule):
         heatmap_loss: "mse" or "focal" (penalty-reduced focal loss on sigmoid heatmaps).
         heatmap_weight: weight of the heatmap loss.
         class_loss: "bce", "ce" or "focal" for the per-point disease labels.
+        multi_label: disease codes as independent sigmoids (a disc can be v2 and v5 at once);
+            False uses one softmax per point.
         class_weight: weight of the classification loss.
         label_smoothing: label smoothing of the disease targets.
         focal_gamma: focusing parameter of the focal losses.
@@ -69,6 +71,7 @@ class SpineModule(pl.LightningModule):
         heatmap_loss: str = "mse",
         heatmap_weight: float = 1.0,
         class_loss: str = "bce",
+        multi_label: bool = True,
         class_weight: float = 1.0,
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
@@ -85,7 +88,7 @@ class SpineModule(pl.LightningModule):
         choose(scheduler, SCHEDULERS, "scheduler")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
-        self.vocab = get_vocabulary(getattr(net, "vocab_name", None) or net.vocab)
+        self.vocab = net.vocabulary
         self.loss_fn = SpineLoss(
             heatmap_loss=heatmap_loss,
             heatmap_weight=heatmap_weight,
@@ -94,8 +97,8 @@ class SpineModule(pl.LightningModule):
             label_smoothing=label_smoothing,
             focal_gamma=focal_gamma,
             focal_alpha=focal_alpha,
+            multi_label=multi_label,
         )
-        self.multi_label = class_loss != "ce"
         metric_args = dict(
             vocab=self.vocab.name, radius_mm=radius_mm, baseline_radius_mm=baseline_radius_mm
         )
@@ -147,19 +150,14 @@ class SpineModule(pl.LightningModule):
         """Decoded points, point scores and class probabilities for a batch of images."""
         outputs = self(images)
         points, scores = decode_heatmaps(outputs["heatmaps"].float(), self.heatmap_stride)
-        vert_probs, disc_probs = self._class_probabilities(outputs)
+        probs = class_probabilities(outputs, self.hparams.multi_label)
         return {
             "outputs": outputs,
             "points": points,
             "scores": scores,
-            "vertebra_probs": vert_probs,
-            "disc_probs": disc_probs,
+            "vertebra_probs": probs["vertebra"].float(),
+            "disc_probs": probs["disc"].float(),
         }
-
-    def _class_probabilities(self, outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.multi_label:
-            return outputs["vertebra_logits"].float().sigmoid(), outputs["disc_logits"].float().sigmoid()
-        return outputs["vertebra_logits"].float().softmax(-1), outputs["disc_logits"].float().softmax(-1)
 
     def _eval_step(self, batch: dict, metric: SpineDetectionMetric, stage: str) -> None:
         pred = self._predict(batch["image"])
@@ -190,9 +188,12 @@ class SpineModule(pl.LightningModule):
     def _log_metric(self, metric: SpineDetectionMetric, stage: str) -> dict[str, float]:
         values = metric.compute()
         metric.reset()
-        logged = {f"{stage}/{k}": float(v) for k, v in values.items()}
-        # NaN (a class without ground truth) would poison loggers' aggregations; leave it out.
-        logged = {k: v for k, v in logged.items() if math.isfinite(v)}
+        logged = {f"{stage}/{'mAP' if k == 'map' else k}": float(v) for k, v in values.items()}
+        # NaN (a class without ground truth) would poison loggers' aggregations; leave it out,
+        # except the monitored mAP, which checkpointing and early stopping need to see.
+        logged = {k: v for k, v in logged.items() if math.isfinite(v) or k == f"{stage}/mAP"}
+        if not math.isfinite(logged[f"{stage}/mAP"]) and not self.trainer.sanity_checking:
+            rank_zero_warn(f"{stage}: no ground-truth points in this split, so mAP is undefined")
         self.log_dict(logged, sync_dist=False)
         return logged
 
@@ -200,9 +201,11 @@ class SpineModule(pl.LightningModule):
         logged = self._log_metric(self.val_metric, "val")
         if self.trainer.sanity_checking:
             return
-        current = logged.get("val/mAP", logged.get("val/map", 0.0))
-        self.best_val_map = max(self.best_val_map, current)
-        self.log("val/mAP_best", self.best_val_map)
+        current = logged["val/mAP"]
+        if math.isfinite(current):
+            self.best_val_map = max(self.best_val_map, current)
+        if math.isfinite(self.best_val_map):
+            self.log("val/mAP_best", self.best_val_map)
 
     def on_test_epoch_end(self) -> None:
         self._log_metric(self.test_metric, "test")

@@ -14,40 +14,32 @@ import pytorch_lightning as pl
 import torch
 
 from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
-from lit_spine.data.labels import DISC_POINTS, POINT_NAMES, VERTEBRA_POINTS, Vocabulary
+from lit_spine.data.labels import POINT_NAMES, Vocabulary
+from lit_spine.metrics import PredictionRows, select_predictions
 
 
-def point_predictions(
-    points_xy: np.ndarray,
-    scores: np.ndarray,
-    vertebra_probs: np.ndarray,
-    disc_probs: np.ndarray,
-    vocab: Vocabulary,
-    multi_label_threshold: float = 0.5,
-) -> list[Point]:
-    """Points of one study: the top label per point plus any other label above the threshold.
+def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabulary) -> list[Point]:
+    """Prediction rows of batch item `i` (from `select_predictions`) as annotation points.
 
-    A point with several labels is written once per label, each with score = point score x
-    label probability, so that AP ranks labels by confidence (the metric counts one
-    prediction per label either way).
+    `xy` holds the item's 11 points in the pixels the file should use (the original image's).
+    Rows keep their order, which is the metric's input order, so that scoring the written file
+    gives the same numbers as the in-training metric.
     """
-    out: list[Point] = []
-    for kind, rows, probs in (("vertebra", VERTEBRA_POINTS, vertebra_probs),
-                              ("disc", DISC_POINTS, disc_probs)):
-        codes = vocab.codes(kind)
-        for r, p_idx in enumerate(rows):
-            p = probs[r, : len(codes)]
-            top = int(np.argmax(p))
-            chosen = [top] + [c for c in range(len(codes)) if c != top and p[c] >= multi_label_threshold]
-            for c in chosen:
-                out.append(Point(
-                    identification=POINT_NAMES[p_idx],
-                    x=float(points_xy[p_idx, 0]),
-                    y=float(points_xy[p_idx, 1]),
-                    labels=(codes[c],),
-                    score=float(np.clip(scores[p_idx] * p[c], 0.0, 1.0)),
-                ))
-    return out
+    points = []
+    valid = rows.valid[i].tolist()
+    for r, ok in enumerate(valid):
+        if not ok:
+            continue
+        k = int(rows.point_index[i, r])
+        kind, code = vocab.classes[int(rows.cls[i, r])].split("/")
+        points.append(Point(
+            identification=POINT_NAMES[k],
+            x=float(xy[k, 0]),
+            y=float(xy[k, 1]),
+            labels=(code,),
+            score=float(rows.score[i, r]),
+        ))
+    return points
 
 
 class PredictionWriter(pl.Callback):
@@ -72,16 +64,18 @@ class PredictionWriter(pl.Callback):
         cache = dataset.cache
         vocab = pl_module.vocab
         threshold = pl_module.hparams.multi_label_threshold
+        rows = select_predictions(
+            torch.from_numpy(merged["points"]), torch.from_numpy(merged["scores"]),
+            torch.from_numpy(merged["vertebra_probs"]), torch.from_numpy(merged["disc_probs"]),
+            vocab, multi_label_threshold=threshold,
+        )
         studies = []
         for row, index in enumerate(merged["index"].tolist()):
             rec = cache.records[index]
             orig_xy = cache.to_original(index, merged["points"][row])
-            points = point_predictions(
-                orig_xy, merged["scores"][row], merged["vertebra_probs"][row],
-                merged["disc_probs"][row], vocab, threshold,
-            )
             studies.append(StudyAnnotation(
-                rec["study_uid"], rec.get("series_uid"), rec.get("instance_uid"), points
+                rec["study_uid"], rec.get("series_uid"), rec.get("instance_uid"),
+                rows_to_points(rows, row, orig_xy, vocab),
             ))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pred_path = self.out_dir / "predictions.json"

@@ -1,0 +1,172 @@
+"""Training end to end: every experiment file, run folders, resume, test/predict/evaluate, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_spine.evaluate import main as evaluate_main
+from lit_spine.train_cli import run_lightning_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+OVERLAYS = sorted(
+    p.relative_to(EXPERIMENTS).as_posix()
+    for sub in ("backbone", "norm", "drop", "data")
+    for p in (EXPERIMENTS / sub).glob("*.yaml")
+)
+STANDALONE = ("smoke.yaml", "overfit.yaml")
+PRESETS = ("base.yaml", "cpu.yaml", "gpu.yaml", "ddp.yaml", "sweep_cpu.yaml")
+
+
+def tiny_args(phantom_root: Path, tmp_path: Path) -> list[str]:
+    """Overrides that shrink any experiment to a seconds-long CPU run on the test phantom."""
+    return [
+        f"--data.data_root={phantom_root}",
+        "--data.train_split=train",
+        "--data.val_split=val",
+        "--data.test_split=test",
+        "--data.image_size=64",
+        "--data.batch_size=2",
+        "--data.num_workers=0",
+        f"--data.cache_dir={tmp_path.parent / 'cache'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false",
+        f"--runs_root={tmp_path / 'runs'}",
+        "--wandb=disabled",
+    ]
+
+
+def test_every_experiment_file_is_listed():
+    on_disk = {p.relative_to(EXPERIMENTS).as_posix() for p in EXPERIMENTS.rglob("*.yaml")}
+    assert on_disk == set(OVERLAYS) | set(STANDALONE) | set(PRESETS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS + [p for p in PRESETS if p != "base.yaml"])
+def test_experiment_overlay_fast_dev_run(overlay, phantom_root, tmp_path):
+    extra = []
+    if overlay in ("gpu.yaml", "ddp.yaml"):
+        # The hardware presets are checked for what they configure, on the CPU here.
+        extra = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+    if overlay == "data/challenge2020.yaml":
+        extra = ["--data.predict_split=test"]
+    run_lightning_cli([
+        "fit", "--config", str(EXPERIMENTS / "base.yaml"), "--config", str(EXPERIMENTS / overlay),
+        *tiny_args(phantom_root, tmp_path), *extra, "--trainer.fast_dev_run=1",
+    ])
+
+
+@pytest.mark.parametrize("preset", STANDALONE)
+def test_standalone_preset_fast_dev_run(preset, phantom_root, tmp_path):
+    run_lightning_cli([
+        "fit", "--config", str(EXPERIMENTS / preset), *tiny_args(phantom_root, tmp_path),
+        "--trainer.fast_dev_run=1",
+    ])
+
+
+def _run_dirs(tmp_path: Path, experiment: str) -> list[Path]:
+    return sorted((tmp_path / "runs" / experiment).iterdir())
+
+
+def _tiny_fit(phantom_root, tmp_path, *more: str) -> Path:
+    run_lightning_cli([
+        "fit", "--config", str(EXPERIMENTS / "smoke.yaml"), *tiny_args(phantom_root, tmp_path),
+        "--model.net.init_args.backbone=test_resnet", "--model.net.init_args.norm_groups=8",
+        "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0", "--experiment=tiny", *more,
+    ])
+    return _run_dirs(tmp_path, "tiny")[-1]
+
+
+def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, tmp_path, capsys):
+    run = _tiny_fit(phantom_root, tmp_path, "--seed_everything=true")
+    # Resolved config with the real (randomly chosen) seed.
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert isinstance(config["seed_everything"], int)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["seed"] == config["seed_everything"]
+    for key in ("git_commit", "versions", "cache_hash", "params", "config_flat"):
+        assert key in meta
+    assert meta["versions"]["torch"] and meta["cache_hash"]["train"]
+    assert meta["config_flat"]["model.net.init_args.backbone"] == "test_resnet"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r.get("val/mAP") for r in rows) and any(r.get("train/loss") for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs"] == 2
+    assert summary["val/mAP_best"] is not None and summary["images_per_s"] > 0
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    steps_two_epochs = summary["global_step"]
+
+    # Resume the same run folder for a third epoch: it continues from the last step.
+    run_lightning_cli([
+        "fit", "--config", str(run / "config.yaml"), f"--runs_root={tmp_path / 'runs'}",
+        "--wandb=disabled", "--ckpt_path=last", "--trainer.max_epochs=3",
+    ])
+    assert _run_dirs(tmp_path, "tiny") == [run]
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["epochs"] == 3
+    assert resumed["global_step"] == steps_two_epochs * 3 // 2
+
+    # test and predict on the best checkpoint write beside the run, never over it.
+    best = run / "checkpoints" / "best.ckpt"
+    run_lightning_cli(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={best}",
+                       "--wandb=disabled"])
+    test_metrics = json.loads((run / "test" / "test_metrics.json").read_text())
+    assert "test/mAP" in test_metrics
+    run_lightning_cli(["predict", "--config", str(run / "config.yaml"), f"--ckpt_path={best}",
+                       "--wandb=disabled", "--overlays=2"])
+    pred = run / "predict" / "predictions.json"
+    assert pred.is_file() and len(list((run / "predict" / "overlays").glob("*.png"))) == 2
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+    # The prediction file, scored from DICOM spacing, agrees with the in-training test metric.
+    capsys.readouterr()
+    assert evaluate_main([
+        "--pred", str(pred), "--gt", str(phantom_root / "test_annotation.json"),
+        "--data-root", str(phantom_root / "test"), "--json",
+    ]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["map"] == pytest.approx(test_metrics["test/mAP"], abs=1e-4)
+    assert scored["mre_mm"] == pytest.approx(test_metrics["test/mre_mm"], rel=1e-4)
+    assert scored["sdr"]["8"] == pytest.approx(test_metrics["test/sdr/8mm"], abs=1e-6)
+
+
+def test_print_model(phantom_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_lightning_cli([
+            "fit", "--config", str(EXPERIMENTS / "smoke.yaml"), *tiny_args(phantom_root, tmp_path),
+            "--print_model=true",
+        ])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "FLOPs" in out and "receptive field" in out.lower()
+
+
+def test_two_process_cpu_ddp_gives_the_same_metrics(phantom_root, tmp_path):
+    single = _tiny_fit(phantom_root, tmp_path, "--trainer.max_epochs=1")
+    env = {**os.environ, "LIT_SPINE_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    ddp_run = tmp_path / "ddp_run"
+    cmd = [
+        sys.executable, "-m", "lit_spine", "fit", "--config", str(EXPERIMENTS / "smoke.yaml"),
+        *tiny_args(phantom_root, tmp_path), "--model.net.init_args.backbone=test_resnet",
+        "--model.net.init_args.norm_groups=8", "--trainer.max_epochs=1",
+        "--trainer.num_sanity_val_steps=0", "--trainer.strategy=ddp", "--trainer.devices=2",
+        f"--run_dir={ddp_run}",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((ddp_run / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    keys = lambda run: {k for r in csv.DictReader((run / "metrics.csv").open()) for k, v in r.items() if v}  # noqa: E731
+    assert {k for k in keys(single) if k.startswith("val/")} == {
+        k for k in keys(ddp_run) if k.startswith("val/")
+    }
+    assert json.loads((ddp_run / "summary.json").read_text())["status"] == "finished"

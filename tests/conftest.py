@@ -22,5 +22,5 @@ def phantom_root(tmp_path_factory):
     from lit_spine.data.phantom import generate_phantom
 
     root = tmp_path_factory.mktemp("phantom")
-    generate_phantom(root, studies=12, seed=0, splits={"train": 8, "val": 2, "test": 2})
+    generate_phantom(root, studies=12, seed=0, splits={"train": 8, "val": 2, "test": 2}, size=128)
     return root

@@ -1,0 +1,747 @@
+"""The built-in phantom: synthetic lumbar-spine MRI studies written in the challenge layout.
+
+``generate_phantom`` writes ``<out>/<split>/study<k>/image<j>.dcm`` and
+``<out>/<split>_annotation.json`` for every split (see ``spec/data-format.md``), so that DICOM
+reading, series choice, annotation parsing, training and evaluation run unchanged on it.
+Each study is a real exam in miniature: a T2 sagittal series (11-15 slices), a T1 sagittal
+series on the same slice positions, sometimes a darker fat-suppressed T2 sagittal series
+(which the series choice must reject) and a T2 axial series through the lower discs. The
+11 points lie on the middle T2 sagittal slice; their labels are sampled from the released
+data's priors and drawn into the anatomy (``phantom_anatomy``), consistently on every
+series and neighbouring slice.
+
+Difficulty (``difficulty``, ``--difficulty``; 0 easy, 1 default, 2 hard) scales together:
+noise (Rician sigma 0.015 + 0.03 d of the CSF signal), bias-field strength, blur, the spread
+of anatomy and patient rotation (x 0.4 + 0.6 d) and the subtlety of pathology (bulge,
+protrusion, osteophyte and Modic sizes x 1.3 - 0.3 d; degenerated nuclei less dark as d
+grows). At the default, lesions have the textbook sizes of ``spec/phantom.md``.
+
+Determinism: each study's random streams come from ``SeedSequence([seed, crc32(split),
+index])``, so output is byte-identical for a seed whatever the number of workers. Rare,
+harmless annotation quirks of the real data (about 2 % of studies each) are included: extra
+``annotator`` / ``version`` keys, and both ``disc`` and ``vertebra`` keys with one empty.
+
+Interrupt safety: a study is written into ``<split>/.tmp-study<k>-<pid>`` and renamed when
+complete; annotations and the ``.phantom.json`` marker are written atomically, the marker's
+``complete`` flag last. A rerun with the same parameters keeps finished studies and rebuilds
+the rest; different parameters are refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from lit_spine.data import phantom_anatomy as pa
+from lit_spine.data.labels import POINT_NAMES, get_vocabulary
+from lit_spine.data.phantom_dicom import (
+    Plane,
+    SeriesInfo,
+    StudyInfo,
+    build_dataset,
+    phantom_uid,
+    write_dataset,
+)
+from lit_spine.utils import atomic_write_json
+
+FORMAT_VERSION = 1
+MARKER = ".phantom.json"
+DEFAULT_SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+# Vendor-style series descriptions: (T2 sag, T1 sag, fat-suppressed T2 sag variants, T2 axial).
+VENDORS = (
+    ("SIEMENS", "t2_tse_sag", "t1_tse_sag", ("t2_tse_fs_sag", "t2_tirm_sag"), "t2_tse_tra"),
+    ("GE MEDICAL SYSTEMS", "SAG T2 FRFSE", "SAG T1 FSE", ("SAG T2 FS", "SAG T2 FRFSE FS"),
+     "AX T2 FRFSE"),
+    ("Philips", "T2W_TSE_SAG", "T1W_TSE_SAG", ("T2W_SPAIR_SAG", "T2W_TSE_FS_SAG"), "T2W_TSE_TRA"),
+)
+SAGITTAL_SIZES = ((384, 384), (448, 448), (512, 512), (640, 640), (512, 448), (448, 384),
+                  (640, 512))
+SAGITTAL_SIZE_P = (0.3, 0.12, 0.3, 0.13, 0.06, 0.05, 0.04)
+AXIAL_PATTERNS = (  # (disc index, height as a fraction of the disc height)
+    tuple((d, h) for d in (4, 5, 6) for h in (-0.3, 0.0, 0.3)),
+    tuple((d, 0.0) for d in range(1, 7)) + ((5, 0.3), (6, -0.3)),
+    tuple((d, h) for d in (3, 4, 5, 6) for h in (-0.2, 0.2)),
+)
+
+
+class PhantomError(RuntimeError):
+    """The phantom cannot be written where or as asked."""
+
+
+@dataclass
+class PhantomSeries:
+    """One rendered series: headers, planes and uint16 pixels in acquisition order."""
+
+    role: str  # 'T2', 'T1', 'T2FS' (sagittal) or 'AX'
+    info: SeriesInfo
+    planes: list[Plane]
+    pixels: list[np.ndarray]
+    sop_uids: list[str]
+
+
+@dataclass
+class PhantomStudy:
+    """One study in memory: series, ground truth and the drawn tissue maps."""
+
+    split: str
+    index: int
+    study: StudyInfo
+    series: list[PhantomSeries]
+    t2_series: int  # index into `series` of the annotated T2 sagittal series
+    annotated_slice: int  # its middle slice, (n - 1) // 2 along the normal
+    points: np.ndarray  # (11, 2) pixel (column, row) on the annotated slice, POINT_NAMES order
+    codes: dict[str, tuple[str, ...]]
+    labels: pa.StudyLabels
+    anatomy: pa.Anatomy
+    tissue_maps: list[np.ndarray] = field(default_factory=list)  # per sagittal slice
+    disc_corners_px: dict[str, np.ndarray] = field(default_factory=dict)  # (2, 2) lower/upper P
+    annotation: dict = field(default_factory=dict)  # this study's entry of the JSON file
+    file_names: list[str] = field(default_factory=list)  # per slice, series by series
+
+    @property
+    def tissue_map(self) -> np.ndarray:
+        """Tissue ids of the annotated slice."""
+        return self.tissue_maps[self.annotated_slice]
+
+    def structure_ids(self, name: str) -> tuple[int, ...]:
+        """Tissue ids that belong to the structure of a point name ('L3', 'L4-L5')."""
+        if "-" in name:
+            d = pa.DISC_NAMES.index(name)
+            return (pa.ANNULUS0 + d, pa.NUCLEUS0 + d, pa.FRAGMENT0 + d)
+        b = pa.VERTEBRA_NAMES.index(name)
+        return (pa.MARROW0 + b, pa.MODIC0 + b)
+
+
+def _rng_streams(seed: int, split: str, index: int, n: int = 5) -> list[np.random.Generator]:
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, zlib.crc32(split.encode()), int(index)])
+    return [np.random.default_rng(s) for s in ss.spawn(n)]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _rodrigues(v: np.ndarray, axis: np.ndarray, deg: float) -> np.ndarray:
+    k = _unit(axis)
+    t = math.radians(deg)
+    return v * math.cos(t) + np.cross(k, v) * math.sin(t) + k * (k @ v) * (1 - math.cos(t))
+
+
+def _interp_matrix(n: int, cells: int) -> np.ndarray:
+    """(n, cells + 1) linear-interpolation weights from a coarse grid to n samples."""
+    pos = np.linspace(0, cells, n, dtype=np.float32)
+    lo = np.minimum(pos.astype(int), cells - 1)
+    w = np.zeros((n, cells + 1), np.float32)
+    w[np.arange(n), lo] = 1 - (pos - lo)
+    w[np.arange(n), lo + 1] = pos - lo
+    return w
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """A smooth zero-mean random field of unit-ish amplitude (bilinear upsampling of a grid)."""
+    small = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
+    return _interp_matrix(shape[0], cells) @ small @ _interp_matrix(shape[1], cells).T
+
+
+def _bias(rng: np.random.Generator, shape: tuple[int, int], amp: float, posterior: str) -> np.ndarray:
+    """Multiplicative coil shading: brighter near the posterior (spine) coil, smooth elsewhere."""
+    y = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None]
+    x = np.linspace(-1, 1, shape[1], dtype=np.float32)[None, :]
+    post = x if posterior == "cols" else y
+    g = rng.normal(0, 0.5, 4) * amp
+    log_b = (amp * 0.8 * post + g[0] * x + g[1] * y + g[2] * x * y + g[3] * (x * x + y * y)
+             - amp * 0.5 * post * post)
+    return np.exp(log_b).astype(np.float32)
+
+
+def _signal(tissue: np.ndarray, lut: np.ndarray, texture: np.ndarray, bias: np.ndarray,
+            blur_px: float, noise: float, rng: np.random.Generator) -> np.ndarray:
+    img = lut[tissue] * texture
+    img = ndimage.gaussian_filter(img, blur_px, truncate=3.0) * bias
+    # Rician magnitude noise; the quadrature channel reuses the field flipped (independent
+    # enough pixel by pixel, and half the cost of a second draw).
+    n1 = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise)
+    return np.sqrt((img + n1) ** 2 + n1[::-1, ::-1] ** 2)
+
+
+def _to_uint16(img: np.ndarray, scale: float, bits: int) -> np.ndarray:
+    return np.clip(np.rint(img * scale), 0, (1 << bits) - 1).astype(np.uint16)
+
+
+def _sagittal_plane_x(anat: pa.Anatomy, plane: Plane, pts: np.ndarray) -> np.ndarray:
+    rot_t = anat.rotation.T
+    n_a = rot_t @ plane.normal
+    o_a = rot_t @ (plane.centre - anat.translation)
+    pts = np.atleast_2d(pts)
+    return o_a[0] - (n_a[1] * (pts[:, 0] - o_a[1]) + n_a[2] * (pts[:, 1] - o_a[2])) / n_a[0]
+
+
+def _project(anat: pa.Anatomy, plane: Plane, pts_as: np.ndarray) -> np.ndarray:
+    """Mid-sagittal (a, s) points, lifted onto a sagittal plane, to pixel (column, row)."""
+    pts_as = np.atleast_2d(pts_as)
+    xyz = np.column_stack([_sagittal_plane_x(anat, plane, pts_as), pts_as])
+    return plane.to_pixels(xyz @ anat.rotation.T + anat.translation)
+
+
+def _annotated_points_as(anat: pa.Anatomy) -> np.ndarray:
+    pts = []
+    for name in POINT_NAMES:
+        if "-" in name:
+            pts.append(anat.disc_centre(pa.DISC_NAMES.index(name)))
+        else:
+            pts.append(anat.bodies[pa.VERTEBRA_NAMES.index(name)].centre)
+    return np.array(pts)
+
+
+def render_study(
+    seed: int | np.random.SeedSequence = 0,
+    split: str = "train",
+    index: int = 0,
+    vocab: str = "tianchi2020",
+    size: int | None = None,
+    difficulty: float = 1.0,
+    labels_override: Mapping[str, str] | None = None,
+    pixels: bool = True,
+) -> PhantomStudy:
+    """Render one study in memory (nothing is written).
+
+    `labels_override` maps point names to internal states: discs to one of
+    ``phantom_anatomy.DISC_STATES`` (optionally ``"+schmorl"`` / ``"-schmorl"`` appended),
+    vertebrae to ``"normal"`` or ``"degenerated"``; everything else in the study stays the same.
+    With ``pixels=False`` only geometry, headers and ground truth are computed (fast).
+    """
+    get_vocabulary(vocab)
+    r_labels, r_anat, r_lesion, r_layout, r_noise = _rng_streams(seed, split, index)
+    labels = pa.sample_labels(r_labels, vocab)
+    for name, state in (labels_override or {}).items():
+        if "-" in name:
+            k = [n for n in POINT_NAMES if "-" in n].index(name)
+            base, _, schm = state.partition("+")
+            base = base.split("-schmorl")[0]
+            if base not in pa.DISC_STATES:
+                raise ValueError(f"unknown disc state {state!r}; choose from {pa.DISC_STATES}")
+            labels.disc_states[k] = base
+            if schm == "schmorl" or state.endswith("-schmorl"):
+                labels.schmorl[k] = schm == "schmorl"
+        else:
+            k = [n for n in POINT_NAMES if "-" not in n].index(name)
+            labels.vertebra_degenerated[k] = state == "degenerated"
+    anat = pa.sample_anatomy(r_anat, labels, difficulty, lesion_rng=r_lesion)
+    rng = r_layout
+    v = float(np.clip(0.4 + 0.6 * difficulty, 0.2, 1.6))
+    key = (seed if isinstance(seed, int) else seed.entropy, split, index, vocab, size, difficulty)
+
+    # ---- study header values
+    vendor = VENDORS[int(rng.integers(len(VENDORS)))]
+    study = StudyInfo(
+        uid=phantom_uid(*key, "study"), frame_uid=phantom_uid(*key, "frame"),
+        patient_id=f"PH{zlib.crc32(repr(key).encode()):08X}",
+        patient_name=f"PHANTOM^{split.upper()}{index:04d}", age=int(round(labels.age)),
+        sex=str(rng.choice(["F", "M"])),
+        date=f"20{int(rng.integers(15, 24)):02d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        time=f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}",
+        field_t=float(rng.choice([1.5, 3.0])), manufacturer=vendor[0],
+    )
+
+    # ---- sagittal geometry: size, spacing, slice stack, plane tilt, field-of-view position
+    if size:
+        rows = cols = int(size)
+        spacing = float(rng.uniform(300, 360)) / rows
+    else:
+        rows, cols = SAGITTAL_SIZES[int(rng.choice(len(SAGITTAL_SIZES), p=SAGITTAL_SIZE_P))]
+        spacing = float(np.clip(rng.uniform(300, 380) / rows, 0.55, 1.0))
+    n_sag = int(rng.integers(11, 16))
+    slice_gap = float(rng.uniform(3.3, 4.5))
+    thickness = slice_gap - float(rng.uniform(0.0, 0.5))
+    x_off = float(np.clip(rng.normal(0, 1.0), -2.5, 2.5))
+    q = (pa._rot("z", rng.normal(0, 1.0 * v)) @ pa._rot("y", rng.normal(0, 1.0 * v))
+         @ pa._rot("x", rng.normal(0, 3.0 * v)))
+    row_dir, col_dir = q @ np.array([0.0, 1.0, 0.0]), q @ np.array([0.0, 0.0, -1.0])
+    l3 = anat.bodies[4]
+    s_c = 0.5 * (anat.disc_centre(1)[1] + anat.disc_centre(6)[1]) + rng.normal(0, 8 * v)
+    back_a = l3.centre[0] + 0.5 * l3.depth + anat.canal_depth[4] + anat.back_depth + 12
+    width = cols * spacing
+    a_c = back_a - (rng.uniform(0.74, 0.9) - 0.5) * width
+    centre = anat.rotation @ np.array([x_off, a_c, s_c]) + anat.translation
+    mid = Plane(centre, row_dir, col_dir, rows, cols, spacing, spacing)
+    pts_as = _annotated_points_as(anat)
+    # Keep every annotated point well inside the image (real protocols frame the lumbar spine).
+    px = _project(anat, mid, pts_as)
+    lo = np.array([0.1 * cols, 0.08 * rows])
+    hi = np.array([0.9 * cols, 0.92 * rows])
+    shift = np.minimum(px.min(0) - lo, 0) + np.maximum(px.max(0) - hi, 0)
+    centre = centre + shift[0] * spacing * row_dir + shift[1] * spacing * col_dir
+    normal = np.cross(row_dir, col_dir)
+    m_idx = (n_sag - 1) // 2
+    sag_planes = [Plane(centre + (k - m_idx) * slice_gap * normal, row_dir, col_dir, rows, cols,
+                        spacing, spacing) for k in range(n_sag)]
+    mid = sag_planes[m_idx]
+    # Focal lesions sit where the annotated slice cuts the disc, so the label is readable there.
+    for d in range(7):
+        lesion = anat.discs[d]
+        xd = float(_sagittal_plane_x(anat, mid, anat.disc_centre(d))[0])
+        lesion.x0 = xd + 0.5 * lesion.x0
+        if lesion.fragment is not None:
+            mig, ra, rs, _, wlf = lesion.fragment
+            lesion.fragment = (mig, ra, rs, lesion.x0, wlf)
+        if lesion.schmorl is not None:
+            side, f, dep, w, xs_, wls = lesion.schmorl
+            lesion.schmorl = (side, f, dep, w, xd + 0.4 * xs_, wls)
+    points = _project(anat, mid, pts_as)
+    corners = {}
+    for d in range(1, 7):
+        xd = float(_sagittal_plane_x(anat, mid, anat.disc_centre(d))[0])
+        lp, _, up, _ = anat.disc_corners(d, xd)
+        corners[pa.DISC_NAMES[d]] = _project(anat, mid, np.array([lp, up]))
+
+    # ---- axial geometry: planes parallel to the discs, tilt limited to 35 degrees
+    pattern = AXIAL_PATTERNS[int(rng.integers(len(AXIAL_PATTERNS)))]
+    ax_size = int(size) if size else int(rng.choice([256, 288, 320]))
+    ax_spacing = float(rng.uniform(170, 230)) / ax_size
+    ax_planes, ax_where = [], []
+    ax_x, ax_p = rng.normal(0, 4.0), rng.normal(12, 5.0)
+    for d, hf in pattern:
+        u = anat.disc_u(d)
+        n2 = pa._perp(u)
+        lp, la, up, ua = anat.disc_corners(d)
+        h_mid = 0.5 * float(np.linalg.norm(up - lp) + np.linalg.norm(ua - la))
+        height = hf * h_mid
+        c2 = anat.disc_centre(d) + height * n2
+        rot = anat.rotation
+        nrm = rot @ np.array([0.0, n2[0], n2[1]])
+        row = rot @ np.array([1.0, 0.0, 0.0])
+        tilt = math.degrees(math.acos(np.clip(nrm[2], -1, 1)))
+        if tilt > 35:
+            cands = [_rodrigues(nrm, row, s * (tilt - 35)) for s in (-1, 1)]
+            nrm = max(cands, key=lambda c: c[2])
+        row = _unit(row - (row @ nrm) * nrm)
+        col = np.cross(nrm, row)
+        cen_as = c2 - ax_p * u
+        cen = rot @ np.array([ax_x, cen_as[0], cen_as[1]]) + anat.translation
+        ax_planes.append(Plane(cen, row, col, ax_size, ax_size, ax_spacing, ax_spacing))
+        ax_where.append((d, height))
+
+    # ---- series headers
+    has_fs = rng.random() < 0.3
+    descriptions = {"T2": vendor[1], "T1": vendor[2], "T2FS": vendor[3][int(rng.integers(2))],
+                    "AX": vendor[4]}
+    order = ["T1", "T2", "T2FS", "AX"] if rng.random() < 0.5 else ["T2", "T1", "AX", "T2FS"]
+    if not has_fs:
+        order.remove("T2FS")
+    first_number = int(rng.choice([2, 3, 101, 201]))
+    step = 1 if first_number < 100 else 100
+    infos: dict[str, SeriesInfo] = {}
+    for k, role in enumerate(order):
+        seq = "T2" if role == "AX" else role
+        te = {"T2": rng.uniform(85, 120), "T1": rng.uniform(8, 14), "T2FS": rng.uniform(60, 90)}[seq]
+        tr = {"T2": rng.uniform(2500, 4000), "T1": rng.uniform(400, 700),
+              "T2FS": rng.uniform(3000, 4500)}[seq]
+        photometric = "MONOCHROME1" if role in ("T1", "AX") and rng.random() < 0.05 else "MONOCHROME2"
+        infos[role] = SeriesInfo(
+            uid=phantom_uid(*key, "series", role), number=first_number + k * step,
+            description=descriptions[role], sequence=seq, echo_ms=float(te), repetition_ms=float(tr),
+            slice_thickness=thickness if role != "AX" else float(rng.uniform(3.0, 4.0)),
+            spacing_between=slice_gap if role != "AX" else float(rng.uniform(3.5, 4.5)),
+            photometric=photometric, rle=bool(rng.random() < 0.03),
+        )
+    roles_planes = {"T2": sag_planes, "T1": sag_planes, "T2FS": sag_planes, "AX": ax_planes}
+    series = []
+    for role in order:
+        planes = roles_planes[role]
+        uids = [phantom_uid(*key, "sop", role, j) for j in range(len(planes))]
+        series.append(PhantomSeries(role, infos[role], planes, [], uids))
+    t2_index = order.index("T2")
+
+    # ---- annotation entry (with the rare real-data quirks)
+    codes = labels.codes(vocab)
+    quirk_keys, quirk_both = rng.random() < 0.02, rng.random() < 0.02
+    point_items = []
+    for i, name in enumerate(POINT_NAMES):
+        kind = "disc" if "-" in name else "vertebra"
+        tag = {"identification": name, kind: ",".join(codes[name])}
+        if quirk_both:
+            tag["vertebra" if kind == "disc" else "disc"] = ""
+        point_items.append({"coord": [round(float(points[i, 0]), 2), round(float(points[i, 1]), 2)],
+                            "tag": tag, "zIndex": m_idx})
+    entry = {"studyUid": study.uid, "data": [{"seriesUid": series[t2_index].info.uid,
+                                              "instanceUid": series[t2_index].sop_uids[m_idx],
+                                              "annotation": [{"data": {"point": point_items}}]}]}
+    if quirk_keys:
+        entry["data"][0]["annotation"][0].update({"annotator": "phantom", "version": 1})
+    n_files = sum(len(s.planes) for s in series)
+    perm = rng.permutation(n_files) + 1
+    out = PhantomStudy(split, index, study, series, t2_index, m_idx, points, codes, labels, anat,
+                       disc_corners_px=corners, annotation=entry,
+                       file_names=[f"image{int(k)}.dcm" for k in perm])
+    if pixels:
+        _render_pixels(out, ax_where, difficulty, r_noise)
+    return out
+
+
+def _render_pixels(st: PhantomStudy, ax_where, difficulty: float, rng: np.random.Generator) -> None:
+    anat = st.anatomy
+    d = float(np.clip(difficulty, 0.0, 3.0))
+    noise = {s: (0.012 + 0.03 * d) * rng.uniform(0.7, 1.3) for s in pa.SEQUENCES}
+    blur = (0.35 + 0.25 * d) * rng.uniform(0.8, 1.25)
+    gamma = float(np.exp(rng.normal(0, 0.08 * d)))
+    luts = {s: np.power(pa.tissue_lut(anat, s), gamma).astype(np.float32) for s in pa.SEQUENCES}
+    by_role = {s.role: s for s in st.series}
+    sag = by_role["T2"].planes
+    tex_amp = 0.05 + 0.03 * d
+    tissue_maps, textures = [], []
+    for plane in sag:
+        tissue_maps.append(pa.render_sagittal(anat, plane)[0])
+        textures.append(1.0 + tex_amp * _smooth_field(rng, (plane.rows, plane.cols), 24))
+    st.tissue_maps = tissue_maps
+    float_images: dict[str, list[np.ndarray]] = {}
+    for role, series in by_role.items():
+        if role == "AX":
+            maps = [pa.render_axial(anat, p, disc, h) for p, (disc, h) in zip(series.planes, ax_where)]
+            texs = [1.0 + tex_amp * _smooth_field(rng, m.shape, 16) for m in maps]
+            seq, post = "T2", "rows"
+        else:
+            maps, texs, seq, post = tissue_maps, textures, role, "cols"
+        bias = _bias(rng, maps[0].shape, 0.15 + 0.2 * d, post)
+        float_images[role] = [_signal(m, luts[seq], t, bias, blur, noise[seq], rng)
+                              for m, t in zip(maps, texs)]
+    # Scanner-dependent intensity scale; fat-suppressed series stay darker than the T2 one.
+    mid = st.annotated_slice
+    t2_scale = float(rng.uniform(700, 3200))
+    scales = {"T2": t2_scale, "T1": float(rng.uniform(600, 2800)),
+              "T2FS": t2_scale * float(rng.uniform(0.55, 0.85)), "AX": float(rng.uniform(700, 3200))}
+    if "T2FS" in float_images:
+        ratio = float(float_images["T2FS"][mid].mean() * scales["T2FS"]
+                      / (float_images["T2"][mid].mean() * t2_scale))
+        if ratio > 0.8:
+            scales["T2FS"] *= 0.75 / ratio
+    for role, series in by_role.items():
+        info = series.info
+        peak = float(max(im.max() for im in float_images[role])) * scales[role]
+        info.bits_stored = 12 if peak < 4000 else 16
+        arrays = [_to_uint16(im, scales[role], info.bits_stored) for im in float_images[role]]
+        ref = arrays[(len(arrays) - 1) // 2]
+        p1, p99 = np.percentile(ref, [1, 99.5])
+        info.window = (float(round(0.5 * (p1 + p99) * rng.uniform(0.9, 1.1))),
+                       float(round(max(p99 - p1, 10) * rng.uniform(0.9, 1.3))))
+        if info.photometric == "MONOCHROME1":
+            top = (1 << info.bits_stored) - 1
+            arrays = [(top - a).astype(np.uint16) for a in arrays]
+            info.window = (top - info.window[0], info.window[1])
+        series.pixels = arrays
+
+
+def write_study(st: PhantomStudy, folder: str | os.PathLike) -> None:
+    """Write every slice of a rendered study into `folder` (created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = iter(st.file_names)
+    for series in st.series:
+        for j, (plane, arr, uid) in enumerate(zip(series.planes, series.pixels, series.sop_uids)):
+            ds = build_dataset(st.study, series.info, plane, arr, uid, j + 1)
+            write_dataset(ds, folder / next(names))
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def parse_splits(text: str | Mapping[str, float] | None, studies: int) -> dict[str, int]:
+    """Study counts per split from 'train=0.7,val=0.15,test=0.15' (fractions) or counts."""
+    if text is None:
+        spec: Mapping[str, float] = DEFAULT_SPLITS
+    elif isinstance(text, str):
+        spec = {}
+        for part in text.split(","):
+            name, eq, value = part.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(f"--splits: expected name=value pairs, got {part!r} "
+                                 "(example: train=0.7,val=0.15,test=0.15 or train=80,val=20,test=20)")
+            try:
+                spec[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--splits: {value!r} for split {name.strip()!r} is not a number") from None
+    else:
+        spec = dict(text)
+    if not spec or any(v < 0 for v in spec.values()):
+        raise ValueError(f"splits must be non-negative and not empty, got {spec}")
+    for name in spec:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid split name {name!r}")
+    values = list(spec.values())
+    if all(float(v).is_integer() for v in values) and sum(values) > 1.0 + 1e-9:
+        counts = {k: int(v) for k, v in spec.items()}
+        if studies is not None and sum(counts.values()) != studies:
+            raise ValueError(f"split counts {counts} add up to {sum(counts.values())}, "
+                             f"not --studies {studies}; give fractions or matching counts")
+        return counts
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"split fractions add up to 0: {spec}")
+    raw = [studies * v / total for v in values]
+    counts = [int(math.floor(r)) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: studies - sum(counts)]:
+        counts[i] += 1
+    return dict(zip(spec, counts))
+
+
+def _params(studies, seed, counts, vocab, size, difficulty) -> dict:
+    return {"format": FORMAT_VERSION, "studies": int(studies), "seed": int(seed),
+            "splits": counts, "vocab": vocab, "size": size, "difficulty": float(difficulty)}
+
+
+def _study_complete(folder: Path, st: PhantomStudy) -> bool:
+    """A study folder is complete when it holds the expected files of the expected study."""
+    import pydicom
+
+    if not folder.is_dir():
+        return False
+    names = sorted(p.name for p in folder.iterdir())
+    if names != sorted(st.file_names):
+        return False
+    try:
+        ds = pydicom.dcmread(folder / st.file_names[0], stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID"])
+    except Exception:  # noqa: BLE001 - any unreadable file means "rebuild"
+        return False
+    return str(ds.get("StudyInstanceUID", "")) == st.study.uid
+
+
+def _job(args) -> dict:
+    root, split, index, seed, vocab, size, difficulty = args
+    st = render_study(seed, split, index, vocab, size, difficulty)
+    final = Path(root) / split / f"study{index}"
+    tmp = Path(root) / split / f".tmp-study{index}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_study(st, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {"split": split, "index": index}
+
+
+def _check_root(root: Path, params: dict, counts: Mapping[str, int], force: bool) -> dict | None:
+    """Validate the output folder; returns the existing marker or None. Clears it under `force`."""
+    marker_path = root / MARKER
+    marker = None
+    if marker_path.exists():
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            marker = {"params": None}
+    ours = set(counts) | {f"{s}_annotation.json" for s in counts} | {"preview.png", MARKER}
+    foreign = [p.name for p in root.iterdir() if p.name not in ours] if root.is_dir() else []
+    if marker is not None and marker.get("params") != params:
+        if not force:
+            raise PhantomError(
+                f"{root} holds a phantom made with other parameters ({marker.get('params')}); "
+                f"asked for {params}. Use another --out, or --force to replace it.")
+    elif marker is None and foreign and not force:
+        raise PhantomError(f"{root} is not empty and was not written by the phantom "
+                           f"(found {', '.join(sorted(foreign)[:5])}); choose an empty --out "
+                           "or pass --force to write into it anyway.")
+    if force and marker is not None and marker.get("params") != params:
+        prev = (marker.get("params") or {}).get("splits") or {}
+        for split in set(prev) | set(counts):
+            shutil.rmtree(root / split, ignore_errors=True)
+            (root / f"{split}_annotation.json").unlink(missing_ok=True)
+        marker_path.unlink(missing_ok=True)
+        (root / "preview.png").unlink(missing_ok=True)
+        marker = None
+    return marker
+
+
+def generate_phantom(
+    out: str | os.PathLike,
+    studies: int = 120,
+    seed: int = 0,
+    splits: Mapping[str, float] | str | None = None,
+    vocab: str = "tianchi2020",
+    size: int | None = None,
+    difficulty: float = 1.0,
+    progress: bool = False,
+    workers: int = 1,
+    force: bool = False,
+) -> Path:
+    """Write (or finish) a phantom dataset under `out`; returns `out` as a Path.
+
+    `splits` gives fractions (``{"train": 0.7, ...}``) or counts (``{"train": 8, ...}``) of the
+    `studies`; the default is train/val/test 70/15/15 %. A complete phantom with the same
+    parameters is returned at once; an interrupted one is finished.
+    """
+    get_vocabulary(vocab)
+    if studies < 1:
+        raise ValueError(f"studies must be at least 1, got {studies}")
+    if size is not None and not 64 <= int(size) <= 2048:
+        raise ValueError(f"size must be between 64 and 2048 px, got {size}")
+    if not 0.0 <= difficulty <= 3.0:
+        raise ValueError(f"difficulty must be in [0, 3] (0 easy, 1 default, 2 hard), got {difficulty}")
+    counts = parse_splits(splits, studies)
+    root = Path(out).expanduser()
+    params = _params(studies, seed, counts, vocab, size, difficulty)
+    marker = _check_root(root, params, counts, force)
+    if marker is not None and marker.get("complete") and all(
+            (root / s / f"study{i}").is_dir() for s, n in counts.items() for i in range(n)
+    ) and all((root / f"{s}_annotation.json").exists() for s in counts):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / MARKER, {"params": params, "complete": False})
+    todo, entries = [], {s: [None] * n for s, n in counts.items()}
+    for split, n in counts.items():
+        (root / split).mkdir(exist_ok=True)
+        for leftover in (root / split).glob(".tmp-study*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for i in range(n):
+            st = render_study(seed, split, i, vocab, size, difficulty, pixels=False)
+            entries[split][i] = st.annotation
+            if not _study_complete(root / split / f"study{i}", st):
+                todo.append((str(root), split, i, seed, vocab, size, difficulty))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"phantom -> {root}", unit="study", disable=not progress)
+    try:
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                for _ in pool.imap_unordered(_job, todo, chunksize=1):
+                    bar.update()
+        else:
+            for job in todo:
+                _job(job)
+                bar.update()
+    finally:
+        bar.close()
+    for split in counts:
+        atomic_write_json(root / f"{split}_annotation.json", entries[split], indent=None)
+    atomic_write_json(root / MARKER, {"params": params, "complete": True})
+    return root
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def write_preview(root: str | os.PathLike, png: str | os.PathLike | None = None,
+                  max_studies: int = 12, vocab: str | None = None) -> Path:
+    """Save a PNG grid of annotated slices with their points and labels (any dataset root)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lit_spine.data.annotation import load_annotations
+    from lit_spine.data.dicom import decode_pixels, index_study
+
+    root = Path(root)
+    png = Path(png) if png else root / "preview.png"
+    if vocab is None:
+        try:
+            vocab = json.loads((root / MARKER).read_text())["params"]["vocab"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            vocab = "tianchi2020"
+    files = sorted(root.glob("*_annotation.json"))
+    if not files:
+        raise PhantomError(f"{root}: no <split>_annotation.json to preview")
+    tiles = []
+    for ann_file in files:
+        split = ann_file.name[: -len("_annotation.json")]
+        ann = load_annotations(ann_file, vocab)
+        folders = sorted((p for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                         key=lambda p: (len(p.name), p.name)) if (root / split).is_dir() else []
+        for folder in folders:
+            if len(tiles) >= max_studies:
+                break
+            study = index_study(folder, workers=1)
+            a = ann.get(study.study_uid or "")
+            found = study.find_instance(a.instance_uid) if a and a.instance_uid else None
+            if found is None:
+                continue
+            series, i = found
+            tiles.append((f"{split}/{folder.name}", series.description,
+                          decode_pixels(series.slices[i].path), a.points))
+        if len(tiles) >= max_studies:
+            break
+    if not tiles:
+        raise PhantomError(f"{root}: no annotated slice found to preview")
+    ncol = min(4, len(tiles))
+    nrow = math.ceil(len(tiles) / ncol)
+    fig = Figure(figsize=(4.2 * ncol, 4.6 * nrow), dpi=90)
+    FigureCanvasAgg(fig)
+    for k, (name, desc, img, points) in enumerate(tiles):
+        ax = fig.add_subplot(nrow, ncol, k + 1)
+        lo, hi = np.percentile(img, [0.5, 99.7])
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        for p in points:
+            text = ",".join(p.labels)
+            colour = "lime" if text == "v1" else "orangered"
+            ax.plot(p.x, p.y, "+", color=colour, ms=6, mew=1.2)
+            ax.text(p.x - 0.09 * img.shape[1], p.y, f"{p.identification} {text}", color=colour,
+                    fontsize=6, ha="right", va="center")
+        ax.set_title(f"{name}  {desc}  {img.shape[1]}x{img.shape[0]}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    return png
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lit-spine phantom`: write the phantom dataset (and/or its preview PNG)."""
+    parser = argparse.ArgumentParser(
+        prog="lit-spine phantom",
+        description="Write synthetic lumbar-spine MRI studies (DICOM + annotation JSON) in the "
+                    "challenge layout. Deterministic for a seed; safe to interrupt and rerun.",
+        epilog="difficulty: 0 easy (clean images, obvious lesions), 1 default (textbook lesion "
+               "sizes, realistic noise), 2 hard (noisy, strong shading, varied anatomy, subtle "
+               "lesions).")
+    parser.add_argument("--out", default="data/phantom", help="dataset folder (default %(default)s)")
+    parser.add_argument("--studies", type=int, default=120, help="studies in all splits (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab", default="tianchi2020", choices=["tianchi2020", "seed7"])
+    parser.add_argument("--splits", default=None,
+                        help="fractions or counts, e.g. train=0.7,val=0.15,test=0.15 (default) "
+                             "or train=80,val=20,test=20")
+    parser.add_argument("--size", type=int, default=None,
+                        help="force square images of this many px (default: realistic 384-640, "
+                             "some non-square)")
+    parser.add_argument("--difficulty", type=float, default=1.0, help="0 easy .. 1 default .. 2 hard")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: CPU count, %(default)s)")
+    parser.add_argument("--preview", nargs="?", const="", default=None, metavar="PNG",
+                        help="also save a PNG grid of annotated slices (default OUT/preview.png); "
+                             "works on an existing dataset too")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a phantom made with other parameters")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    root = Path(args.out)
+    try:
+        marker = root / MARKER
+        preview_only = (args.preview is not None and not marker.exists()
+                        and any(root.glob("*_annotation.json")))
+        if not preview_only:
+            generate_phantom(root, args.studies, args.seed, args.splits, args.vocab, args.size,
+                             args.difficulty, progress=not args.no_progress,
+                             workers=max(1, args.workers), force=args.force)
+            print(f"phantom: {args.studies} studies in {root}")
+        if args.preview is not None:
+            png = write_preview(root, args.preview or None, vocab=args.vocab)
+            print(f"preview: {png}")
+    except (PhantomError, ValueError) as err:
+        print(f"lit-spine phantom: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

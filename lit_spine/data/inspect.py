@@ -1,0 +1,273 @@
+"""`lit-spine inspect ROOT`: what the suite sees in a dataset folder, before any training.
+
+For every study folder: the readable files, the series found, the T2 sagittal slice the suite
+would use (the annotated instance when an annotation names one, else the middle frame of the
+automatic choice), the annotated points, and every problem met on the way. Headers are read
+without pixels; a study decodes at most the middle slice of each competing sagittal series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lit_spine.data.annotation import AnnotationError, StudyAnnotation, load_annotations
+from lit_spine.data.dicom import (
+    DatasetError,
+    PixelReader,
+    SliceChoice,
+    Study,
+    choose_slice,
+    find_annotation,
+    find_series_map,
+    index_dataset,
+    load_series_map,
+    unknown_annotation_studies,
+)
+
+
+def _choice_json(choice: SliceChoice | None, full: bool) -> dict | None:
+    if choice is None:
+        return None
+    out = {"series_uid": choice.series.uid, "instance_uid": choice.instance_uid}
+    if full:
+        h = choice.header
+        out.update(
+            {
+                "index": choice.index,
+                "n_slices": choice.series.n_slices,
+                "pixel_spacing": list(h.spacing_mm),
+                "rows": h.rows,
+                "cols": h.cols,
+                "description": choice.series.description,
+                "source": choice.source,
+            }
+        )
+    else:
+        out["index"] = choice.index
+    return out
+
+
+def inspect_study(
+    study: Study,
+    annotation: StudyAnnotation | None = None,
+    series_uid: str | None = None,
+    annotated: bool = False,
+) -> dict:
+    """One study's report (the `--json` object). `annotated`: an annotation file was given."""
+    reader = PixelReader()
+    choice, auto, found = choose_slice(study, annotation, series_uid, reader, compare_auto=True)
+    problems = list(study.problems) + found
+    points = []
+    if annotation is not None:
+        problems += [f"annotation: {w}" for w in annotation.warnings]
+        for p in annotation.points:
+            points.append(
+                {"identification": p.identification, "coord": [p.x, p.y], "labels": list(p.labels)}
+            )
+            if choice is not None:
+                rows, cols = choice.header.rows, choice.header.cols
+                if not (-0.5 <= p.x <= cols - 0.5 and -0.5 <= p.y <= rows - 0.5):
+                    problems.append(
+                        f"point {p.identification} at ({p.x:g}, {p.y:g}) lies outside "
+                        f"the {cols}x{rows} image"
+                    )
+    elif annotated and study.study_uid:
+        problems.append(f"study {study.study_uid} has no entry in the annotation file")
+    return {
+        "study": study.name,
+        "folder": str(study.folder),
+        "study_uid": study.study_uid,
+        "n_files": study.n_files,
+        "n_readable": study.n_readable,
+        "series": [
+            {
+                "series_uid": s.uid,
+                "description": s.description,
+                "plane": s.plane,
+                "weighting": s.weighting,
+                "n_slices": s.n_slices,
+            }
+            for s in study.series
+        ],
+        "t2_sagittal": _choice_json(choice, full=True),
+        "auto_choice": _choice_json(auto, full=False),
+        "points": points,
+        "problems": problems,
+    }
+
+
+def inspect_dataset(
+    root: str | os.PathLike,
+    annotation: str | os.PathLike | None = None,
+    series_map: str | os.PathLike | None = None,
+    vocab: str = "tianchi2020",
+    workers: int | None = None,
+) -> tuple[list[dict], list[str]]:
+    """(one report per study folder, dataset-level problems).
+
+    `annotation` / `series_map` default to the split's side files beside `root`. Raises
+    DatasetError (missing or empty root) and AnnotationError (unusable side file).
+    """
+    root = Path(root)
+    studies = index_dataset(root, workers, progress=True)
+    annotation = Path(annotation) if annotation else find_annotation(root)
+    series_map = Path(series_map) if series_map else find_series_map(root)
+    annotations = load_annotations(annotation, vocab) if annotation else {}
+    forced = load_series_map(series_map) if series_map else {}
+    reports = [
+        inspect_study(
+            s,
+            annotations.get(s.study_uid or ""),
+            forced.get(s.study_uid or ""),
+            annotated=annotation is not None,
+        )
+        for s in studies
+    ]
+    dataset_problems = []
+    if annotation:
+        dataset_problems += unknown_annotation_studies(
+            studies, annotations, root, f"annotation {annotation}"
+        )
+    if series_map:
+        dataset_problems += unknown_annotation_studies(
+            studies, forced, root, f"series map {series_map}"
+        )
+    counts = Counter(s.study_uid for s in studies if s.study_uid)
+    dataset_problems += [
+        f"StudyInstanceUID {uid} appears in {n} study folders" for uid, n in counts.items() if n > 1
+    ]
+    return reports, dataset_problems
+
+
+def _short(uid: str | None, n: int = 12) -> str:
+    if not uid:
+        return "-"
+    return uid if len(uid) <= n else "…" + uid[-(n - 1) :]
+
+
+def format_table(reports: list[dict], dataset_problems: list[str], max_problems: int = 40) -> str:
+    """The readable report: one row per study, a summary block, then the problems."""
+    header = (
+        "study",
+        "study uid",
+        "T2 sagittal series",
+        "slices",
+        "index",
+        "size",
+        "spacing mm",
+        "points",
+        "problems",
+    )
+    rows = []
+    for r in reports:
+        t2 = r["t2_sagittal"]
+        rows.append(
+            (
+                r["study"],
+                _short(r["study_uid"]),
+                (t2["description"] or "<no description>")[:28] if t2 else "-- none --",
+                str(t2["n_slices"]) if t2 else "-",
+                (str(t2["index"]) + ("*" if t2["source"] != "auto" else "")) if t2 else "-",
+                f"{t2['rows']}x{t2['cols']}" if t2 else "-",
+                "{:.3f}x{:.3f}".format(*t2["pixel_spacing"]) if t2 else "-",
+                str(len(r["points"])),
+                str(len(r["problems"])),
+            )
+        )
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.append("(* slice chosen by the annotation or series map; otherwise the automatic choice)")
+
+    n_files = sum(r["n_files"] for r in reports)
+    n_ok = sum(r["n_readable"] for r in reports)
+    series = Counter(f"{s['weighting']} {s['plane']}" for r in reports for s in r["series"])
+    with_t2 = sum(r["t2_sagittal"] is not None for r in reports)
+    mismatch = sum(
+        r["auto_choice"] is not None
+        and r["t2_sagittal"] is not None
+        and r["t2_sagittal"]["source"] == "annotation"
+        and r["auto_choice"]["instance_uid"] != r["t2_sagittal"]["instance_uid"]
+        for r in reports
+    )
+    n_annotated = sum(bool(r["points"]) for r in reports)
+    all_problems = dataset_problems + [f"{r['study']}: {p}" for r in reports for p in r["problems"]]
+    lines += [
+        "",
+        "summary",
+        f"  studies               {len(reports)} ({with_t2} with a T2 sagittal slice, "
+        f"{n_annotated} annotated)",
+        f"  files                 {n_files} ({n_ok} readable, {n_files - n_ok} unreadable)",
+        "  series found          "
+        + (", ".join(f"{n} {k}" for k, n in sorted(series.items())) or "none"),
+        f"  annotation mismatches {mismatch} (annotated slice != automatic choice)",
+        f"  problems              {len(all_problems)}",
+    ]
+    if all_problems:
+        lines += ["", "problems"]
+        lines += [f"  {p}" for p in all_problems[:max_problems]]
+        if len(all_problems) > max_problems:
+            lines.append(f"  ... and {len(all_problems) - max_problems} more (--json lists all)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `lit-spine inspect`; exit 0 (problems are reported), 2 on unusable input."""
+    parser = argparse.ArgumentParser(
+        prog="lit-spine inspect",
+        description="Show what the suite sees in a dataset folder: studies, series, the chosen "
+        "T2 sagittal slice, annotated points and every problem.",
+    )
+    parser.add_argument("root", help="a split folder of study folders (or one study folder)")
+    parser.add_argument(
+        "--annotation",
+        help="annotation JSON (default: <split>_annotation.json beside ROOT when it exists)",
+    )
+    parser.add_argument(
+        "--series-map",
+        help="series map JSON (default: <split>_series_map.json beside ROOT when it exists)",
+    )
+    parser.add_argument(
+        "--vocab", default="tianchi2020", help="disease vocabulary (tianchi2020 or seed7)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per study")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="header-reading threads (1, the default, is fastest on a local disk)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        reports, dataset_problems = inspect_dataset(
+            args.root, args.annotation, args.series_map, args.vocab, args.workers
+        )
+    except (DatasetError, AnnotationError, ValueError) as err:
+        print(f"lit-spine inspect: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.json:
+            print(json.dumps(reports, indent=1))
+            for p in dataset_problems:
+                print(f"lit-spine inspect: {p}", file=sys.stderr)
+        else:
+            print(format_table(reports, dataset_problems))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lit-spine inspect ROOT | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -96,7 +96,8 @@ def parse_annotations(
             study.series_uid = study.series_uid or d.get("seriesUid")
             study.instance_uid = study.instance_uid or d.get("instanceUid")
             for ann in d.get("annotation") or []:
-                pts = (ann.get("data") or {}).get("point") if isinstance(ann, dict) else None
+                inner = ann.get("data") if isinstance(ann, dict) else None
+                pts = inner.get("point") if isinstance(inner, dict) else None
                 if not isinstance(pts, list):
                     raise AnnotationError(
                         f"{source}: study {study_uid}: annotation has no 'data'.'point' list"

@@ -1,0 +1,142 @@
+"""Losses for SpineNet outputs: heatmap regression plus per-point disease classification.
+
+Heatmap: "mse" (SimpleBaseline) on raw outputs, or "focal": CenterNet's penalty-reduced
+pixel focal loss (Zhou et al. 2019, https://arxiv.org/abs/1904.07850) on sigmoid outputs,
+alpha = 2, beta = 4, normalised by the number of peaks.
+
+Classes: a point carries a multi-hot set of its type's codes (batch["labels"], (B, 11, K);
+vertebra rows use the first Kv columns). Disc codes are mostly exclusive but some co-occur
+(tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
+so the default is multi-label: a sigmoid per code with binary cross-entropy ("ce"/"bce")
+or the sigmoid focal loss of RetinaNet (Lin et al. 2017, https://arxiv.org/abs/1708.02002;
+gamma 2, alpha 0.25). With ``multi_label=False`` the codes share a softmax and the target is
+the multi-hot row normalised to sum 1 ("ce", or "focal" with the softmax focal term).
+Label smoothing (Szegedy et al. 2016) moves targets toward 1/2 per code (sigmoid) or
+toward 1/K (softmax). `class_probabilities` applies the matching sigmoid or softmax.
+Absent points (batch["present"] False) count in neither loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lit_spine.data.labels import DISC_POINTS, VERTEBRA_POINTS
+from lit_spine.utils import choose
+
+HEATMAP_LOSSES = ("mse", "focal")
+CLASS_LOSSES = ("ce", "bce", "focal")
+
+
+def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per heatmap pixel, averaged over present points only."""
+    per_point = (pred - target).pow(2).flatten(2).mean(-1)  # (B, P)
+    weight = present.to(per_point.dtype)
+    return (per_point * weight).sum() / weight.sum().clamp(min=1)
+
+
+def heatmap_focal(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+) -> torch.Tensor:
+    """CenterNet focal loss on sigmoid(logits); peaks are target pixels equal to 1."""
+    log_p = F.logsigmoid(logits)
+    log_not_p = F.logsigmoid(-logits)
+    p = log_p.exp()
+    mask = present.to(logits.dtype)[:, :, None, None]
+    pos = (target >= 1.0).to(logits.dtype) * mask
+    neg = (1 - pos) * mask
+    pos_loss = -((1 - p) ** alpha * log_p * pos).sum()
+    neg_loss = -((1 - target).clamp(min=0) ** beta * p**alpha * log_not_p * neg).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+
+
+def sigmoid_focal(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
+) -> torch.Tensor:
+    """RetinaNet focal loss per element (soft targets allowed)."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    return loss
+
+
+def class_probabilities(
+    outputs: dict[str, torch.Tensor], multi_label: bool = True
+) -> dict[str, torch.Tensor]:
+    """Per-code probabilities matching the loss: sigmoid (multi-label) or softmax."""
+    fn = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, -1))
+    return {"vertebra": fn(outputs["vertebra_logits"]), "disc": fn(outputs["disc_logits"])}
+
+
+class SpineLoss:
+    """Weighted sum of a heatmap loss and a per-point class loss; returns the parts too."""
+
+    def __init__(
+        self,
+        heatmap_loss: str = "mse",
+        heatmap_weight: float = 1.0,
+        class_weight: float = 1.0,
+        class_loss: str = "ce",
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: float | None = 0.25,
+        multi_label: bool = True,
+    ):
+        self.heatmap_loss = choose(heatmap_loss, HEATMAP_LOSSES, "heatmap_loss")
+        self.class_loss = choose(class_loss, CLASS_LOSSES, "class_loss")
+        if class_loss == "bce" and not multi_label:
+            raise ValueError("class_loss='bce' is per-code sigmoid: it needs multi_label=True")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.heatmap_weight, self.class_weight = heatmap_weight, class_weight
+        self.label_smoothing = label_smoothing
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+        self.multi_label = multi_label
+
+    def classification(
+        self, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss of (B, P, K) logits against multi-hot targets, summed over codes, mean over present points."""
+        target = target.to(logits.dtype)
+        eps, k = self.label_smoothing, logits.shape[-1]
+        if self.multi_label:
+            target = target * (1 - eps) + eps / 2
+            if self.class_loss == "focal":
+                per_code = sigmoid_focal(logits, target, self.focal_gamma, self.focal_alpha)
+            else:
+                per_code = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            per_point = per_code.sum(-1)
+        else:
+            target = target / target.sum(-1, keepdim=True).clamp(min=1e-6)
+            target = target * (1 - eps) + eps / k
+            log_p = torch.log_softmax(logits, -1)
+            weight = (1 - log_p.exp()) ** self.focal_gamma if self.class_loss == "focal" else 1.0
+            per_point = -(weight * target * log_p).sum(-1)
+        mask = present.to(per_point.dtype)
+        return (per_point * mask).sum() / mask.sum().clamp(min=1)
+
+    def __call__(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """dict(loss, heatmap, cls) from SpineNet outputs and a batch (heatmap, present, labels)."""
+        present = batch["present"].bool()
+        heatmap_fn = heatmap_mse if self.heatmap_loss == "mse" else heatmap_focal
+        heatmap = heatmap_fn(
+            outputs["heatmaps"], batch["heatmap"].to(outputs["heatmaps"].dtype), present
+        )
+        labels = batch["labels"]
+        vertebra, disc = outputs["vertebra_logits"], outputs["disc_logits"]
+        v_idx, d_idx = list(VERTEBRA_POINTS), list(DISC_POINTS)
+        cls = self.classification(
+            vertebra, labels[:, v_idx, : vertebra.shape[-1]], present[:, v_idx]
+        )
+        cls = cls + self.classification(disc, labels[:, d_idx, : disc.shape[-1]], present[:, d_idx])
+        loss = self.heatmap_weight * heatmap + self.class_weight * cls
+        return {"loss": loss, "heatmap": heatmap, "cls": cls}

@@ -1,0 +1,197 @@
+"""SpineNet: any timm backbone x any norm x any drop method, with heatmap and class heads.
+
+A plain ``nn.Module`` (no Lightning): its flat, typed constructor is the configuration
+schema (LightningCLI reads the hints; sweeps set ``model.net.init_args.<name>``). Every
+choice is validated at construction, so an unsupported combination fails there with a
+message, never inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lit_spine.data.labels import NUM_POINTS, get_vocabulary
+from lit_spine.models import backbones, drops, heads, norms
+from lit_spine.utils import choose
+
+
+class SpineNet(nn.Module):
+    """Backbone + heatmap decoder + per-point classifier for the 11 lumbar keypoints.
+
+    Args:
+        backbone: timm model name from a supported family (`backbones.FAMILIES`).
+        in_chans: input channels (slices stacked as channels).
+        vocab: disease vocabulary, 'tianchi2020' or 'seed7' (sets the class counts).
+        pretrained: load timm's pretrained weights (explicit opt-in; needs them cached).
+        norm: one of `norms.NORMS`: batchnorm, groupnorm, layernorm (GroupNorm(1, C): stats
+            over C, H, W), layernorm2d (channels only, ConvNeXt), instancenorm (affine),
+            frozen_batchnorm. Applied to every norm layer of backbone and heads.
+        norm_groups: GroupNorm group count (used when `norm_group_size` is None).
+        norm_group_size: GroupNorm channels per group; groups = C // size per layer.
+        drop: one of `drops.DROPS`: none, dropout, spatial_dropout (in the heads),
+            dropblock, stochastic_depth (in the backbone). Only that method is applied.
+        drop_rate: rate of the chosen method: dropout probability; DropBlock's target drop
+            rate; for stochastic depth the last block's drop probability 1 - p_L ("linear")
+            or every block's ("uniform").
+        dropblock_size: DropBlock block size in feature pixels.
+        dropblock_stages: feature levels (0 = shallowest) followed by DropBlock; default
+            the last two.
+        stochastic_depth_rule: 'linear' or 'uniform'.
+        head: heatmap decoder, one of `heads.HEADS`: deconv, fpn.
+        head_channels: decoder width (also the features the classifier samples).
+        heatmap_stride: input pixels per heatmap pixel, 1, 2, 4 or 8.
+        class_features: hidden width of the classifier MLP.
+        head_dropout: dropout inside the classifier MLP, independent of `drop` (default 0).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        in_chans: int = 1,
+        vocab: str = "tianchi2020",
+        pretrained: bool = False,
+        norm: str = "batchnorm",
+        norm_groups: int = 32,
+        norm_group_size: int | None = None,
+        drop: str = "none",
+        drop_rate: float = 0.1,
+        dropblock_size: int = 5,
+        dropblock_stages: list[int] | None = None,
+        stochastic_depth_rule: str = "linear",
+        head: str = "deconv",
+        head_channels: int = 128,
+        heatmap_stride: int = 4,
+        class_features: int = 128,
+        head_dropout: float = 0.0,
+    ):
+        super().__init__()
+        vocabulary = get_vocabulary(vocab)
+        norm = choose(norm, norms.NORMS, "norm")
+        drop = choose(drop, drops.DROPS, "drop method")
+        head = choose(head, heads.HEADS, "head")
+        stochastic_depth_rule = choose(
+            stochastic_depth_rule, drops.STOCHASTIC_DEPTH_RULES, "stochastic_depth_rule"
+        )
+        family = backbones.backbone_family(backbone)
+        if not 0.0 <= drop_rate < 1.0 or not 0.0 <= head_dropout < 1.0:
+            raise ValueError(
+                f"drop_rate ({drop_rate}) and head_dropout ({head_dropout}) must be in [0, 1)"
+            )
+        if drop == "stochastic_depth" and not backbones.FAMILIES[family].residual:
+            raise ValueError(
+                f"drop='stochastic_depth' needs residual blocks; backbone {backbone!r} is a "
+                f"{family} model without them. Use dropblock, dropout or spatial_dropout."
+            )
+        why = backbones.FAMILIES[family].unsupported_norms.get(norm)
+        if why:
+            raise ValueError(f"norm={norm!r} does not fit backbone {backbone!r} ({family}): {why}")
+        if dropblock_size < 1:
+            raise ValueError(f"dropblock_size must be >= 1, got {dropblock_size}")
+        if norm == "frozen_batchnorm" and not pretrained:
+            warnings.warn(
+                "frozen_batchnorm without pretrained weights fixes every norm at mean 0, "
+                "variance 1: the layers become identity maps",
+                stacklevel=2,
+            )
+
+        self.backbone = backbones.create_backbone(backbone, in_chans, pretrained)
+        info = self.backbone.feature_info
+        self.reductions: list[int] = list(info.reduction())
+        channels: list[int] = list(info.channels())
+        self.decoder = heads.HEADS[head](channels, self.reductions, heatmap_stride, head_channels)
+        self.head_drop = drops.head_dropout(drop, drop_rate)
+        self.heatmap = nn.Conv2d(head_channels, NUM_POINTS, 1)
+        self.classifier = heads.PointClassifier(
+            head_channels,
+            class_features,
+            len(vocabulary.vertebra),
+            len(vocabulary.disc),
+            head_dropout,
+        )
+        norms.swap_norms(self, norm, norm_groups, norm_group_size)
+
+        self.stochastic_depth: dict[str, float] = {}
+        if drop == "dropblock":
+            levels = len(self.reductions)
+            stages = (
+                list(range(levels - 2, levels))
+                if dropblock_stages is None
+                else list(dropblock_stages)
+            )
+            if not stages or any(not 0 <= s < levels for s in stages):
+                raise ValueError(
+                    f"dropblock_stages {stages} outside the {levels} feature levels of "
+                    f"{backbone!r} (0..{levels - 1}, reductions {self.reductions})"
+                )
+            paths = backbones.stage_paths(self.backbone)
+            drops.insert_dropblock(
+                self.backbone, [paths[s] for s in sorted(set(stages))], drop_rate, dropblock_size
+            )
+        elif drop == "stochastic_depth":
+            self.stochastic_depth = drops.apply_stochastic_depth(
+                self.backbone, drop_rate, stochastic_depth_rule
+            )
+
+        self.backbone_name, self.family, self.norm, self.drop = backbone, family, norm, drop
+        self.in_chans = in_chans
+        self.heatmap_stride = heatmap_stride
+        self.vocabulary = vocabulary
+
+    def forward(
+        self, images: torch.Tensor, points: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """images (B, in_chans, H, W); points (B, 11, 2) input-pixel (x, y) for the classifier.
+
+        Returns heatmaps (B, 11, H / stride, W / stride), vertebra_logits (B, 5, Kv),
+        disc_logits (B, 6, Kd) and the points the classifier read (decoded from the
+        heatmaps by argmax when `points` is None).
+        """
+        height, width = images.shape[-2:]
+        deepest = max(self.reductions)
+        if height % deepest or width % deepest:
+            raise ValueError(
+                f"input size {height}x{width} must be a multiple of the backbone's deepest "
+                f"reduction {deepest}"
+            )
+        features = self.head_drop(self.decoder(self.backbone(images)))
+        heatmaps = self.heatmap(features)
+        if points is None:
+            with torch.no_grad():
+                points = heads.heatmap_argmax(heatmaps, self.heatmap_stride)
+        vertebra, disc = self.classifier(features, points, (height, width))
+        return {
+            "heatmaps": heatmaps,
+            "vertebra_logits": vertebra,
+            "disc_logits": disc,
+            "points": points,
+        }
+
+    def set_drop_schedule(self, progress: float) -> None:
+        """DropBlock linear warm-up: rate = drop_rate * min(1, progress); no-op for other drops."""
+        drops.set_dropblock_progress(self, progress)
+
+    def param_groups(
+        self, weight_decay: float, norm_weight_decay: float = 0.0, bias_weight_decay: float = 0.0
+    ) -> list[dict]:
+        """Optimizer parameter groups: norm scales/shifts and biases get their own decay (0 by default)."""
+        norm_params = {
+            id(p) for m in self.modules() if norms.is_norm(m) for p in m.parameters(recurse=False)
+        }
+        groups: dict[str, tuple[float, list[nn.Parameter]]] = {
+            "decay": (weight_decay, []),
+            "norm": (norm_weight_decay, []),
+            "bias": (bias_weight_decay, []),
+        }
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = "norm" if id(p) in norm_params else "bias" if name.endswith("bias") else "decay"
+            groups[key][1].append(p)
+        return [
+            {"name": key, "params": params, "weight_decay": decay}
+            for key, (decay, params) in groups.items()
+            if params
+        ]

@@ -1,0 +1,285 @@
+"""Normalization layers chosen by name, and a swap that puts one kind into any network.
+
+Group Normalization (Wu & He, 2018, https://arxiv.org/abs/1803.08494) frames all four
+norms as x_i -> (x_i - mean) / std over a set S_i followed by a per-channel scale and
+shift; for NCHW features they differ only in S_i:
+
+- ``batchnorm``: same channel, across (N, H, W).
+- ``groupnorm``: same sample, across (H, W) and a group of C/G channels.
+- ``layernorm``: same sample, across (C, H, W): the definition of the GroupNorm paper,
+  i.e. GroupNorm with one group (``nn.GroupNorm(1, C)``).
+- ``layernorm2d``: same sample and position, across C only: the ConvNeXt variant
+  (timm ``LayerNorm2d``); a different layer from ``layernorm``, hence its own name.
+- ``instancenorm``: same sample and channel, across (H, W), with a per-channel affine.
+- ``frozen_batchnorm``: BatchNorm whose statistics and affine are fixed buffers (the
+  "BN*" of detectors): a constant affine map, nothing trainable, same in train and eval.
+
+Every constructor takes the channel count first, so any norm drops in where BatchNorm
+was. Fused norm+activation modules (timm ``BatchNormAct2d`` and friends) are replaced by
+the fused module of the chosen kind, keeping their activation and drop layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from timm.layers import (
+    BatchNormAct2d,
+    FrozenBatchNormAct2d,
+    GroupNorm1Act,
+    GroupNormAct,
+    LayerNorm2d,
+    LayerNormAct2d,
+    freeze_batch_norm_2d,
+)
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from lit_spine.utils import choose
+
+
+class InstanceNormAct2d(nn.InstanceNorm2d):
+    """Affine InstanceNorm followed by an activation (the fused twin timm lacks)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        act_layer: Callable[[], nn.Module] | None = nn.ReLU,
+        drop_layer: Callable[[], nn.Module] | None = None,
+    ):
+        super().__init__(num_features, eps=eps, affine=True, track_running_stats=False)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+@dataclass(frozen=True)
+class NormChoice:
+    """How to build one norm kind: plain and fused (norm + act) constructors."""
+
+    plain: Callable[[int, int], nn.Module]  # (channels, groups) -> module
+    fused: Callable[[int, int], nn.Module]  # (channels, groups) -> module with .act / .drop
+    grouped: bool  # whether the group count matters (validated against channel counts)
+    description: str
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return freeze_batch_norm_2d(module)
+
+
+# The one place that lists the norms; add a norm here.
+NORMS: dict[str, NormChoice] = {
+    "batchnorm": NormChoice(
+        lambda c, g: nn.BatchNorm2d(c),
+        lambda c, g: BatchNormAct2d(c),
+        False,
+        "BatchNorm: statistics per channel over (N, H, W)",
+    ),
+    "groupnorm": NormChoice(
+        lambda c, g: nn.GroupNorm(g, c),
+        lambda c, g: GroupNormAct(c, num_groups=g),
+        True,
+        "GroupNorm: per sample over (H, W) and C/G channels",
+    ),
+    "layernorm": NormChoice(
+        lambda c, g: nn.GroupNorm(1, c),
+        lambda c, g: GroupNorm1Act(c),
+        False,
+        "LayerNorm as in the GroupNorm paper: per sample over (C, H, W) = GroupNorm(1, C)",
+    ),
+    "layernorm2d": NormChoice(
+        lambda c, g: LayerNorm2d(c),
+        lambda c, g: LayerNormAct2d(c),
+        False,
+        "channels-only LayerNorm (ConvNeXt): per sample and position over C",
+    ),
+    "instancenorm": NormChoice(
+        lambda c, g: nn.InstanceNorm2d(c, affine=True),
+        lambda c, g: InstanceNormAct2d(c),
+        False,
+        "InstanceNorm with affine: per sample and channel over (H, W)",
+    ),
+    "frozen_batchnorm": NormChoice(
+        lambda c, g: _frozen(nn.BatchNorm2d(c)),
+        lambda c, g: _frozen(BatchNormAct2d(c)),
+        False,
+        "frozen BatchNorm (BN*): fixed statistics and affine, nothing trainable",
+    ),
+}
+
+# Every class the swap recognises as a 2-D norm layer (subclasses included).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    LayerNorm2d,
+    LayerNormAct2d,
+    FrozenBatchNorm2d,
+    FrozenBatchNormAct2d,
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether `module` is a norm layer the suite knows (or one it cannot swap)."""
+    return isinstance(module, (*NORM_TYPES, nn.LayerNorm))
+
+
+def norm_channels(module: nn.Module) -> int:
+    """Channel count a norm layer normalises."""
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[0])
+    return int(module.weight.shape[0])  # torchvision FrozenBatchNorm2d keeps only buffers
+
+
+def group_count(channels: int, groups: int, group_size: int | None) -> int:
+    """Groups for a GroupNorm over `channels`: `channels // group_size` if a size is given."""
+    if group_size:
+        return channels // group_size if channels % group_size == 0 else 0
+    return groups if channels % groups == 0 else 0
+
+
+def check_groups(
+    channel_counts: dict[str, int], norm: str, groups: int, group_size: int | None
+) -> None:
+    """Raise a ValueError naming every layer whose channels the GroupNorm setting cannot split."""
+    if not NORMS[norm].grouped:
+        return
+    if group_size is not None and group_size < 1 or groups < 1:
+        raise ValueError(f"norm_groups ({groups}) and norm_group_size ({group_size}) must be >= 1")
+    bad = {p: c for p, c in channel_counts.items() if group_count(c, groups, group_size) == 0}
+    if not bad:
+        return
+    setting = f"norm_group_size={group_size}" if group_size else f"norm_groups={groups}"
+    shown = ", ".join(f"{p or '<root>'} ({c} ch)" for p, c in list(bad.items())[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    common = math.gcd(*channel_counts.values())
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    raise ValueError(
+        f"groupnorm with {setting} does not divide the channels of {len(bad)} layer(s): "
+        f"{shown}{more}. Every channel count here is a multiple of {common}: use norm_groups "
+        f"or norm_group_size from {divisors} (norm_group_size takes precedence)."
+    )
+
+
+def make_norm(
+    norm: str,
+    channels: int,
+    act: nn.Module | None = None,
+    groups: int = 32,
+    group_size: int | None = None,
+) -> nn.Module:
+    """Build norm `norm` over `channels`; with `act`, a fused norm+act module using that act."""
+    choice = NORMS[choose(norm, NORMS, "norm")]
+    check_groups({"": channels}, norm, groups, group_size)
+    g = group_count(channels, groups, group_size)
+    if act is None:
+        return choice.plain(channels, g)
+    module = choice.fused(channels, g)
+    module.act = act
+    return module
+
+
+def _copy_affine(old: nn.Module, new: nn.Module) -> None:
+    """Carry a per-channel scale and shift over (keeps pretrained or zero-init gammas)."""
+    for name in ("weight", "bias"):
+        src, dst = getattr(old, name, None), getattr(new, name, None)
+        if (
+            isinstance(src, torch.Tensor)
+            and isinstance(dst, torch.Tensor)
+            and src.shape == dst.shape
+        ):
+            with torch.no_grad():
+                dst.copy_(src)
+
+
+def _already(module: nn.Module, norm: str) -> bool:
+    """Whether `module` is already exactly the chosen kind (left untouched by the swap)."""
+    kinds = {
+        "batchnorm": lambda m: type(m) in (nn.BatchNorm2d, BatchNormAct2d),
+        "frozen_batchnorm": lambda m: type(m) in (FrozenBatchNorm2d, FrozenBatchNormAct2d),
+        "layernorm2d": lambda m: type(m) in (LayerNorm2d, LayerNormAct2d),
+    }
+    return kinds.get(norm, lambda m: False)(module)
+
+
+def _replacement(old: nn.Module, norm: str, groups: int, group_size: int | None) -> nn.Module:
+    channels = norm_channels(old)
+    fused = isinstance(getattr(old, "act", None), nn.Module)
+    if norm == "frozen_batchnorm":
+        # Freeze a BatchNorm that carries the old affine (and statistics, if it had some).
+        bn = (
+            _replacement(old, "batchnorm", groups, group_size)
+            if not _already(old, "batchnorm")
+            else old
+        )
+        if hasattr(old, "running_mean") and old.running_mean is not None:
+            bn.running_mean.copy_(old.running_mean)
+            bn.running_var.copy_(old.running_var)
+        return freeze_batch_norm_2d(bn)
+    choice = NORMS[norm]
+    g = group_count(channels, groups, group_size)
+    new = choice.fused(channels, g) if fused else choice.plain(channels, g)
+    if fused:
+        new.act = old.act
+        new.drop = getattr(old, "drop", nn.Identity())
+    _copy_affine(old, new)
+    return new
+
+
+def find_norms(module: nn.Module) -> dict[str, nn.Module]:
+    """Norm layers of `module` by path, outermost first, not descending into a norm."""
+    found: dict[str, nn.Module] = {}
+
+    def walk(m: nn.Module, path: str) -> None:
+        if is_norm(m):
+            found[path] = m
+            return
+        for name, child in m.named_children():
+            walk(child, f"{path}.{name}" if path else name)
+
+    walk(module, "")
+    return found
+
+
+def swap_norms(
+    module: nn.Module, norm: str, groups: int = 32, group_size: int | None = None
+) -> nn.Module:
+    """Replace every norm layer of `module` by `norm`; validate everything before changing anything.
+
+    Raises ValueError for a channels-last ``nn.LayerNorm`` (it normalises NHWC tensors and
+    cannot take a 2-D norm's place) and for GroupNorm settings that do not divide a layer's
+    channels. Returns the module (a new one if `module` itself is a norm).
+    """
+    norm = choose(norm, NORMS, "norm")
+    found = find_norms(module)
+    channels_last = [
+        p
+        for p, m in found.items()
+        if isinstance(m, nn.LayerNorm) and not isinstance(m, (LayerNorm2d, LayerNormAct2d))
+    ]
+    if channels_last:
+        raise ValueError(
+            f"cannot swap norms in {type(module).__name__}: {len(channels_last)} channels-last "
+            f"nn.LayerNorm layer(s) (e.g. {channels_last[0]!r}) normalise NHWC tensors; build "
+            "the model in its NCHW variant (for ConvNeXt: conv_mlp=True)"
+        )
+    check_groups({p: norm_channels(m) for p, m in found.items()}, norm, groups, group_size)
+    for path, old in found.items():
+        if _already(old, norm):
+            continue
+        new = _replacement(old, norm, groups, group_size)
+        new.train(old.training)
+        if not path:
+            return new
+        parent_path, _, name = path.rpartition(".")
+        setattr(module.get_submodule(parent_path), name, new)
+    return module

@@ -1,0 +1,80 @@
+"""Norm resolver and norm swap: no BatchNorm left, fused activations kept, clear group errors."""
+
+import pytest
+import timm
+import torch
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from lit_spine.models.norms import NORMS, find_norms, make_norm, swap_norms
+
+
+def _batchnorm_like(m: nn.Module) -> bool:
+    return "BatchNorm" in type(m).__name__
+
+
+@pytest.mark.parametrize("norm", ["groupnorm", "layernorm", "layernorm2d", "instancenorm"])
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet"])
+def test_swap_leaves_no_batchnorm_and_keeps_activations(backbone, norm):
+    model = timm.create_model(backbone, features_only=True, in_chans=1)
+    acts_before = {p: type(m.act) for p, m in find_norms(model).items() if hasattr(m, "act")}
+    assert acts_before or backbone == "test_resnet"
+    swap_norms(model, norm, groups=8)
+    assert not [m for m in model.modules() if _batchnorm_like(m)]
+    after = find_norms(model)
+    assert {p: type(after[p].act) for p in acts_before} == acts_before
+    model(torch.randn(2, 1, 64, 64)).pop().sum().backward()  # InstanceNorm needs > 1x1 maps
+
+
+def test_layernorm_is_groupnorm_over_chw_and_layernorm2d_channels_only():
+    x = torch.randn(2, 8, 5, 5)
+    ln = make_norm("layernorm", 8)
+    assert isinstance(ln, nn.GroupNorm) and ln.num_groups == 1
+    torch.testing.assert_close(ln(x).mean((1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    ln2d = make_norm("layernorm2d", 8)
+    torch.testing.assert_close(ln2d(x).mean(1), torch.zeros(2, 5, 5), atol=1e-5, rtol=0)
+
+
+def test_frozen_batchnorm_has_no_trainable_params_and_uses_running_stats():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), BatchNormAct2d(4))
+    model[1].running_mean.fill_(2.0)
+    model = swap_norms(model, "frozen_batchnorm")
+    norms = find_norms(model)
+    assert all("Frozen" in type(m).__name__ for m in norms.values())
+    assert not any(p.requires_grad for m in norms.values() for p in m.parameters())
+    assert isinstance(norms["2"].act, nn.ReLU)
+    x = torch.randn(3, 4, 6, 6)
+    expected = (x - 2.0) / torch.sqrt(torch.tensor(1.0 + 1e-5))
+    torch.testing.assert_close(norms["1"].train()(x), expected)  # same in train mode
+
+
+def test_swap_to_batchnorm_on_convnext_layernorms():
+    model = timm.create_model("test_convnext", features_only=True, conv_mlp=True)
+    swap_norms(model, "batchnorm")
+    assert {type(m).__name__ for m in find_norms(model).values()} == {"BatchNorm2d"}
+
+
+def test_channels_last_layernorm_is_rejected():
+    model = timm.create_model("test_convnext", features_only=True)  # conv_mlp=False: NHWC norms
+    with pytest.raises(ValueError, match="channels-last"):
+        swap_norms(model, "groupnorm")
+
+
+def test_group_errors_name_layers_and_suggest_sizes():
+    model = nn.Sequential(nn.BatchNorm2d(32), nn.BatchNorm2d(24))
+    with pytest.raises(ValueError, match=r"1\.? \(24 ch\).*multiple of 8"):
+        swap_norms(model, "groupnorm", groups=32)
+    swapped = swap_norms(model, "groupnorm", group_size=8)
+    assert [m.num_groups for m in swapped] == [4, 3]
+
+
+def test_misspelled_norm_names_closest():
+    with pytest.raises(ValueError, match="did you mean 'groupnorm'"):
+        make_norm("grupnorm", 8)
+
+
+def test_every_norm_builds_plain_and_fused():
+    for name in NORMS:
+        assert make_norm(name, 16, groups=4)(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
+        fused = make_norm(name, 16, act=nn.SiLU(), groups=4)
+        assert isinstance(fused.act, nn.SiLU)

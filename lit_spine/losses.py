@@ -42,12 +42,14 @@ def heatmap_focal(
     alpha: float = 2.0,
     beta: float = 4.0,
 ) -> torch.Tensor:
-    """CenterNet focal loss on sigmoid(logits); peaks are target pixels equal to 1."""
+    """CenterNet focal loss on sigmoid(logits); the positive is each present channel's peak pixel."""
     log_p = F.logsigmoid(logits)
     log_not_p = F.logsigmoid(-logits)
     p = log_p.exp()
     mask = present.to(logits.dtype)[:, :, None, None]
-    pos = (target >= 1.0).to(logits.dtype) * mask
+    # The positive is each channel's target peak: with sub-pixel points it is below 1.
+    peak = target.amax(dim=(-2, -1), keepdim=True)
+    pos = ((target >= peak) & (peak > 0)).to(logits.dtype) * mask
     neg = (1 - pos) * mask
     pos_loss = -((1 - p) ** alpha * log_p * pos).sum()
     neg_loss = -((1 - target).clamp(min=0) ** beta * p**alpha * log_not_p * neg).sum()

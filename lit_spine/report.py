@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lit-spine report",
         description=(
-            "Rank sweep cells (configuration minus training seed): mean ± std, n, 95%% CI "
+            "Rank sweep cells (configuration minus training seed): mean ± std, n, 95% CI "
             "(t distribution), runtime, images/s, parameters; paired differences against a "
             "baseline cell; learning-curve, per-factor and norm-vs-batch-size plots."
         ),

@@ -193,6 +193,37 @@ def test_degenerated_disc_has_dark_nucleus_and_lower_height():
     assert area_b < area_a
 
 
+@pytest.mark.parametrize("index", [0, 10, 23, 28])
+def test_mid_sagittal_slice_shows_a_continuous_csf_column(index):
+    """Behind every body from T12 to L5 the annotated slice cuts the CSF of the thecal sac
+    (the stack is planned on the spine, so even an oblique patient keeps it in the slice)."""
+    st = render_study(0, "train", index)
+    anat = st.anatomy
+    plane = st.series[st.t2_series].planes[st.annotated_slice]
+    rows, cols = st.tissue_map.shape
+    for b in range(1, 7):  # T12 .. L5
+        body = anat.bodies[b]
+        start = 0.5 * (body.pi + body.ps)
+        depth = np.linspace(0.0, anat.canal_depth[b], 40)
+        rot_t = anat.rotation.T
+        n_a = rot_t @ plane.normal
+        o_a = rot_t @ (plane.centre - anat.translation)
+        pts = start[None] + depth[:, None] * (-body.u)[None]
+        x = o_a[0] - (n_a[1] * (pts[:, 0] - o_a[1]) + n_a[2] * (pts[:, 1] - o_a[2])) / n_a[0]
+        px = plane.to_pixels(np.column_stack([x, pts]) @ anat.rotation.T + anat.translation)
+        c = np.clip(np.rint(px[:, 0]).astype(int), 0, cols - 1)
+        r = np.clip(np.rint(px[:, 1]).astype(int), 0, rows - 1)
+        # At T12 the cord fills most of the sac; below the conus it is CSF and roots.
+        assert (st.tissue_map[r, c] == pa.CSF).sum() >= (2 if b == 1 else 5), body.name
+
+
+def test_pixels_have_partial_volume_edges():
+    """Tissue maps are drawn supersampled: edges get intermediate grey levels."""
+    st = render_study(3, "train", 0, size=128, difficulty=0.0)
+    img = st.series[st.t2_series].pixels[st.annotated_slice]
+    assert len(np.unique(img)) > 200
+
+
 def test_degenerated_vertebra_shows_signs():
     for i in range(10):
         st = render_study(4, "train", i, size=128, pixels=False)

@@ -6,7 +6,9 @@ plane ``x = 0`` holds the vertebral bodies as quadrilaterals built from the sacr
 (disc and body wedges add up to the sampled lordosis); everything lateral is derived from
 simple cross-section profiles (kidney-shaped bodies and discs, a round thecal sac, pedicles
 and foramina beside the canal). A slice is drawn with Pillow polygons, painter's order, into
-a uint8 map of tissue ids; `tissue_lut` turns ids into T2 / T1 / fat-suppressed T2 signal.
+a uint8 map of tissue ids (at 2x by default, so the signal gets partial-volume edges); the
+thecal sac, cord and roots follow the slice's lateral offset level by level; `tissue_lut`
+turns ids into T2 / T1 / fat-suppressed T2 signal.
 Typical adult sizes and signal levels follow ``spec/phantom.md``.
 
 Disease labels are sampled first (`sample_labels`, priors of ``spec/data-format.md``) and
@@ -166,7 +168,15 @@ def _perp(u: np.ndarray) -> np.ndarray:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / (np.linalg.norm(v) + 1e-12)
+    return v / (math.sqrt(float(v @ v)) + 1e-12)
+
+
+@lru_cache(maxsize=64)
+def _lin01(n: int) -> np.ndarray:
+    """np.linspace(0, 1, n), cached (the endplate sampler is called thousands of times)."""
+    out = np.linspace(0.0, 1.0, n)
+    out.flags.writeable = False
+    return out
 
 
 def lateral_fractions(x: float, half_width: float) -> tuple[float, float] | None:
@@ -229,7 +239,7 @@ class Body:
         """Endplate polyline from fraction f0 (posterior) to f1 (anterior), concave into the body."""
         p, a = (self.ps, self.as_) if which == "sup" else (self.pi, self.ai)
         inward = -_perp(_unit(a - p)) if which == "sup" else _perp(_unit(a - p))
-        f = np.linspace(f0, f1, n)
+        f = f0 + (f1 - f0) * _lin01(n)
         conc = self.concavity if concavity is None else concavity
         pts = p + f[:, None] * (a - p) + (conc * 4.0 * f * (1.0 - f))[:, None] * inward
         if self.jitter is not None and self.signs.irregularity > 0:
@@ -640,20 +650,32 @@ class Canvas:
     (origin, row and column directions, spacings) projects them to (column, row) pixels.
     """
 
-    def __init__(self, anat: Anatomy, plane, to_anatomy):
+    def __init__(self, anat: Anatomy, plane, to_anatomy, supersample: int = 1):
         self.plane = plane
         self.to_anatomy = to_anatomy
+        self.ss = int(supersample)
         rot = anat.rotation
-        self.r = rot.T @ plane.row_dir / plane.col_spacing
-        self.c = rot.T @ plane.col_dir / plane.row_spacing
+        self.r = rot.T @ plane.row_dir / plane.col_spacing * self.ss
+        self.c = rot.T @ plane.col_dir / plane.row_spacing * self.ss
         self.origin = rot.T @ (plane.origin - anat.translation)
-        self.image = Image.new("L", (plane.cols, plane.rows), AIR)
+        # Sub-pixel centres sit symmetrically inside each output pixel.
+        self.shift = 0.5 * (self.ss - 1)
+        # Both lifts (sagittal and axial) are affine in the local 2-D points, so the whole
+        # local -> pixel map is one 2x2 matrix and an offset.
+        basis = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+        pix = self._px_slow(basis)
+        self.t0 = pix[0]
+        self.m = pix[1:] - pix[0]
+        self.image = Image.new("L", (plane.cols * self.ss, plane.rows * self.ss), AIR)
         self.draw = ImageDraw.Draw(self.image)
 
-    def px(self, pts: np.ndarray) -> np.ndarray:
-        """(N, 2) local points to (N, 2) pixel (column, row)."""
+    def _px_slow(self, pts: np.ndarray) -> np.ndarray:
         a = self.to_anatomy(np.asarray(pts, float)) - self.origin
-        return np.column_stack([a @ self.r, a @ self.c])
+        return np.column_stack([a @ self.r, a @ self.c]) + self.shift
+
+    def px(self, pts: np.ndarray) -> np.ndarray:
+        """(N, 2) local points to (N, 2) pixel (column, row) of the (supersampled) canvas."""
+        return np.atleast_2d(np.asarray(pts, float)) @ self.m + self.t0
 
     def poly(self, pts, tissue: int) -> None:
         if pts is None or len(pts) < 3:
@@ -661,7 +683,7 @@ class Canvas:
         self.draw.polygon(self.px(pts).ravel().tolist(), fill=int(tissue))
 
     def line(self, pts, tissue: int, width_mm: float = 1.0) -> None:
-        w = max(1, int(round(width_mm / self.plane.col_spacing)))
+        w = max(1, int(round(width_mm * self.ss / self.plane.col_spacing)))
         self.draw.line(self.px(pts).ravel().tolist(), fill=int(tissue), width=w)
 
     def labels(self) -> np.ndarray:
@@ -685,14 +707,53 @@ def _spine_lines(anat: Anatomy):
     return pts, dirs, canal
 
 
+def _process(top: np.ndarray, bot: np.ndarray, tip_c: np.ndarray, tip_h: float, nb: np.ndarray,
+             club: bool) -> np.ndarray:
+    """Outline of a lamina + spinous process (or facet pillar) from its base on the canal.
+
+    The base (top..bot) narrows into a waist and ends in a rounded (club-shaped) tip, instead
+    of a flat quadrilateral.
+    """
+    base_c = 0.5 * (top + bot)
+    axis = tip_c - base_c
+    length = float(np.linalg.norm(axis)) + 1e-9
+    ax_u = axis / length
+    t = np.array([0.0, 0.18, 0.42, 0.68, 0.86])
+    waist = 0.62 if club else 0.8
+    # Half-heights along the process: base, lamina, waist, shaft, tip.
+    h0 = 0.5 * float(np.linalg.norm(top - bot))
+    prof = np.array([h0, 0.8 * h0 + 0.2 * tip_h, waist * tip_h + (1 - waist) * 0.5 * h0,
+                     (0.9 if club else 0.85) * tip_h, tip_h])
+    sign = 1.0 if float((top - bot) @ nb) >= 0 else -1.0
+    side = sign * nb
+    upper = base_c + np.outer(t * length, ax_u) + prof[:, None] * side
+    lower = base_c + np.outer(t * length, ax_u) - prof[:, None] * side
+    upper[0], lower[0] = top, bot
+    th = np.linspace(0.5 * np.pi, -0.5 * np.pi, 7)[1:-1]
+    end_c = base_c + t[-1] * length * ax_u
+    r_len = (1.0 - t[-1]) * length
+    cap = end_c + np.outer(np.cos(th) * r_len, ax_u) + np.outer(np.sin(th) * tip_h, side)
+    return np.vstack([upper, cap, lower[::-1]])
+
+
+def _runs(mask: np.ndarray) -> list[slice]:
+    """Slices of the consecutive True runs of a boolean vector."""
+    idx = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [slice(int(i), int(j)) for i, j in zip(idx[::2], idx[1::2])]
+
+
 def _extend(pts: np.ndarray, dist: float = 160.0) -> np.ndarray:
     lo = pts[0] + _unit(pts[0] - pts[2]) * dist
     hi = pts[-1] + _unit(pts[-1] - pts[-3]) * dist
     return np.vstack([lo, pts, hi])
 
 
-def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue-id map (rows, cols) of a sagittal slice, and the lateral x at each body centre."""
+def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue-id map of a sagittal slice, and the lateral x at each body centre.
+
+    The map has (rows, cols) x `supersample` pixels (sub-pixel centres symmetric inside each
+    output pixel), so that averaging the signal of s x s blocks gives partial-volume edges.
+    """
     rot_r = anat.rotation.T
     n_a = rot_r @ np.cross(plane.row_dir, plane.col_dir)
     o_a = rot_r @ (plane.centre - anat.translation)
@@ -704,7 +765,7 @@ def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
     def lift(pts):
         return np.column_stack([x_at(pts), pts])
 
-    cv = Canvas(anat, plane, lift)
+    cv = Canvas(anat, plane, lift, supersample)
     bodies = anat.bodies
     xs = x_at(np.array([b.centre for b in bodies]))
 
@@ -719,9 +780,17 @@ def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
     back = _offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12)
     front = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth))
     cv.poly(np.vstack([back, front[::-1]]), FAT)
-    back_in = _offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12 - anat.back_fat)
-    front_in = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat))
+    # Subcutaneous fat thickness varies smoothly along the back (thicker low down).
+    k = np.linspace(0.0, 1.0, len(cext))
+    wave = 1.0 + 0.18 * np.sin(2.5 * np.pi * k + anat.back_depth) + 0.15 * (k - 0.5)
+    back_in = _offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12 - anat.back_fat * wave)
+    front_in = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat * wave[::-1]))
     cv.poly(np.vstack([back_in, front_in[::-1]]), MUSCLE)
+    # Fasciae: thin dark lines at the fat / muscle interfaces.
+    cv.line(back_in, LIGAMENT, 0.8)
+    cv.line(front_in, LIGAMENT, 0.8)
+    cv.line(_offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12 - 0.45 * anat.back_fat * wave),
+            LIGAMENT, 0.5)
     front_v = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat - 12))
     ant_spine = _offset_line(cext, dext, -(0.5 * dep + 1.5))
     cv.poly(np.vstack([ant_spine, front_v[::-1]]), VISCERA)
@@ -750,41 +819,53 @@ def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
     post_ext = _extend(post, 40)
     pdir_e = np.vstack([pdir[:1], pdir, pdir[-1:]])
     canal_e = np.concatenate([[canal[0]], canal, [canal[-1]]])
-    x_mid = float(xs[4])
-    cv.poly(np.vstack([post_ext, _offset_line(post_ext, pdir_e, canal_e)[::-1]]), EPIDURAL_FAT)
-    sac_q = 1.0 - (x_mid / anat.sac_half_width) ** 2
+    # Epidural fat starts 2 mm inside the bodies so that the concave posterior body walls
+    # (drawn later) leave no gap of muscle between body and canal.
+    cv.poly(np.vstack([_offset_line(post_ext, pdir_e, -2.0),
+                       _offset_line(post_ext, pdir_e, canal_e)[::-1]]), EPIDURAL_FAT)
     # `post` holds (pi, ps) pairs bottom-up from S4; the dural sac ends at S2 (pairs from 4).
+    # An oblique slice cuts the round sac (and the cord) off-centre by a different lateral x
+    # at every level, so their sagittal width follows the plane's x point by point.
     sac_from = 4
-    if sac_q > 0.02:
-        sp = _extend(post[sac_from:], 40)[1:]
-        sd = np.vstack([pdir[sac_from:], pdir[-1:]])
-        sc = np.concatenate([canal[sac_from:], canal[-1:]])
+    sp = _extend(post[sac_from:], 40)[1:]
+    sd = np.vstack([pdir[sac_from:], pdir[-1:]])
+    sc = np.concatenate([canal[sac_from:], canal[-1:]])
+    sac_q = np.clip(1.0 - (x_at(sp) / anat.sac_half_width) ** 2, 0.0, 1.0)
+    if sac_q.max() > 0.02:
         mid = 0.5 * sc * 0.92
-        half = 0.5 * (sc - 3.0) * math.sqrt(sac_q)
-        front_s = _offset_line(sp, sd, mid - half + 0.5)
-        back_s = _offset_line(sp, sd, mid + half - 1.0)
+        half = 0.5 * (sc - 3.0) * np.sqrt(sac_q)
+        front_s = _offset_line(sp, sd, mid - half + 0.5 * np.sqrt(sac_q))
+        back_s = _offset_line(sp, sd, mid + half - 1.0 * np.sqrt(sac_q))
         tip = 0.5 * (front_s[1] + back_s[1]) - 6.0 * _unit(front_s[2] - front_s[1])
         cv.poly(np.vstack([tip, front_s[1:], back_s[1:][::-1]]), LIGAMENT)
-        cv.poly(np.vstack([tip, _offset_line(sp, sd, mid - half + 1.2)[1:],
-                           _offset_line(sp, sd, mid + half - 1.6)[1:][::-1]]), CSF)
-        # Spinal cord down to the conus (L1 / L1-L2), then cauda equina roots lying dorsally.
+        inner = np.maximum(half - 1.1, 0.0)
+        cv.poly(np.vstack([tip, _offset_line(sp, sd, mid - inner)[1:],
+                           _offset_line(sp, sd, mid + inner - 0.3)[1:][::-1]]), CSF)
+        # Spinal cord tapering into the conus (L1 / L1-L2); below it the cauda equina: thin
+        # roots gathered dorsally in the sac, spreading out towards the sacrum.
         l1 = bodies[2]
         conus = l1.pi - (anat.cord_end * 8.0) * _unit(l1.ps - l1.pi)
-        cord_q = 1.0 - (x_mid / 5.5) ** 2
-        if cord_q > 0:
-            upper, up_d = _extend(post[-6:], 40)[1:], np.vstack([pdir[-6:], pdir[-1:]])
-            up_c = np.concatenate([canal[-6:], canal[-1:]])
-            cmid = _offset_line(upper, up_d, 0.5 * up_c)
-            cw = 4.0 * math.sqrt(cord_q)
+        upper, up_d = _extend(post[-6:], 40)[1:], np.vstack([pdir[-6:], pdir[-1:]])
+        up_c = np.concatenate([canal[-6:], canal[-1:]])
+        cord_q = np.clip(1.0 - (x_at(upper) / 5.5) ** 2, 0.0, 1.0)
+        if cord_q.max() > 0.05:
+            cmid = _offset_line(upper, up_d, 0.48 * up_c)
+            cw = 3.6 * np.sqrt(cord_q)
+            cw[:2] *= 0.75  # the conus medullaris narrows
             tip_c = conus + 0.5 * canal[-6] * pdir[-6]
-            cv.poly(np.vstack([tip_c, _offset_line(cmid[1:], up_d[1:], -cw + 0.3),
-                               _offset_line(cmid[1:], up_d[1:], cw)[::-1]]), NERVE)
+            cv.poly(np.vstack([tip_c, _offset_line(cmid[1:], up_d[1:], -cw[1:] + 0.3),
+                               _offset_line(cmid[1:], up_d[1:], cw[1:])[::-1]]), NERVE)
         n_roots = len(post) - 5 - (sac_from + 1)
-        if abs(x_mid) < anat.sac_half_width * 0.85 and n_roots > 1:
+        if n_roots > 1:
             sl = slice(sac_from + 1, sac_from + 1 + n_roots)
+            rp, rd = post[sl], pdir[sl]
+            r_mid, r_half = mid[1:n_roots + 1], half[1:n_roots + 1]
+            ok = np.abs(x_at(rp)) < anat.sac_half_width * 0.85
             for fr in anat.root_fracs:
-                cv.line(_offset_line(post[sl], pdir[sl], mid[1:n_roots + 1] - half[1:n_roots + 1]
-                                     + 2 * fr * half[1:n_roots + 1]), NERVE, 0.8)
+                line = _offset_line(rp, rd, r_mid - r_half + 2 * fr * r_half)
+                for run in _runs(ok):
+                    if run.stop - run.start > 1:
+                        cv.line(line[run], NERVE, 0.7)
 
     # Posterior elements per vertebra: spinous process in the midline, laminae / facets lateral.
     for b, body in enumerate(bodies[:9]):
@@ -812,7 +893,7 @@ def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
             bot = bot - 6.0 * nb
             tip_c = 0.5 * (top + bot) + length * pd
             tip_h = 0.45 * float(np.linalg.norm(top - bot))
-        poly = np.array([top, tip_c + tip_h * nb, tip_c - tip_h * nb, bot])
+        poly = _process(top, bot, tip_c, tip_h, nb, club=ax < 4.5 and b < 7)
         cv.poly(poly, CORTEX)
         cv.poly(inset(poly, 1.5), POST_MARROW)
         if ax >= anat.canal_half_width - 1 and b < 7:  # pedicle bridging body and arch
@@ -926,7 +1007,7 @@ def render_sagittal(anat: Anatomy, plane) -> tuple[np.ndarray, np.ndarray]:
     return cv.labels(), xs
 
 
-def render_axial(anat: Anatomy, plane, disc: int, height: float) -> np.ndarray:
+def render_axial(anat: Anatomy, plane, disc: int, height: float, supersample: int = 1) -> np.ndarray:
     """Tissue-id map of an axial slice through disc `disc`, `height` mm above its centre.
 
     Local coordinates (x lateral, p posterior of the disc centre) in the disc's frame.
@@ -940,7 +1021,7 @@ def render_axial(anat: Anatomy, plane, disc: int, height: float) -> np.ndarray:
         as_ = c + height * n - pts[:, 1:2] * u
         return np.column_stack([pts[:, 0], as_])
 
-    cv = Canvas(anat, plane, lift)
+    cv = Canvas(anat, plane, lift, supersample)
     lo, up = anat.bodies[disc + 1], anat.bodies[disc]
     lp, la, upp, ua = anat.disc_corners(disc)
     h_mid = 0.5 * float(np.linalg.norm(upp - lp) + np.linalg.norm(ua - la))

@@ -352,7 +352,7 @@ class SpineCLI(LightningCLI):
             from lit_spine.models.summary import describe, format_description
 
             image_size = self.datamodule.hparams.get("image_size", 256)
-            print(format_description(describe(self.model.spine_net, image_size=image_size)))
+            print(format_description(describe(self.model.spine_net, input_size=image_size)))
             raise SystemExit(0)
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunFolder):

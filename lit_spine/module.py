@@ -54,7 +54,7 @@ class SpineModule(pl.LightningModule):
         multi_label_threshold: extra disease labels predicted when their probability reaches this.
         channels_last: run the net in channels_last memory format (faster convolutions on GPUs).
         compile: wrap the net with `torch.compile`.
-        sync_batchnorm: convert BatchNorm to SyncBatchNorm when training on several processes.
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm when training on several GPU processes.
     """
 
     def __init__(
@@ -112,7 +112,8 @@ class SpineModule(pl.LightningModule):
         """Apply SyncBatchNorm, channels_last and compile once the strategy is known."""
         if self._compiled:
             return
-        if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
+        # SyncBatchNorm needs GPU tensors; on CPU processes each keeps its own statistics.
+        if self.hparams.sync_batchnorm and self.trainer.world_size > 1 and self.device.type == "cuda":
             from timm.layers import convert_sync_batchnorm
 
             self.net = convert_sync_batchnorm(self.net)
@@ -194,7 +195,9 @@ class SpineModule(pl.LightningModule):
         logged = {k: v for k, v in logged.items() if math.isfinite(v) or k == f"{stage}/mAP"}
         if not math.isfinite(logged[f"{stage}/mAP"]) and not self.trainer.sanity_checking:
             rank_zero_warn(f"{stage}: no ground-truth points in this split, so mAP is undefined")
-        self.log_dict(logged, sync_dist=False)
+        # The metric state is already synced, so every rank holds the same values; the
+        # (cheap) sync_dist mean keeps Lightning's bookkeeping consistent across ranks.
+        self.log_dict(logged, sync_dist=True)
         return logged
 
     def on_validation_epoch_end(self) -> None:
@@ -205,7 +208,7 @@ class SpineModule(pl.LightningModule):
         if math.isfinite(current):
             self.best_val_map = max(self.best_val_map, current)
         if math.isfinite(self.best_val_map):
-            self.log("val/mAP_best", self.best_val_map)
+            self.log("val/mAP_best", self.best_val_map, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_metric(self.test_metric, "test")
@@ -298,8 +301,8 @@ class ThroughputMonitor(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.images and self.seconds > 0:
             self.images_per_s = self.images / self.seconds * trainer.world_size
-            pl_module.log("train/images_per_s", self.images_per_s, rank_zero_only=True)
-        pl_module.log("sys/peak_mem_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
+            pl_module.log("train/images_per_s", self.images_per_s, sync_dist=True)
+        pl_module.log("sys/peak_mem_mb", peak_memory_mb(pl_module.device), sync_dist=True, reduce_fx="max")
 
 
 def peak_memory_mb(device: torch.device) -> float:

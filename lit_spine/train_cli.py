@@ -163,8 +163,8 @@ class RunFolder(SaveConfigCallback):
             "argv": sys.argv,
             "config_flat": config_flat,
         }
-        log_dir = Path(trainer.log_dir)
-        atomic_write_json(log_dir / "meta.json", meta)
+        # Only rank 0 runs this: never touch trainer.log_dir here, it is a collective call.
+        atomic_write_json(Path(cli.log_dir) / "meta.json", meta)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update(
@@ -178,7 +178,7 @@ class RunFolder(SaveConfigCallback):
     def _summary(self, trainer, pl_module, status: str) -> None:
         if not trainer.is_global_zero:
             return
-        path = Path(trainer.log_dir) / "summary.json"
+        path = Path(self.cli.log_dir) / "summary.json"
         previous = 0.0
         if path.is_file():
             try:
@@ -217,7 +217,7 @@ class RunFolder(SaveConfigCallback):
     def on_test_end(self, trainer, pl_module) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         if trainer.is_global_zero:
-            atomic_write_json(Path(trainer.log_dir) / "test_metrics.json", metrics)
+            atomic_write_json(Path(self.cli.log_dir) / "test_metrics.json", metrics)
 
 
 class SpineCLI(LightningCLI):
@@ -372,12 +372,21 @@ def run_lightning_cli(argv: list[str]) -> SpineCLI:
     threads = os.environ.get("LIT_SPINE_NUM_THREADS")
     if threads:
         torch.set_num_threads(max(1, int(threads)))
-    return SpineCLI(
-        SpineModule,
-        SpineDataModule,
-        save_config_callback=RunFolder,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf", "prog": "lit-spine"},
-        args=argv,
-        auto_configure_optimizers=False,
-    )
+    # The run folder is handed to DDP children through the environment; restore it
+    # afterwards so that a second run in the same process gets a folder of its own.
+    saved = os.environ.get("LIT_SPINE_RUN_DIR")
+    try:
+        return SpineCLI(
+            SpineModule,
+            SpineDataModule,
+            save_config_callback=RunFolder,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf", "prog": "lit-spine"},
+            args=argv,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("LIT_SPINE_RUN_DIR", None)
+        else:
+            os.environ["LIT_SPINE_RUN_DIR"] = saved

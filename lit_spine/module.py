@@ -113,7 +113,11 @@ class SpineModule(pl.LightningModule):
         if self._compiled:
             return
         # SyncBatchNorm needs GPU tensors; on CPU processes each keeps its own statistics.
-        if self.hparams.sync_batchnorm and self.trainer.world_size > 1 and self.device.type == "cuda":
+        if (
+            self.hparams.sync_batchnorm
+            and self.trainer.world_size > 1
+            and self.device.type == "cuda"
+        ):
             from timm.layers import convert_sync_batchnorm
 
             self.net = convert_sync_batchnorm(self.net)
@@ -163,7 +167,9 @@ class SpineModule(pl.LightningModule):
     def _eval_step(self, batch: dict, metric: SpineDetectionMetric, stage: str) -> None:
         pred = self._predict(batch["image"])
         losses = self.loss_fn(pred["outputs"], batch)
-        self.log(f"{stage}/loss", losses["loss"], batch_size=batch["image"].shape[0], sync_dist=True)
+        self.log(
+            f"{stage}/loss", losses["loss"], batch_size=batch["image"].shape[0], sync_dist=True
+        )
         rows = select_predictions(
             pred["points"],
             pred["scores"],
@@ -229,7 +235,9 @@ class SpineModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        groups = self.spine_net.param_groups(hp.weight_decay, norm_weight_decay=hp.norm_weight_decay)
+        groups = self.spine_net.param_groups(
+            hp.weight_decay, norm_weight_decay=hp.norm_weight_decay
+        )
         if hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
         else:
@@ -244,10 +252,15 @@ class SpineModule(pl.LightningModule):
             if step < warmup_steps:
                 return (step + 1) / (warmup_steps + 1)
             t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * min(1.0, t))
+            )
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class DropBlockSchedule(pl.Callback):
@@ -302,7 +315,9 @@ class ThroughputMonitor(pl.Callback):
         if self.images and self.seconds > 0:
             self.images_per_s = self.images / self.seconds * trainer.world_size
             pl_module.log("train/images_per_s", self.images_per_s, sync_dist=True)
-        pl_module.log("sys/peak_mem_mb", peak_memory_mb(pl_module.device), sync_dist=True, reduce_fx="max")
+        pl_module.log(
+            "sys/peak_mem_mb", peak_memory_mb(pl_module.device), sync_dist=True, reduce_fx="max"
+        )
 
 
 def peak_memory_mb(device: torch.device) -> float:

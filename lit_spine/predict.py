@@ -32,13 +32,15 @@ def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabula
             continue
         k = int(rows.point_index[i, r])
         kind, code = vocab.classes[int(rows.cls[i, r])].split("/")
-        points.append(Point(
-            identification=POINT_NAMES[k],
-            x=float(xy[k, 0]),
-            y=float(xy[k, 1]),
-            labels=(code,),
-            score=float(rows.score[i, r]),
-        ))
+        points.append(
+            Point(
+                identification=POINT_NAMES[k],
+                x=float(xy[k, 0]),
+                y=float(xy[k, 1]),
+                labels=(code,),
+                score=float(rows.score[i, r]),
+            )
+        )
     return points
 
 
@@ -65,18 +67,25 @@ class PredictionWriter(pl.Callback):
         vocab = pl_module.vocab
         threshold = pl_module.hparams.multi_label_threshold
         rows = select_predictions(
-            torch.from_numpy(merged["points"]), torch.from_numpy(merged["scores"]),
-            torch.from_numpy(merged["vertebra_probs"]), torch.from_numpy(merged["disc_probs"]),
-            vocab, multi_label_threshold=threshold,
+            torch.from_numpy(merged["points"]),
+            torch.from_numpy(merged["scores"]),
+            torch.from_numpy(merged["vertebra_probs"]),
+            torch.from_numpy(merged["disc_probs"]),
+            vocab,
+            multi_label_threshold=threshold,
         )
         studies = []
         for row, index in enumerate(merged["index"].tolist()):
             rec = cache.records[index]
             orig_xy = cache.to_original(index, merged["points"][row])
-            studies.append(StudyAnnotation(
-                rec["study_uid"], rec.get("series_uid"), rec.get("instance_uid"),
-                rows_to_points(rows, row, orig_xy, vocab),
-            ))
+            studies.append(
+                StudyAnnotation(
+                    rec["study_uid"],
+                    rec.get("series_uid"),
+                    rec.get("instance_uid"),
+                    rows_to_points(rows, row, orig_xy, vocab),
+                )
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pred_path = self.out_dir / "predictions.json"
         write_annotations(pred_path, studies)
@@ -109,8 +118,9 @@ class PredictionWriter(pl.Callback):
                     ax.plot(*gt[k], "o", ms=5, mfc="none", mec="lime")
                 ax.plot(*pred[k], "x", ms=5, color="red")
                 ax.text(pred[k][0] + 4, pred[k][1], name, color="yellow", fontsize=6)
-            ax.set_title(f"{cache.records[index]['study']}: true (green o) vs predicted (red x)",
-                         fontsize=8)
+            ax.set_title(
+                f"{cache.records[index]['study']}: true (green o) vs predicted (red x)", fontsize=8
+            )
             ax.axis("off")
             path = folder / f"{cache.records[index]['study']}.png"
             fig.savefig(path, bbox_inches="tight")

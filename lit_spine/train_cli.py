@@ -41,8 +41,18 @@ from lit_spine.module import (
 from lit_spine.utils import atomic_write_json
 
 PACKAGES = (
-    "lit_spine", "torch", "torchvision", "pytorch-lightning", "timm", "torchmetrics", "wandb",
-    "pydicom", "numpy", "jsonargparse", "omegaconf", "sweeps",
+    "lit_spine",
+    "torch",
+    "torchvision",
+    "pytorch-lightning",
+    "timm",
+    "torchmetrics",
+    "wandb",
+    "pydicom",
+    "numpy",
+    "jsonargparse",
+    "omegaconf",
+    "sweeps",
 )
 # Config keys copied to W&B under short names so dashboards can group and filter runs.
 GROUP_KEYS = {
@@ -79,7 +89,10 @@ def git_state(cwd: Path | None = None) -> tuple[str | None, bool | None]:
             return None, None
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=10,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return commit.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -158,7 +171,9 @@ class RunFolder(SaveConfigCallback):
             "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available()
+            else platform.processor() or "cpu",
             "world_size": trainer.world_size,
             "argv": sys.argv,
             "config_flat": config_flat,
@@ -187,7 +202,9 @@ class RunFolder(SaveConfigCallback):
                 previous = 0.0
         throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         metrics = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "test/"))
         }
         best = getattr(pl_module, "best_val_map", None)
         ckpt = trainer.checkpoint_callback
@@ -215,7 +232,9 @@ class RunFolder(SaveConfigCallback):
             self._summary(trainer, pl_module, status)
 
     def on_test_end(self, trainer, pl_module) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
         if trainer.is_global_zero:
             atomic_write_json(Path(self.cli.log_dir) / "test_metrics.json", metrics)
 
@@ -224,36 +243,60 @@ class SpineCLI(LightningCLI):
     """LightningCLI for SpineModule + SpineDataModule with run folders and default callbacks."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--experiment", type=str, default="default",
-                            help="experiment name: runs land in runs/<experiment>/<run_id>")
-        parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="exact run folder (also env LIT_SPINE_RUN_DIR); default: a new one")
+        parser.add_argument(
+            "--experiment",
+            type=str,
+            default="default",
+            help="experiment name: runs land in runs/<experiment>/<run_id>",
+        )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="exact run folder (also env LIT_SPINE_RUN_DIR); default: a new one",
+        )
         parser.add_argument("--runs_root", type=str, default="runs", help="parent of run folders")
-        parser.add_argument("--wandb", type=str, default="auto",
-                            help="W&B logging: auto (online with a key and network, else offline), "
-                                 "online, offline, disabled")
+        parser.add_argument(
+            "--wandb",
+            type=str,
+            default="auto",
+            help="W&B logging: auto (online with a key and network, else offline), "
+            "online, offline, disabled",
+        )
         parser.add_argument("--wandb_project", type=str, default="lit_spine", help="W&B project")
-        parser.add_argument("--print_model", type=bool, default=False,
-                            help="print the model summary (params, FLOPs, receptive field, "
-                                 "norm/drop layers) and exit")
-        parser.add_argument("--overlays", type=int, default=16,
-                            help="predict: number of PNG overlays of predicted vs true points")
+        parser.add_argument(
+            "--print_model",
+            type=bool,
+            default=False,
+            help="print the model summary (params, FLOPs, receptive field, "
+            "norm/drop layers) and exit",
+        )
+        parser.add_argument(
+            "--overlays",
+            type=int,
+            default=16,
+            help="predict: number of PNG overlays of predicted vs true points",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val/mAP",
-            "checkpoint.mode": "max",
-            "checkpoint.filename": "best",
-            "checkpoint.save_last": True,
-            "checkpoint.auto_insert_metric_name": False,
-            "checkpoint.enable_version_counter": False,
-        })
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/mAP",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({
-            "early_stopping.monitor": "val/mAP",
-            "early_stopping.mode": "max",
-            "early_stopping.patience": 1000,
-            "early_stopping.check_finite": False,
-        })
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/mAP",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 1000,
+                "early_stopping.check_finite": False,
+            }
+        )
         parser.add_lightning_class_args(DropBlockSchedule, "drop_schedule")
         parser.link_arguments("data.slices", "model.net.init_args.in_chans", apply_on="parse")
         parser.link_arguments("data.vocab", "model.net.init_args.vocab", apply_on="parse")
@@ -318,16 +361,18 @@ class SpineCLI(LightningCLI):
         if mode != "disabled":
             from pytorch_lightning.loggers import WandbLogger
 
-            loggers.append(WandbLogger(
-                project=cfg.get("wandb_project") or "lit_spine",
-                name=f"{self.experiment}/{self.run_dir.name}",
-                id=self.run_dir.name.replace("-", "")[-16:] + self.subcommand[:1],
-                group=self.experiment,
-                job_type=self.subcommand,
-                save_dir=str(self.run_dir),
-                offline=mode == "offline",
-                resume="allow",
-            ))
+            loggers.append(
+                WandbLogger(
+                    project=cfg.get("wandb_project") or "lit_spine",
+                    name=f"{self.experiment}/{self.run_dir.name}",
+                    id=self.run_dir.name.replace("-", "")[-16:] + self.subcommand[:1],
+                    group=self.experiment,
+                    job_type=self.subcommand,
+                    save_dir=str(self.run_dir),
+                    offline=mode == "offline",
+                    resume="allow",
+                )
+            )
         return loggers
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
@@ -336,7 +381,8 @@ class SpineCLI(LightningCLI):
         callbacks.append(CheckpointOnInterrupt(self.run_dir / "checkpoints"))
         if self.subcommand != "fit":
             callbacks = [
-                c for c in callbacks
+                c
+                for c in callbacks
                 if not isinstance(c, (ModelCheckpoint, EarlyStopping, CheckpointOnInterrupt))
             ]
         if self.subcommand == "predict":

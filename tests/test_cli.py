@@ -11,8 +11,10 @@ from lit_spine.cli import LIGHTNING_COMMANDS, SUITE_COMMANDS, main
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("argv", [[str(BIN / "lit-spine")], [str(BIN / "lightning")],
-                                  [sys.executable, "-m", "lit_spine"]])
+@pytest.mark.parametrize(
+    "argv",
+    [[str(BIN / "lit-spine")], [str(BIN / "lightning")], [sys.executable, "-m", "lit_spine"]],
+)
 def test_help_lists_every_command(argv):
     out = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -39,9 +41,17 @@ def test_every_suite_command_has_help(command, capsys):
 
 
 def test_fit_help_shows_lightning_and_suite_options():
-    out = subprocess.run([str(BIN / "lit-spine"), "fit", "--help"], capture_output=True,
-                         text=True, timeout=180)
+    out = subprocess.run(
+        [str(BIN / "lit-spine"), "fit", "--help"], capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stderr
-    for option in ("--trainer.max_epochs", "--model.lr", "--data.batch_size", "--experiment",
-                   "--print_model", "--checkpoint.monitor", "--early_stopping.patience"):
+    for option in (
+        "--trainer.max_epochs",
+        "--model.lr",
+        "--data.batch_size",
+        "--experiment",
+        "--print_model",
+        "--checkpoint.monitor",
+        "--early_stopping.patience",
+    ):
         assert option in out.stdout

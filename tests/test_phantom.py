@@ -26,11 +26,30 @@ from lit_spine.data.phantom import (
 )
 
 SPLITS = ("train", "val", "test")
-TYPE1 = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-         "FrameOfReferenceUID", "ImageType", "ScanningSequence", "SequenceVariant",
-         "MRAcquisitionType", "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns",
-         "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "BitsAllocated",
-         "BitsStored", "HighBit", "PixelRepresentation", "PixelData")
+TYPE1 = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "ImageType",
+    "ScanningSequence",
+    "SequenceVariant",
+    "MRAcquisitionType",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PixelData",
+)
 
 
 def _files(root):
@@ -38,8 +57,11 @@ def _files(root):
 
 
 def _digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "preview.png"}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "preview.png"
+    }
 
 
 # ----------------------------------------------------------------------------- DICOM and layout
@@ -91,7 +113,9 @@ def _series_choice(folder):
 def test_series_choice_picks_the_annotated_t2_middle_slice(phantom_root):
     n_fs = 0
     for split in SPLITS:
-        studies = parse_annotations(json.loads((phantom_root / f"{split}_annotation.json").read_text()))
+        studies = parse_annotations(
+            json.loads((phantom_root / f"{split}_annotation.json").read_text())
+        )
         for folder in sorted((phantom_root / split).iterdir()):
             _, series_uid, instance_uid, mid, ds = _series_choice(folder)
             ann = studies[ds.StudyInstanceUID]
@@ -100,8 +124,10 @@ def test_series_choice_picks_the_annotated_t2_middle_slice(phantom_root):
             for p in ann.points:
                 assert p.z_index == mid
                 assert 0 <= p.x < ds.Columns and 0 <= p.y < ds.Rows
-            descriptions = {pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription
-                            for f in folder.iterdir()}
+            descriptions = {
+                pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription
+                for f in folder.iterdir()
+            }
             n_fs += len(descriptions) == 4
     assert n_fs >= 1, "the fixture should hold a fat-suppressed series to reject"
 
@@ -178,8 +204,9 @@ def test_labelled_herniation_changes_the_posterior_contour(state):
         assert _beyond_corner_line(normal, "L4-L5", mm) <= 2
         assert _beyond_corner_line(lesion, "L4-L5", mm) > minimum, (state, index)
         # Only that label changed (a lesion's height loss moves the anatomy above it a little).
-        assert {k: v for k, v in normal.codes.items() if k != "L4-L5"} == \
-            {k: v for k, v in lesion.codes.items() if k != "L4-L5"}
+        assert {k: v for k, v in normal.codes.items() if k != "L4-L5"} == {
+            k: v for k, v in lesion.codes.items() if k != "L4-L5"
+        }
 
 
 def test_degenerated_disc_has_dark_nucleus_and_lower_height():
@@ -279,11 +306,15 @@ def test_label_priors_hold_on_600_sampled_studies():
 def test_priors_hold_in_written_annotations():
     entries = [render_study(9, "train", i, pixels=False).annotation for i in range(250)]
     studies = parse_annotations(entries, "tianchi2020")
-    disc = Counter(c for s in studies.values() for p in s.points if p.kind == "disc" for c in p.labels)
+    disc = Counter(
+        c for s in studies.values() for p in s.points if p.kind == "disc" for c in p.labels
+    )
     n_disc = 250 * len(DISC_POINTS)
     assert abs(disc["v1"] / n_disc - 0.48) < 0.06
     assert abs((disc["v2"] + disc["v3"]) / n_disc - 0.49) < 0.06
-    vert = Counter(c for s in studies.values() for p in s.points if p.kind == "vertebra" for c in p.labels)
+    vert = Counter(
+        c for s in studies.values() for p in s.points if p.kind == "vertebra" for c in p.labels
+    )
     assert abs(vert["v2"] / (250 * 5) - 0.81) < 0.05
 
 
@@ -344,15 +375,49 @@ def test_parse_splits():
 
 def test_cli_writes_dataset_and_preview(tmp_path, capsys):
     out = tmp_path / "ph"
-    rc = main(["--out", str(out), "--studies", "3", "--splits", "train=2,test=1", "--size", "96",
-               "--workers", "1", "--vocab", "seed7", "--preview", "--no-progress"])
+    rc = main(
+        [
+            "--out",
+            str(out),
+            "--studies",
+            "3",
+            "--splits",
+            "train=2,test=1",
+            "--size",
+            "96",
+            "--workers",
+            "1",
+            "--vocab",
+            "seed7",
+            "--preview",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     png = out / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(load_annotations(out / "test_annotation.json", "seed7")) == 1
     # Preview of an existing dataset into another file; errors are one line, exit code 2.
-    assert main(["--out", str(out), "--studies", "3", "--splits", "train=2,test=1", "--size", "96",
-                 "--vocab", "seed7", "--preview", str(tmp_path / "p.png"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--studies",
+                "3",
+                "--splits",
+                "train=2,test=1",
+                "--size",
+                "96",
+                "--vocab",
+                "seed7",
+                "--preview",
+                str(tmp_path / "p.png"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert main(["--out", str(out), "--studies", "3", "--size", "64", "--no-progress"]) == 2
     assert "other parameters" in capsys.readouterr().err

@@ -58,18 +58,31 @@ def test_experiment_overlay_fast_dev_run(overlay, phantom_root, tmp_path):
         extra = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
     if overlay == "data/challenge2020.yaml":
         extra = ["--data.predict_split=test"]
-    run_lightning_cli([
-        "fit", "--config", str(EXPERIMENTS / "base.yaml"), "--config", str(EXPERIMENTS / overlay),
-        *tiny_args(phantom_root, tmp_path), *extra, "--trainer.fast_dev_run=1",
-    ])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(EXPERIMENTS / "base.yaml"),
+            "--config",
+            str(EXPERIMENTS / overlay),
+            *tiny_args(phantom_root, tmp_path),
+            *extra,
+            "--trainer.fast_dev_run=1",
+        ]
+    )
 
 
 @pytest.mark.parametrize("preset", STANDALONE)
 def test_standalone_preset_fast_dev_run(preset, phantom_root, tmp_path):
-    run_lightning_cli([
-        "fit", "--config", str(EXPERIMENTS / preset), *tiny_args(phantom_root, tmp_path),
-        "--trainer.fast_dev_run=1",
-    ])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(EXPERIMENTS / preset),
+            *tiny_args(phantom_root, tmp_path),
+            "--trainer.fast_dev_run=1",
+        ]
+    )
 
 
 def _run_dirs(tmp_path: Path, experiment: str) -> list[Path]:
@@ -77,11 +90,20 @@ def _run_dirs(tmp_path: Path, experiment: str) -> list[Path]:
 
 
 def _tiny_fit(phantom_root, tmp_path, *more: str) -> Path:
-    run_lightning_cli([
-        "fit", "--config", str(EXPERIMENTS / "smoke.yaml"), *tiny_args(phantom_root, tmp_path),
-        "--model.net.init_args.backbone=test_resnet", "--model.net.init_args.norm_groups=8",
-        "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0", "--experiment=tiny", *more,
-    ])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(EXPERIMENTS / "smoke.yaml"),
+            *tiny_args(phantom_root, tmp_path),
+            "--model.net.init_args.backbone=test_resnet",
+            "--model.net.init_args.norm_groups=8",
+            "--trainer.max_epochs=2",
+            "--trainer.num_sanity_val_steps=0",
+            "--experiment=tiny",
+            *more,
+        ]
+    )
     return _run_dirs(tmp_path, "tiny")[-1]
 
 
@@ -106,10 +128,17 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
     steps_two_epochs = summary["global_step"]
 
     # Resume the same run folder for a third epoch: it continues from the last step.
-    run_lightning_cli([
-        "fit", "--config", str(run / "config.yaml"), f"--runs_root={tmp_path / 'runs'}",
-        "--wandb=disabled", "--ckpt_path=last", "--trainer.max_epochs=3",
-    ])
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(run / "config.yaml"),
+            f"--runs_root={tmp_path / 'runs'}",
+            "--wandb=disabled",
+            "--ckpt_path=last",
+            "--trainer.max_epochs=3",
+        ]
+    )
     assert _run_dirs(tmp_path, "tiny") == [run]
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["epochs"] == 3
@@ -117,22 +146,41 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
 
     # test and predict on the best checkpoint write beside the run, never over it.
     best = run / "checkpoints" / "best.ckpt"
-    run_lightning_cli(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={best}",
-                       "--wandb=disabled"])
+    run_lightning_cli(
+        ["test", "--config", str(run / "config.yaml"), f"--ckpt_path={best}", "--wandb=disabled"]
+    )
     test_metrics = json.loads((run / "test" / "test_metrics.json").read_text())
     assert "test/mAP" in test_metrics
-    run_lightning_cli(["predict", "--config", str(run / "config.yaml"), f"--ckpt_path={best}",
-                       "--wandb=disabled", "--overlays=2"])
+    run_lightning_cli(
+        [
+            "predict",
+            "--config",
+            str(run / "config.yaml"),
+            f"--ckpt_path={best}",
+            "--wandb=disabled",
+            "--overlays=2",
+        ]
+    )
     pred = run / "predict" / "predictions.json"
     assert pred.is_file() and len(list((run / "predict" / "overlays").glob("*.png"))) == 2
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
 
     # The prediction file, scored from DICOM spacing, agrees with the in-training test metric.
     capsys.readouterr()
-    assert evaluate_main([
-        "--pred", str(pred), "--gt", str(phantom_root / "test_annotation.json"),
-        "--data-root", str(phantom_root / "test"), "--json",
-    ]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--pred",
+                str(pred),
+                "--gt",
+                str(phantom_root / "test_annotation.json"),
+                "--data-root",
+                str(phantom_root / "test"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     scored = json.loads(capsys.readouterr().out)
     assert scored["map"] == pytest.approx(test_metrics["test/mAP"], abs=1e-4)
     assert scored["mre_mm"] == pytest.approx(test_metrics["test/mre_mm"], rel=1e-4)
@@ -141,10 +189,15 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
 
 def test_print_model(phantom_root, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_lightning_cli([
-            "fit", "--config", str(EXPERIMENTS / "smoke.yaml"), *tiny_args(phantom_root, tmp_path),
-            "--print_model=true",
-        ])
+        run_lightning_cli(
+            [
+                "fit",
+                "--config",
+                str(EXPERIMENTS / "smoke.yaml"),
+                *tiny_args(phantom_root, tmp_path),
+                "--print_model=true",
+            ]
+        )
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "FLOPs" in out and "receptive field" in out.lower()
@@ -155,17 +208,30 @@ def test_two_process_cpu_ddp_gives_the_same_metrics(phantom_root, tmp_path):
     env = {**os.environ, "LIT_SPINE_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     ddp_run = tmp_path / "ddp_run"
     cmd = [
-        sys.executable, "-m", "lit_spine", "fit", "--config", str(EXPERIMENTS / "smoke.yaml"),
-        *tiny_args(phantom_root, tmp_path), "--model.net.init_args.backbone=test_resnet",
-        "--model.net.init_args.norm_groups=8", "--trainer.max_epochs=1",
-        "--trainer.num_sanity_val_steps=0", "--trainer.strategy=ddp", "--trainer.devices=2",
+        sys.executable,
+        "-m",
+        "lit_spine",
+        "fit",
+        "--config",
+        str(EXPERIMENTS / "smoke.yaml"),
+        *tiny_args(phantom_root, tmp_path),
+        "--model.net.init_args.backbone=test_resnet",
+        "--model.net.init_args.norm_groups=8",
+        "--trainer.max_epochs=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
         f"--run_dir={ddp_run}",
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((ddp_run / "meta.json").read_text())
     assert meta["world_size"] == 2
-    keys = lambda run: {k for r in csv.DictReader((run / "metrics.csv").open()) for k, v in r.items() if v}  # noqa: E731
+
+    def keys(run):
+        rows = csv.DictReader((run / "metrics.csv").open())
+        return {k for r in rows for k, v in r.items() if v}
+
     assert {k for k in keys(single) if k.startswith("val/")} == {
         k for k in keys(ddp_run) if k.startswith("val/")
     }

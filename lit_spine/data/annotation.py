@@ -80,7 +80,9 @@ def parse_annotations(
     """
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
     if not isinstance(obj, list):
-        raise AnnotationError(f"{source}: expected a JSON list of studies, got {type(obj).__name__}")
+        raise AnnotationError(
+            f"{source}: expected a JSON list of studies, got {type(obj).__name__}"
+        )
     studies: dict[str, StudyAnnotation] = {}
     for s_i, entry in enumerate(obj):
         if not isinstance(entry, dict) or "studyUid" not in entry:
@@ -92,7 +94,9 @@ def parse_annotations(
         study = studies.get(study_uid) or StudyAnnotation(study_uid, None, None)
         for d in data:
             if not isinstance(d, dict):
-                raise AnnotationError(f"{source}: study {study_uid}: 'data' entries must be objects")
+                raise AnnotationError(
+                    f"{source}: study {study_uid}: 'data' entries must be objects"
+                )
             study.series_uid = study.series_uid or d.get("seriesUid")
             study.instance_uid = study.instance_uid or d.get("instanceUid")
             for ann in d.get("annotation") or []:
@@ -110,8 +114,10 @@ def parse_annotations(
     for study in studies.values():
         seen = [p.identification for p in study.points]
         if not predictions and len(seen) != len(set(seen)):
-            study.warnings.append("duplicate identifications: " + ", ".join(sorted(
-                {n for n in seen if seen.count(n) > 1})))
+            study.warnings.append(
+                "duplicate identifications: "
+                + ", ".join(sorted({n for n in seen if seen.count(n) > 1}))
+            )
         missing = [n for n in POINT_INDEX if n not in seen]
         if missing and not predictions:
             study.warnings.append(f"{len(study.points)} points; missing {', '.join(missing)}")
@@ -187,14 +193,18 @@ def to_json(studies: Iterable[StudyAnnotation]) -> list[dict]:
             if p.score is not None:
                 item["score"] = round(float(p.score), 6)
             points.append(item)
-        out.append({
-            "studyUid": s.study_uid,
-            "data": [{
-                "seriesUid": s.series_uid,
-                "instanceUid": s.instance_uid,
-                "annotation": [{"data": {"point": points}}],
-            }],
-        })
+        out.append(
+            {
+                "studyUid": s.study_uid,
+                "data": [
+                    {
+                        "seriesUid": s.series_uid,
+                        "instanceUid": s.instance_uid,
+                        "annotation": [{"data": {"point": points}}],
+                    }
+                ],
+            }
+        )
     return out
 
 

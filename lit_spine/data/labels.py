@@ -11,7 +11,17 @@ import difflib
 from dataclasses import dataclass
 
 POINT_NAMES: tuple[str, ...] = (
-    "T12-L1", "L1", "L1-L2", "L2", "L2-L3", "L3", "L3-L4", "L4", "L4-L5", "L5", "L5-S1",
+    "T12-L1",
+    "L1",
+    "L1-L2",
+    "L2",
+    "L2-L3",
+    "L3",
+    "L3-L4",
+    "L4",
+    "L4-L5",
+    "L5",
+    "L5-S1",
 )
 NUM_POINTS = len(POINT_NAMES)
 POINT_INDEX = {name: i for i, name in enumerate(POINT_NAMES)}

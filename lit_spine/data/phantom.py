@@ -64,12 +64,24 @@ DEFAULT_SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
 # Vendor-style series descriptions: (T2 sag, T1 sag, fat-suppressed T2 sag variants, T2 axial).
 VENDORS = (
     ("SIEMENS", "t2_tse_sag", "t1_tse_sag", ("t2_tse_fs_sag", "t2_tirm_sag"), "t2_tse_tra"),
-    ("GE MEDICAL SYSTEMS", "SAG T2 FRFSE", "SAG T1 FSE", ("SAG T2 FS", "SAG T2 FRFSE FS"),
-     "AX T2 FRFSE"),
+    (
+        "GE MEDICAL SYSTEMS",
+        "SAG T2 FRFSE",
+        "SAG T1 FSE",
+        ("SAG T2 FS", "SAG T2 FRFSE FS"),
+        "AX T2 FRFSE",
+    ),
     ("Philips", "T2W_TSE_SAG", "T1W_TSE_SAG", ("T2W_SPAIR_SAG", "T2W_TSE_FS_SAG"), "T2W_TSE_TRA"),
 )
-SAGITTAL_SIZES = ((384, 384), (448, 448), (512, 512), (640, 640), (512, 448), (448, 384),
-                  (640, 512))
+SAGITTAL_SIZES = (
+    (384, 384),
+    (448, 448),
+    (512, 512),
+    (640, 640),
+    (512, 448),
+    (448, 384),
+    (640, 512),
+)
 SAGITTAL_SIZE_P = (0.3, 0.12, 0.3, 0.13, 0.06, 0.05, 0.04)
 AXIAL_PATTERNS = (  # (disc index, height as a fraction of the disc height)
     tuple((d, h) for d in (4, 5, 6) for h in (-0.3, 0.0, 0.3)),
@@ -159,14 +171,22 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return _interp_matrix(shape[0], cells) @ small @ _interp_matrix(shape[1], cells).T
 
 
-def _bias(rng: np.random.Generator, shape: tuple[int, int], amp: float, posterior: str) -> np.ndarray:
+def _bias(
+    rng: np.random.Generator, shape: tuple[int, int], amp: float, posterior: str
+) -> np.ndarray:
     """Multiplicative coil shading: brighter near the posterior (spine) coil, smooth elsewhere."""
     y = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None]
     x = np.linspace(-1, 1, shape[1], dtype=np.float32)[None, :]
     post = x if posterior == "cols" else y
     g = rng.normal(0, 0.5, 4) * amp
-    log_b = (amp * 0.8 * post + g[0] * x + g[1] * y + g[2] * x * y + g[3] * (x * x + y * y)
-             - amp * 0.5 * post * post)
+    log_b = (
+        amp * 0.8 * post
+        + g[0] * x
+        + g[1] * y
+        + g[2] * x * y
+        + g[3] * (x * x + y * y)
+        - amp * 0.5 * post * post
+    )
     return np.exp(log_b).astype(np.float32)
 
 
@@ -197,8 +217,15 @@ class _PVMap:
         return img
 
 
-def _signal(tissue: _PVMap, lut: np.ndarray, texture: np.ndarray, bias: np.ndarray,
-            blur_px: float, noise: float, rng: np.random.Generator) -> np.ndarray:
+def _signal(
+    tissue: _PVMap,
+    lut: np.ndarray,
+    texture: np.ndarray,
+    bias: np.ndarray,
+    blur_px: float,
+    noise: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
     img = tissue.signal(lut)
     img *= texture
     if blur_px > 0.05:
@@ -288,13 +315,16 @@ def render_study(
     # ---- study header values
     vendor = VENDORS[int(rng.integers(len(VENDORS)))]
     study = StudyInfo(
-        uid=phantom_uid(*key, "study"), frame_uid=phantom_uid(*key, "frame"),
+        uid=phantom_uid(*key, "study"),
+        frame_uid=phantom_uid(*key, "frame"),
         patient_id=f"PH{zlib.crc32(repr(key).encode()):08X}",
-        patient_name=f"PHANTOM^{split.upper()}{index:04d}", age=int(round(labels.age)),
+        patient_name=f"PHANTOM^{split.upper()}{index:04d}",
+        age=int(round(labels.age)),
         sex=str(rng.choice(["F", "M"])),
         date=f"20{int(rng.integers(15, 24)):02d}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
         time=f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}",
-        field_t=float(rng.choice([1.5, 3.0])), manufacturer=vendor[0],
+        field_t=float(rng.choice([1.5, 3.0])),
+        manufacturer=vendor[0],
     )
 
     # ---- sagittal geometry: size, spacing, slice stack, plane tilt, field-of-view position
@@ -311,8 +341,11 @@ def render_study(
     # The stack is planned on the spine (as a radiographer does on the localizers): relative
     # to the anatomy only a small coronal tilt remains, so the middle slice follows the canal
     # from T12 to the sacrum; the patient's own rotation still turns the spine in the image.
-    q = anat.rotation @ (pa._rot("z", rng.normal(0, 1.0 * v)) @ pa._rot("y", rng.normal(0, 0.6 * v))
-                         @ pa._rot("x", rng.normal(0, 5.0 * v)))
+    q = anat.rotation @ (
+        pa._rot("z", rng.normal(0, 1.0 * v))
+        @ pa._rot("y", rng.normal(0, 0.6 * v))
+        @ pa._rot("x", rng.normal(0, 5.0 * v))
+    )
     row_dir, col_dir = q @ np.array([0.0, 1.0, 0.0]), q @ np.array([0.0, 0.0, -1.0])
     l3 = anat.bodies[4]
     s_c = 0.5 * (anat.disc_centre(1)[1] + anat.disc_centre(6)[1]) + rng.normal(0, 8 * v)
@@ -330,8 +363,18 @@ def render_study(
     centre = centre + shift[0] * spacing * row_dir + shift[1] * spacing * col_dir
     normal = np.cross(row_dir, col_dir)
     m_idx = (n_sag - 1) // 2
-    sag_planes = [Plane(centre + (k - m_idx) * slice_gap * normal, row_dir, col_dir, rows, cols,
-                        spacing, spacing) for k in range(n_sag)]
+    sag_planes = [
+        Plane(
+            centre + (k - m_idx) * slice_gap * normal,
+            row_dir,
+            col_dir,
+            rows,
+            cols,
+            spacing,
+            spacing,
+        )
+        for k in range(n_sag)
+    ]
     mid = sag_planes[m_idx]
     # Focal lesions sit where the annotated slice cuts the disc, so the label is readable there.
     for d in range(7):
@@ -380,8 +423,12 @@ def render_study(
 
     # ---- series headers
     has_fs = rng.random() < 0.3
-    descriptions = {"T2": vendor[1], "T1": vendor[2], "T2FS": vendor[3][int(rng.integers(2))],
-                    "AX": vendor[4]}
+    descriptions = {
+        "T2": vendor[1],
+        "T1": vendor[2],
+        "T2FS": vendor[3][int(rng.integers(2))],
+        "AX": vendor[4],
+    }
     order = ["T1", "T2", "T2FS", "AX"] if rng.random() < 0.5 else ["T2", "T1", "AX", "T2FS"]
     if not has_fs:
         order.remove("T2FS")
@@ -390,16 +437,28 @@ def render_study(
     infos: dict[str, SeriesInfo] = {}
     for k, role in enumerate(order):
         seq = "T2" if role == "AX" else role
-        te = {"T2": rng.uniform(85, 120), "T1": rng.uniform(8, 14), "T2FS": rng.uniform(60, 90)}[seq]
-        tr = {"T2": rng.uniform(2500, 4000), "T1": rng.uniform(400, 700),
-              "T2FS": rng.uniform(3000, 4500)}[seq]
-        photometric = "MONOCHROME1" if role in ("T1", "AX") and rng.random() < 0.05 else "MONOCHROME2"
+        te = {"T2": rng.uniform(85, 120), "T1": rng.uniform(8, 14), "T2FS": rng.uniform(60, 90)}[
+            seq
+        ]
+        tr = {
+            "T2": rng.uniform(2500, 4000),
+            "T1": rng.uniform(400, 700),
+            "T2FS": rng.uniform(3000, 4500),
+        }[seq]
+        photometric = (
+            "MONOCHROME1" if role in ("T1", "AX") and rng.random() < 0.05 else "MONOCHROME2"
+        )
         infos[role] = SeriesInfo(
-            uid=phantom_uid(*key, "series", role), number=first_number + k * step,
-            description=descriptions[role], sequence=seq, echo_ms=float(te), repetition_ms=float(tr),
+            uid=phantom_uid(*key, "series", role),
+            number=first_number + k * step,
+            description=descriptions[role],
+            sequence=seq,
+            echo_ms=float(te),
+            repetition_ms=float(tr),
             slice_thickness=thickness if role != "AX" else float(rng.uniform(3.0, 4.0)),
             spacing_between=slice_gap if role != "AX" else float(rng.uniform(3.5, 4.5)),
-            photometric=photometric, rle=bool(rng.random() < 0.03),
+            photometric=photometric,
+            rle=bool(rng.random() < 0.03),
         )
     roles_planes = {"T2": sag_planes, "T1": sag_planes, "T2FS": sag_planes, "AX": ax_planes}
     series = []
@@ -418,18 +477,42 @@ def render_study(
         tag = {"identification": name, kind: ",".join(codes[name])}
         if quirk_both:
             tag["vertebra" if kind == "disc" else "disc"] = ""
-        point_items.append({"coord": [round(float(points[i, 0]), 2), round(float(points[i, 1]), 2)],
-                            "tag": tag, "zIndex": m_idx})
-    entry = {"studyUid": study.uid, "data": [{"seriesUid": series[t2_index].info.uid,
-                                              "instanceUid": series[t2_index].sop_uids[m_idx],
-                                              "annotation": [{"data": {"point": point_items}}]}]}
+        point_items.append(
+            {
+                "coord": [round(float(points[i, 0]), 2), round(float(points[i, 1]), 2)],
+                "tag": tag,
+                "zIndex": m_idx,
+            }
+        )
+    entry = {
+        "studyUid": study.uid,
+        "data": [
+            {
+                "seriesUid": series[t2_index].info.uid,
+                "instanceUid": series[t2_index].sop_uids[m_idx],
+                "annotation": [{"data": {"point": point_items}}],
+            }
+        ],
+    }
     if quirk_keys:
         entry["data"][0]["annotation"][0].update({"annotator": "phantom", "version": 1})
     n_files = sum(len(s.planes) for s in series)
     perm = rng.permutation(n_files) + 1
-    out = PhantomStudy(split, index, study, series, t2_index, m_idx, points, codes, labels, anat,
-                       disc_corners_px=corners, annotation=entry,
-                       file_names=[f"image{int(k)}.dcm" for k in perm])
+    out = PhantomStudy(
+        split,
+        index,
+        study,
+        series,
+        t2_index,
+        m_idx,
+        points,
+        codes,
+        labels,
+        anat,
+        disc_corners_px=corners,
+        annotation=entry,
+        file_names=[f"image{int(k)}.dcm" for k in perm],
+    )
     if pixels:
         _render_pixels(out, ax_where, difficulty, r_noise)
     return out
@@ -450,12 +533,12 @@ def _render_pixels(st: PhantomStudy, ax_where, difficulty: float, rng: np.random
     # Tissue heterogeneity: blotchy marrow (fatty foci, trabecular pattern), mottled muscle
     # and fat; a 4-6 mm field applied per tissue on top of the smooth texture.
     het = np.zeros(256, np.float32)
-    het[pa.MARROW0:pa.MARROW0 + 10] = 0.13
-    het[pa.MODIC0:pa.MODIC0 + 10] = 0.10
+    het[pa.MARROW0 : pa.MARROW0 + 10] = 0.13
+    het[pa.MODIC0 : pa.MODIC0 + 10] = 0.10
     het[[pa.POST_MARROW, pa.SACRAL_MARROW]] = 0.12
     het[[pa.MUSCLE, pa.PSOAS]] = 0.07
     het[[pa.FAT, pa.VISCERA]] = 0.05
-    het[pa.NUCLEUS0:pa.NUCLEUS0 + 10] = 0.05
+    het[pa.NUCLEUS0 : pa.NUCLEUS0 + 10] = 0.05
 
     def texture(tmap: np.ndarray, coarse: int, spacing: float) -> np.ndarray:
         shape = tmap.shape
@@ -478,23 +561,33 @@ def _render_pixels(st: PhantomStudy, ax_where, difficulty: float, rng: np.random
     float_images: dict[str, list[np.ndarray]] = {}
     for role, series in by_role.items():
         if role == "AX":
-            maps = [_PVMap.from_supersampled(pa.render_axial(anat, p, disc, h, ss), ss)
-                    for p, (disc, h) in zip(series.planes, ax_where)]
+            maps = [
+                _PVMap.from_supersampled(pa.render_axial(anat, p, disc, h, ss), ss)
+                for p, (disc, h) in zip(series.planes, ax_where)
+            ]
             texs = [texture(m.base, 16, p.row_spacing) for p, m in zip(series.planes, maps)]
             seq, post = "T2", "rows"
         else:
             maps, texs, seq, post = pv_maps, textures, role, "cols"
         bias = _bias(rng, texs[0].shape, 0.15 + 0.2 * d, post)
-        float_images[role] = [_signal(m, luts[seq], t, bias, blur, noise[seq], rng)
-                              for m, t in zip(maps, texs)]
+        float_images[role] = [
+            _signal(m, luts[seq], t, bias, blur, noise[seq], rng) for m, t in zip(maps, texs)
+        ]
     # Scanner-dependent intensity scale; fat-suppressed series stay darker than the T2 one.
     mid = st.annotated_slice
     t2_scale = float(rng.uniform(700, 3200))
-    scales = {"T2": t2_scale, "T1": float(rng.uniform(600, 2800)),
-              "T2FS": t2_scale * float(rng.uniform(0.55, 0.85)), "AX": float(rng.uniform(700, 3200))}
+    scales = {
+        "T2": t2_scale,
+        "T1": float(rng.uniform(600, 2800)),
+        "T2FS": t2_scale * float(rng.uniform(0.55, 0.85)),
+        "AX": float(rng.uniform(700, 3200)),
+    }
     if "T2FS" in float_images:
-        ratio = float(float_images["T2FS"][mid].mean() * scales["T2FS"]
-                      / (float_images["T2"][mid].mean() * t2_scale))
+        ratio = float(
+            float_images["T2FS"][mid].mean()
+            * scales["T2FS"]
+            / (float_images["T2"][mid].mean() * t2_scale)
+        )
         if ratio > 0.8:
             scales["T2FS"] *= 0.75 / ratio
     for role, series in by_role.items():
@@ -504,8 +597,10 @@ def _render_pixels(st: PhantomStudy, ax_where, difficulty: float, rng: np.random
         arrays = [_to_uint16(im, scales[role], info.bits_stored) for im in float_images[role]]
         ref = arrays[(len(arrays) - 1) // 2]
         p1, p99 = np.percentile(ref[::2, ::2], [1, 99.5])
-        info.window = (float(round(0.5 * (p1 + p99) * rng.uniform(0.9, 1.1))),
-                       float(round(max(p99 - p1, 10) * rng.uniform(0.9, 1.3))))
+        info.window = (
+            float(round(0.5 * (p1 + p99) * rng.uniform(0.9, 1.1))),
+            float(round(max(p99 - p1, 10) * rng.uniform(0.9, 1.3))),
+        )
         if info.photometric == "MONOCHROME1":
             top = (1 << info.bits_stored) - 1
             arrays = [(top - a).astype(np.uint16) for a in arrays]
@@ -536,12 +631,16 @@ def parse_splits(text: str | Mapping[str, float] | None, studies: int) -> dict[s
         for part in text.split(","):
             name, eq, value = part.partition("=")
             if not eq or not name.strip():
-                raise ValueError(f"--splits: expected name=value pairs, got {part!r} "
-                                 "(example: train=0.7,val=0.15,test=0.15 or train=80,val=20,test=20)")
+                raise ValueError(
+                    f"--splits: expected name=value pairs, got {part!r} "
+                    "(example: train=0.7,val=0.15,test=0.15 or train=80,val=20,test=20)"
+                )
             try:
                 spec[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"--splits: {value!r} for split {name.strip()!r} is not a number") from None
+                raise ValueError(
+                    f"--splits: {value!r} for split {name.strip()!r} is not a number"
+                ) from None
     else:
         spec = dict(text)
     if not spec or any(v < 0 for v in spec.values()):
@@ -553,8 +652,10 @@ def parse_splits(text: str | Mapping[str, float] | None, studies: int) -> dict[s
     if all(float(v).is_integer() for v in values) and sum(values) > 1.0 + 1e-9:
         counts = {k: int(v) for k, v in spec.items()}
         if studies is not None and sum(counts.values()) != studies:
-            raise ValueError(f"split counts {counts} add up to {sum(counts.values())}, "
-                             f"not --studies {studies}; give fractions or matching counts")
+            raise ValueError(
+                f"split counts {counts} add up to {sum(counts.values())}, "
+                f"not --studies {studies}; give fractions or matching counts"
+            )
         return counts
     total = sum(values)
     if total <= 0:
@@ -567,8 +668,15 @@ def parse_splits(text: str | Mapping[str, float] | None, studies: int) -> dict[s
 
 
 def _params(studies, seed, counts, vocab, size, difficulty) -> dict:
-    return {"format": FORMAT_VERSION, "studies": int(studies), "seed": int(seed),
-            "splits": counts, "vocab": vocab, "size": size, "difficulty": float(difficulty)}
+    return {
+        "format": FORMAT_VERSION,
+        "studies": int(studies),
+        "seed": int(seed),
+        "splits": counts,
+        "vocab": vocab,
+        "size": size,
+        "difficulty": float(difficulty),
+    }
 
 
 def _study_complete(folder: Path, st: PhantomStudy) -> bool:
@@ -581,8 +689,9 @@ def _study_complete(folder: Path, st: PhantomStudy) -> bool:
     if names != sorted(st.file_names):
         return False
     try:
-        ds = pydicom.dcmread(folder / st.file_names[0], stop_before_pixels=True,
-                             specific_tags=["StudyInstanceUID"])
+        ds = pydicom.dcmread(
+            folder / st.file_names[0], stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+        )
     except Exception:  # noqa: BLE001 - any unreadable file means "rebuild"
         return False
     return str(ds.get("StudyInstanceUID", "")) == st.study.uid
@@ -616,11 +725,14 @@ def _check_root(root: Path, params: dict, counts: Mapping[str, int], force: bool
         if not force:
             raise PhantomError(
                 f"{root} holds a phantom made with other parameters ({marker.get('params')}); "
-                f"asked for {params}. Use another --out, or --force to replace it.")
+                f"asked for {params}. Use another --out, or --force to replace it."
+            )
     elif marker is None and foreign and not force:
-        raise PhantomError(f"{root} is not empty and was not written by the phantom "
-                           f"(found {', '.join(sorted(foreign)[:5])}); choose an empty --out "
-                           "or pass --force to write into it anyway.")
+        raise PhantomError(
+            f"{root} is not empty and was not written by the phantom "
+            f"(found {', '.join(sorted(foreign)[:5])}); choose an empty --out "
+            "or pass --force to write into it anyway."
+        )
     if force and marker is not None and marker.get("params") != params:
         prev = (marker.get("params") or {}).get("splits") or {}
         for split in set(prev) | set(counts):
@@ -656,14 +768,19 @@ def generate_phantom(
     if size is not None and not 64 <= int(size) <= 2048:
         raise ValueError(f"size must be between 64 and 2048 px, got {size}")
     if not 0.0 <= difficulty <= 3.0:
-        raise ValueError(f"difficulty must be in [0, 3] (0 easy, 1 default, 2 hard), got {difficulty}")
+        raise ValueError(
+            f"difficulty must be in [0, 3] (0 easy, 1 default, 2 hard), got {difficulty}"
+        )
     counts = parse_splits(splits, studies)
     root = Path(out).expanduser()
     params = _params(studies, seed, counts, vocab, size, difficulty)
     marker = _check_root(root, params, counts, force)
-    if marker is not None and marker.get("complete") and all(
-            (root / s / f"study{i}").is_dir() for s, n in counts.items() for i in range(n)
-    ) and all((root / f"{s}_annotation.json").exists() for s in counts):
+    if (
+        marker is not None
+        and marker.get("complete")
+        and all((root / s / f"study{i}").is_dir() for s, n in counts.items() for i in range(n))
+        and all((root / f"{s}_annotation.json").exists() for s in counts)
+    ):
         return root
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / MARKER, {"params": params, "complete": False})
@@ -702,8 +819,12 @@ def generate_phantom(
 # ----------------------------------------------------------------------------- preview
 
 
-def write_preview(root: str | os.PathLike, png: str | os.PathLike | None = None,
-                  max_studies: int = 12, vocab: str | None = None) -> Path:
+def write_preview(
+    root: str | os.PathLike,
+    png: str | os.PathLike | None = None,
+    max_studies: int = 12,
+    vocab: str | None = None,
+) -> Path:
     """Save a PNG grid of annotated slices with their points and labels (any dataset root)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -725,8 +846,14 @@ def write_preview(root: str | os.PathLike, png: str | os.PathLike | None = None,
     for ann_file in files:
         split = ann_file.name[: -len("_annotation.json")]
         ann = load_annotations(ann_file, vocab)
-        folders = sorted((p for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith(".")),
-                         key=lambda p: (len(p.name), p.name)) if (root / split).is_dir() else []
+        folders = (
+            sorted(
+                (p for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                key=lambda p: (len(p.name), p.name),
+            )
+            if (root / split).is_dir()
+            else []
+        )
         for folder in folders:
             if len(tiles) >= max_studies:
                 break
@@ -736,8 +863,14 @@ def write_preview(root: str | os.PathLike, png: str | os.PathLike | None = None,
             if found is None:
                 continue
             series, i = found
-            tiles.append((f"{split}/{folder.name}", series.description,
-                          decode_pixels(series.slices[i].path), a.points))
+            tiles.append(
+                (
+                    f"{split}/{folder.name}",
+                    series.description,
+                    decode_pixels(series.slices[i].path),
+                    a.points,
+                )
+            )
         if len(tiles) >= max_studies:
             break
     if not tiles:
@@ -754,8 +887,15 @@ def write_preview(root: str | os.PathLike, png: str | os.PathLike | None = None,
             text = ",".join(p.labels)
             colour = "lime" if text == "v1" else "orangered"
             ax.plot(p.x, p.y, "+", color=colour, ms=6, mew=1.2)
-            ax.text(p.x - 0.09 * img.shape[1], p.y, f"{p.identification} {text}", color=colour,
-                    fontsize=6, ha="right", va="center")
+            ax.text(
+                p.x - 0.09 * img.shape[1],
+                p.y,
+                f"{p.identification} {text}",
+                color=colour,
+                fontsize=6,
+                ha="right",
+                va="center",
+            )
         ax.set_title(f"{name}  {desc}  {img.shape[1]}x{img.shape[0]}", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
@@ -772,39 +912,73 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lit-spine phantom",
         description="Write synthetic lumbar-spine MRI studies (DICOM + annotation JSON) in the "
-                    "challenge layout. Deterministic for a seed; safe to interrupt and rerun.",
+        "challenge layout. Deterministic for a seed; safe to interrupt and rerun.",
         epilog="difficulty: 0 easy (clean images, obvious lesions), 1 default (textbook lesion "
-               "sizes, realistic noise), 2 hard (noisy, strong shading, varied anatomy, subtle "
-               "lesions).")
-    parser.add_argument("--out", default="data/phantom", help="dataset folder (default %(default)s)")
-    parser.add_argument("--studies", type=int, default=120, help="studies in all splits (default %(default)s)")
+        "sizes, realistic noise), 2 hard (noisy, strong shading, varied anatomy, subtle "
+        "lesions).",
+    )
+    parser.add_argument(
+        "--out", default="data/phantom", help="dataset folder (default %(default)s)"
+    )
+    parser.add_argument(
+        "--studies", type=int, default=120, help="studies in all splits (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", default="tianchi2020", choices=["tianchi2020", "seed7"])
-    parser.add_argument("--splits", default=None,
-                        help="fractions or counts, e.g. train=0.7,val=0.15,test=0.15 (default) "
-                             "or train=80,val=20,test=20")
-    parser.add_argument("--size", type=int, default=None,
-                        help="force square images of this many px (default: realistic 384-640, "
-                             "some non-square)")
-    parser.add_argument("--difficulty", type=float, default=1.0, help="0 easy .. 1 default .. 2 hard")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes (default: CPU count, %(default)s)")
-    parser.add_argument("--preview", nargs="?", const="", default=None, metavar="PNG",
-                        help="also save a PNG grid of annotated slices (default OUT/preview.png); "
-                             "works on an existing dataset too")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a phantom made with other parameters")
+    parser.add_argument(
+        "--splits",
+        default=None,
+        help="fractions or counts, e.g. train=0.7,val=0.15,test=0.15 (default) "
+        "or train=80,val=20,test=20",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="force square images of this many px (default: realistic 384-640, some non-square)",
+    )
+    parser.add_argument(
+        "--difficulty", type=float, default=1.0, help="0 easy .. 1 default .. 2 hard"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes (default: CPU count, %(default)s)",
+    )
+    parser.add_argument(
+        "--preview",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="also save a PNG grid of annotated slices (default OUT/preview.png); "
+        "works on an existing dataset too",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace a phantom made with other parameters"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     root = Path(args.out)
     try:
         marker = root / MARKER
-        preview_only = (args.preview is not None and not marker.exists()
-                        and any(root.glob("*_annotation.json")))
+        preview_only = (
+            args.preview is not None and not marker.exists() and any(root.glob("*_annotation.json"))
+        )
         if not preview_only:
-            generate_phantom(root, args.studies, args.seed, args.splits, args.vocab, args.size,
-                             args.difficulty, progress=not args.no_progress,
-                             workers=max(1, args.workers), force=args.force)
+            generate_phantom(
+                root,
+                args.studies,
+                args.seed,
+                args.splits,
+                args.vocab,
+                args.size,
+                args.difficulty,
+                progress=not args.no_progress,
+                workers=max(1, args.workers),
+                force=args.force,
+            )
             print(f"phantom: {args.studies} studies in {root}")
         if args.preview is not None:
             png = write_preview(root, args.preview or None, vocab=args.vocab)

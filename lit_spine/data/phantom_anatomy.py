@@ -35,8 +35,14 @@ MARROW0, MODIC0, ANNULUS0, NUCLEUS0, FRAGMENT0 = 20, 30, 40, 50, 60  # + vertebr
 # Bodies from T11 down to L5 (index 0..6), then the sacral segments; disc i lies below body i.
 VERTEBRA_NAMES = ("T11", "T12", "L1", "L2", "L3", "L4", "L5")
 DISC_NAMES = ("T11-T12", "T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
-DISC_STATES = ("normal", "degenerated", "diffuse_bulge", "asymmetric_bulge", "protrusion",
-               "extrusion")
+DISC_STATES = (
+    "normal",
+    "degenerated",
+    "diffuse_bulge",
+    "asymmetric_bulge",
+    "protrusion",
+    "extrusion",
+)
 SEQUENCES = ("T2", "T1", "T2FS")
 
 # ----------------------------------------------------------------------------- label priors
@@ -65,10 +71,15 @@ def _population(n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
     return (age - AGE_MEAN) / AGE_SD, rng.standard_normal(n)
 
 
-def _disc_state_weights(base: np.ndarray, level: np.ndarray, age_z: np.ndarray,
-                        z: np.ndarray) -> np.ndarray:
-    logw = (np.log(base) + np.log(DISC_LEVEL_RISK[level])[..., None] * STATE_LEVEL_POWER
-            + age_z[..., None] * STATE_AGE_BETA + z[..., None] * STATE_Z_BETA)
+def _disc_state_weights(
+    base: np.ndarray, level: np.ndarray, age_z: np.ndarray, z: np.ndarray
+) -> np.ndarray:
+    logw = (
+        np.log(base)
+        + np.log(DISC_LEVEL_RISK[level])[..., None] * STATE_LEVEL_POWER
+        + age_z[..., None] * STATE_AGE_BETA
+        + z[..., None] * STATE_Z_BETA
+    )
     w = np.exp(logw - logw.max(-1, keepdims=True))
     return w / w.sum(-1, keepdims=True)
 
@@ -99,10 +110,16 @@ def _calibration(vocab: str) -> tuple[np.ndarray, float, float]:
         return 0.5 * (lo + hi)
 
     vlev = np.arange(5)[None]
-    vert_b = solve(lambda b: _sigmoid(b + age_z[:, None] + 0.7 * z[:, None]
-                                      + VERTEBRA_LEVEL_LOGIT[vlev]).mean(), VERTEBRA_DEGEN_RATE)
-    schm_c = solve(lambda c: _sigmoid(c + 0.5 * zz + SCHMORL_LEVEL_LOGIT[levels]
-                                      + 1.0 * p_path).mean(), SCHMORL_RATE)
+    vert_b = solve(
+        lambda b: _sigmoid(
+            b + age_z[:, None] + 0.7 * z[:, None] + VERTEBRA_LEVEL_LOGIT[vlev]
+        ).mean(),
+        VERTEBRA_DEGEN_RATE,
+    )
+    schm_c = solve(
+        lambda c: _sigmoid(c + 0.5 * zz + SCHMORL_LEVEL_LOGIT[levels] + 1.0 * p_path).mean(),
+        SCHMORL_RATE,
+    )
     return base, vert_b, schm_c
 
 
@@ -130,8 +147,14 @@ class StudyLabels:
 def disc_codes(state: str, schmorl: bool, vocab: str) -> tuple[str, ...]:
     """The disease codes of a disc state (plus Schmorl's node) in a vocabulary."""
     if vocab == "tianchi2020":
-        main = {"normal": "v1", "degenerated": "v1", "diffuse_bulge": "v2",
-                "asymmetric_bulge": "v2", "protrusion": "v3", "extrusion": "v4"}[state]
+        main = {
+            "normal": "v1",
+            "degenerated": "v1",
+            "diffuse_bulge": "v2",
+            "asymmetric_bulge": "v2",
+            "protrusion": "v3",
+            "extrusion": "v4",
+        }[state]
         extra = "v5"
     else:
         main = f"v{DISC_STATES.index(state) + 1}"
@@ -155,8 +178,13 @@ def sample_labels(rng: np.random.Generator, vocab: str = "tianchi2020") -> Study
     schmorl = list(rng.random(6) < p_schm)
     p_vert = _sigmoid(vert_b + age_z + 0.7 * z + VERTEBRA_LEVEL_LOGIT)
     vert = list(rng.random(5) < p_vert)
-    return StudyLabels(age, [DISC_STATES[i] for i in states_i], [bool(s) for s in schmorl],
-                       [bool(v) for v in vert], z)
+    return StudyLabels(
+        age,
+        [DISC_STATES[i] for i in states_i],
+        [bool(s) for s in schmorl],
+        [bool(v) for v in vert],
+        z,
+    )
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -234,8 +262,9 @@ class Body:
     def depth(self) -> float:
         return 0.5 * float(np.linalg.norm(self.ai - self.pi) + np.linalg.norm(self.as_ - self.ps))
 
-    def endplate(self, which: str, f0: float, f1: float, n: int = 9,
-                 concavity: float | None = None) -> np.ndarray:
+    def endplate(
+        self, which: str, f0: float, f1: float, n: int = 9, concavity: float | None = None
+    ) -> np.ndarray:
         """Endplate polyline from fraction f0 (posterior) to f1 (anterior), concave into the body."""
         p, a = (self.ps, self.as_) if which == "sup" else (self.pi, self.ai)
         inward = -_perp(_unit(a - p)) if which == "sup" else _perp(_unit(a - p))
@@ -244,7 +273,10 @@ class Body:
         pts = p + f[:, None] * (a - p) + (conc * 4.0 * f * (1.0 - f))[:, None] * inward
         if self.jitter is not None and self.signs.irregularity > 0:
             j = self.jitter[0 if which == "sup" else 1]
-            pts = pts + (np.interp(f, np.linspace(0, 1, j.size), j) * 4 * f * (1 - f))[:, None] * inward
+            pts = (
+                pts
+                + (np.interp(f, np.linspace(0, 1, j.size), j) * 4 * f * (1 - f))[:, None] * inward
+            )
         return pts
 
     def outline(self, x: float, waist: float = 1.2) -> np.ndarray | None:
@@ -274,7 +306,9 @@ class DiscLesion:
     t0: float = 0.5  # height fraction of a focal lesion
     ts: float = 0.2
     fragment: tuple[float, float, float, float, float] | None = None  # mig, ra, rs, xf, wlf
-    schmorl: tuple[str, float, float, float, float, float] | None = None  # side, f, depth, w, xs, wl
+    schmorl: tuple[str, float, float, float, float, float] | None = (
+        None  # side, f, depth, w, xs, wl
+    )
     cleft: bool = True
     irregular: float = 0.0
 
@@ -291,7 +325,11 @@ class DiscLesion:
             out = out + self.amp * broad * side * edge
         elif self.state in ("protrusion", "extrusion"):
             lat = math.exp(-0.5 * ((x - self.x0) / self.wl) ** 2)
-            out = out + 0.4 * broad * edge + self.amp * lat * np.exp(-0.5 * ((t - self.t0) / self.ts) ** 2)
+            out = (
+                out
+                + 0.4 * broad * edge
+                + self.amp * lat * np.exp(-0.5 * ((t - self.t0) / self.ts) ** 2)
+            )
         return out
 
 
@@ -374,8 +412,12 @@ def _rot(axis: str, deg: float) -> np.ndarray:
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
-def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: float = 1.0,
-                   lesion_rng: np.random.Generator | None = None) -> Anatomy:
+def sample_anatomy(
+    rng: np.random.Generator,
+    labels: StudyLabels,
+    difficulty: float = 1.0,
+    lesion_rng: np.random.Generator | None = None,
+) -> Anatomy:
     """Sample geometry and lesion shapes for given labels.
 
     `difficulty` widens anatomical variability and makes lesions subtler (see `phantom.py`).
@@ -393,7 +435,9 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
 
     # Sizes top (T11) to bottom (L5), then sacral segments S1..S4.
     scale = rng.normal(1.0, 0.05 * v)
-    body_h = np.array([22.0, 23.5, 26.0, 27.0, 27.5, 27.5, 26.5]) * scale + rng.normal(0, 0.7 * v, 7)
+    body_h = np.array([22.0, 23.5, 26.0, 27.0, 27.5, 27.5, 26.5]) * scale + rng.normal(
+        0, 0.7 * v, 7
+    )
     depth = np.array([28.0, 29.5, 31.0, 32.5, 34.0, 35.0, 35.5]) * scale + rng.normal(0, 0.8 * v, 7)
     half_w = depth * 0.68 + rng.normal(0, 0.8, 7)
     disc_h = np.array([5.0, 6.0, 8.0, 9.0, 10.0, 11.0, 10.5]) * scale + rng.normal(0, 0.6 * v, 7)
@@ -444,9 +488,14 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
             rs = 4.5 + 3.5 * r[12]
             lesion.fragment = (mig * rs * 0.8, ra, rs, lesion.x0, 5.5 + 3.0 * r[13])
         if schm_flags[d]:
-            lesion.schmorl = ("up" if r[14] < 0.5 else "low", 0.3 + 0.4 * r[15],
-                              (2.5 + 3.0 * r[16]) * m, 5.0 + 4.0 * r[17], (r[18] - 0.5) * 8.0,
-                              4.0 + 3.0 * r[19])
+            lesion.schmorl = (
+                "up" if r[14] < 0.5 else "low",
+                0.3 + 0.4 * r[15],
+                (2.5 + 3.0 * r[16]) * m,
+                5.0 + 4.0 * r[17],
+                (r[18] - 0.5) * 8.0,
+                4.0 + 3.0 * r[19],
+            )
         lesion.cleft = age > 28 and r[20] < 0.7 and st == "normal"
         lesion.irregular = 0.0 if st == "normal" else 0.6 * r[21]
         discs.append(lesion)
@@ -470,14 +519,16 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
         modic = 0
         if main >= 0.55 or r[10] < 0.3:
             modic = 1 + int(r[11] * 2.99)
-        signs.append(VertebraSigns(
-            osteophytes=tuple(float(o) for o in ost),
-            modic_type=modic,
-            modic_sup=(3.0 + 5.0 * r[3]) * min(sev, 1.3) if modic and r[4] < 0.7 else 0.0,
-            modic_inf=(3.0 + 5.0 * r[5]) * min(sev, 1.3) if modic and (r[4] >= 0.4) else 0.0,
-            sclerosis=0.8 * sev * r[7] if r[8] < 0.5 else 0.0,
-            irregularity=0.7 * sev * r[9] if r[10] < 0.5 else 0.0,
-        ))
+        signs.append(
+            VertebraSigns(
+                osteophytes=tuple(float(o) for o in ost),
+                modic_type=modic,
+                modic_sup=(3.0 + 5.0 * r[3]) * min(sev, 1.3) if modic and r[4] < 0.7 else 0.0,
+                modic_inf=(3.0 + 5.0 * r[5]) * min(sev, 1.3) if modic and (r[4] >= 0.4) else 0.0,
+                sclerosis=0.8 * sev * r[7] if r[8] < 0.5 else 0.0,
+                irregularity=0.7 * sev * r[9] if r[10] < 0.5 else 0.0,
+            )
+        )
         if modic and signs[-1].modic_sup == 0 and signs[-1].modic_inf == 0:
             signs[-1].modic_sup = 4.0 * min(sev, 1.3)
         body_h[b] *= 1.0 - 0.3 * (0.04 + 0.08 * r[11]) * sev  # mild wedging / height loss
@@ -518,9 +569,21 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
         cb = 0.5 * (ps_b + as_b)
         ub2 = _unit(as_b - ps_b)
         ps_b, as_b = cb - 0.5 * dd * ub2, cb + 0.5 * dd * ub2
-        bodies_up.append(Body(VERTEBRA_NAMES[b], pi, ai, ps_b, as_b, float(half_w[b]),
-                              float(1.0 + 0.8 * rng.random()), MARROW0 + b, MODIC0 + b,
-                              signs[b], rng.normal(0, 1, (2, 9)) * signs[b].irregularity))
+        bodies_up.append(
+            Body(
+                VERTEBRA_NAMES[b],
+                pi,
+                ai,
+                ps_b,
+                as_b,
+                float(half_w[b]),
+                float(1.0 + 0.8 * rng.random()),
+                MARROW0 + b,
+                MODIC0 + b,
+                signs[b],
+                rng.normal(0, 1, (2, 9)) * signs[b].irregularity,
+            )
+        )
         lower_ps, lower_as = ps_b, as_b
     bodies = bodies_up[::-1]  # T11 .. L5
 
@@ -543,8 +606,19 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
             ps_k, as_k = top_ps, top_as
         else:
             ps_k, as_k = top_ps - 2.0 * nn, top_ps - 2.0 * nn + seg_d[k] * uu
-        sac.append(Body(f"S{k + 1}", pi, ai, ps_k, as_k, 22.0 * (1 - 0.15 * k), 0.8,
-                        SACRAL_MARROW, SACRAL_MARROW))
+        sac.append(
+            Body(
+                f"S{k + 1}",
+                pi,
+                ai,
+                ps_k,
+                as_k,
+                22.0 * (1 - 0.15 * k),
+                0.8,
+                SACRAL_MARROW,
+                SACRAL_MARROW,
+            )
+        )
         top_ps, top_as = pi, ai
     bodies = bodies + sac
 
@@ -555,13 +629,15 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
     jitter = rng.normal(1.0, 0.03 * v, (3, 256))
     jitter[:, AIR] = 1.0
     n_bowel = rng.integers(6, 14)
-    bowel = np.column_stack([
-        rng.uniform(-60, 60, n_bowel),
-        rng.uniform(-150, -45, n_bowel),
-        rng.uniform(-120, 140, n_bowel),
-        rng.uniform(8, 22, n_bowel),
-        rng.choice([BOWEL_FLUID, BOWEL_GAS, VISCERA, BOWEL_FLUID, FAT], n_bowel),
-    ])
+    bowel = np.column_stack(
+        [
+            rng.uniform(-60, 60, n_bowel),
+            rng.uniform(-150, -45, n_bowel),
+            rng.uniform(-120, 140, n_bowel),
+            rng.uniform(8, 22, n_bowel),
+            rng.choice([BOWEL_FLUID, BOWEL_GAS, VISCERA, BOWEL_FLUID, FAT], n_bowel),
+        ]
+    )
     yaw, roll = rng.normal(0, 1.5 * v, 2)
     pitch = rng.normal(0, 4.0 * v)
     rotation = _rot("z", yaw) @ _rot("y", roll) @ _rot("x", pitch)
@@ -595,11 +671,21 @@ def sample_anatomy(rng: np.random.Generator, labels: StudyLabels, difficulty: fl
 # ----------------------------------------------------------------------------- signal
 
 _BASE_SIGNAL = {  # tissue: (T2, T1, fat-suppressed T2), CSF on T2 = 1
-    AIR: (0.0, 0.0, 0.0), FAT: (0.78, 0.95, 0.10), MUSCLE: (0.20, 0.34, 0.22),
-    VISCERA: (0.34, 0.38, 0.32), BOWEL_FLUID: (0.85, 0.12, 0.85), VESSEL: (0.05, 0.07, 0.05),
-    EPIDURAL_FAT: (0.70, 0.90, 0.10), CSF: (1.0, 0.12, 1.0), NERVE: (0.24, 0.32, 0.26),
-    LIGAMENT: (0.06, 0.08, 0.06), CORTEX: (0.045, 0.06, 0.045), POST_MARROW: (0.40, 0.58, 0.16),
-    SACRAL_MARROW: (0.42, 0.62, 0.16), PSOAS: (0.20, 0.34, 0.22), BOWEL_GAS: (0.02, 0.02, 0.02),
+    AIR: (0.0, 0.0, 0.0),
+    FAT: (0.78, 0.95, 0.10),
+    MUSCLE: (0.20, 0.34, 0.22),
+    VISCERA: (0.34, 0.38, 0.32),
+    BOWEL_FLUID: (0.85, 0.12, 0.85),
+    VESSEL: (0.05, 0.07, 0.05),
+    EPIDURAL_FAT: (0.70, 0.90, 0.10),
+    CSF: (1.0, 0.12, 1.0),
+    NERVE: (0.24, 0.32, 0.26),
+    LIGAMENT: (0.06, 0.08, 0.06),
+    CORTEX: (0.045, 0.06, 0.045),
+    POST_MARROW: (0.40, 0.58, 0.16),
+    SACRAL_MARROW: (0.42, 0.62, 0.16),
+    PSOAS: (0.20, 0.34, 0.22),
+    BOWEL_GAS: (0.02, 0.02, 0.02),
 }
 _MODIC_SIGNAL = {1: (0.66, 0.28, 0.60), 2: (0.58, 0.82, 0.13), 3: (0.12, 0.12, 0.09)}
 
@@ -620,7 +706,11 @@ def tissue_lut(anat: Anatomy, sequence: str) -> np.ndarray:
         lut[ANNULUS0 + d] = (0.12, 0.20, 0.12)[k]
         deg = (0.9 - lesion.nucleus_t2) / 0.8
         lut[NUCLEUS0 + d] = (lesion.nucleus_t2, 0.34 - 0.12 * deg, 0.95 * lesion.nucleus_t2)[k]
-        lut[FRAGMENT0 + d] = (max(lesion.nucleus_t2, 0.35) * 0.85, 0.32, 0.8 * max(lesion.nucleus_t2, 0.35))[k]
+        lut[FRAGMENT0 + d] = (
+            max(lesion.nucleus_t2, 0.35) * 0.85,
+            0.32,
+            0.8 * max(lesion.nucleus_t2, 0.35),
+        )[k]
     return lut * anat.contrast_jitter[k].astype(np.float32)
 
 
@@ -707,8 +797,9 @@ def _spine_lines(anat: Anatomy):
     return pts, dirs, canal
 
 
-def _process(top: np.ndarray, bot: np.ndarray, tip_c: np.ndarray, tip_h: float, nb: np.ndarray,
-             club: bool) -> np.ndarray:
+def _process(
+    top: np.ndarray, bot: np.ndarray, tip_c: np.ndarray, tip_h: float, nb: np.ndarray, club: bool
+) -> np.ndarray:
     """Outline of a lamina + spinous process (or facet pillar) from its base on the canal.
 
     The base (top..bot) narrows into a waist and ends in a rounded (club-shaped) tip, instead
@@ -722,8 +813,15 @@ def _process(top: np.ndarray, bot: np.ndarray, tip_c: np.ndarray, tip_h: float, 
     waist = 0.62 if club else 0.8
     # Half-heights along the process: base, lamina, waist, shaft, tip.
     h0 = 0.5 * float(np.linalg.norm(top - bot))
-    prof = np.array([h0, 0.8 * h0 + 0.2 * tip_h, waist * tip_h + (1 - waist) * 0.5 * h0,
-                     (0.9 if club else 0.85) * tip_h, tip_h])
+    prof = np.array(
+        [
+            h0,
+            0.8 * h0 + 0.2 * tip_h,
+            waist * tip_h + (1 - waist) * 0.5 * h0,
+            (0.9 if club else 0.85) * tip_h,
+            tip_h,
+        ]
+    )
     sign = 1.0 if float((top - bot) @ nb) >= 0 else -1.0
     side = sign * nb
     upper = base_c + np.outer(t * length, ax_u) + prof[:, None] * side
@@ -783,14 +881,23 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
     # Subcutaneous fat thickness varies smoothly along the back (thicker low down).
     k = np.linspace(0.0, 1.0, len(cext))
     wave = 1.0 + 0.18 * np.sin(2.5 * np.pi * k + anat.back_depth) + 0.15 * (k - 0.5)
-    back_in = _offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12 - anat.back_fat * wave)
-    front_in = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat * wave[::-1]))
+    back_in = _offset_line(
+        cext, dext, 0.5 * dep + can + anat.back_depth + 12 - anat.back_fat * wave
+    )
+    front_in = _offset_line(
+        cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat * wave[::-1])
+    )
     cv.poly(np.vstack([back_in, front_in[::-1]]), MUSCLE)
     # Fasciae: thin dark lines at the fat / muscle interfaces.
     cv.line(back_in, LIGAMENT, 0.8)
     cv.line(front_in, LIGAMENT, 0.8)
-    cv.line(_offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12 - 0.45 * anat.back_fat * wave),
-            LIGAMENT, 0.5)
+    cv.line(
+        _offset_line(
+            cext, dext, 0.5 * dep + can + anat.back_depth + 12 - 0.45 * anat.back_fat * wave
+        ),
+        LIGAMENT,
+        0.5,
+    )
     front_v = _offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat - 12))
     ant_spine = _offset_line(cext, dext, -(0.5 * dep + 1.5))
     cv.poly(np.vstack([ant_spine, front_v[::-1]]), VISCERA)
@@ -821,8 +928,12 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
     canal_e = np.concatenate([[canal[0]], canal, [canal[-1]]])
     # Epidural fat starts 2 mm inside the bodies so that the concave posterior body walls
     # (drawn later) leave no gap of muscle between body and canal.
-    cv.poly(np.vstack([_offset_line(post_ext, pdir_e, -2.0),
-                       _offset_line(post_ext, pdir_e, canal_e)[::-1]]), EPIDURAL_FAT)
+    cv.poly(
+        np.vstack(
+            [_offset_line(post_ext, pdir_e, -2.0), _offset_line(post_ext, pdir_e, canal_e)[::-1]]
+        ),
+        EPIDURAL_FAT,
+    )
     # `post` holds (pi, ps) pairs bottom-up from S4; the dural sac ends at S2 (pairs from 4).
     # An oblique slice cuts the round sac (and the cord) off-centre by a different lateral x
     # at every level, so their sagittal width follows the plane's x point by point.
@@ -839,8 +950,16 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
         tip = 0.5 * (front_s[1] + back_s[1]) - 6.0 * _unit(front_s[2] - front_s[1])
         cv.poly(np.vstack([tip, front_s[1:], back_s[1:][::-1]]), LIGAMENT)
         inner = np.maximum(half - 1.1, 0.0)
-        cv.poly(np.vstack([tip, _offset_line(sp, sd, mid - inner)[1:],
-                           _offset_line(sp, sd, mid + inner - 0.3)[1:][::-1]]), CSF)
+        cv.poly(
+            np.vstack(
+                [
+                    tip,
+                    _offset_line(sp, sd, mid - inner)[1:],
+                    _offset_line(sp, sd, mid + inner - 0.3)[1:][::-1],
+                ]
+            ),
+            CSF,
+        )
         # Spinal cord tapering into the conus (L1 / L1-L2); below it the cauda equina: thin
         # roots gathered dorsally in the sac, spreading out towards the sacrum.
         l1 = bodies[2]
@@ -853,13 +972,21 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
             cw = 3.6 * np.sqrt(cord_q)
             cw[:2] *= 0.75  # the conus medullaris narrows
             tip_c = conus + 0.5 * canal[-6] * pdir[-6]
-            cv.poly(np.vstack([tip_c, _offset_line(cmid[1:], up_d[1:], -cw[1:] + 0.3),
-                               _offset_line(cmid[1:], up_d[1:], cw[1:])[::-1]]), NERVE)
+            cv.poly(
+                np.vstack(
+                    [
+                        tip_c,
+                        _offset_line(cmid[1:], up_d[1:], -cw[1:] + 0.3),
+                        _offset_line(cmid[1:], up_d[1:], cw[1:])[::-1],
+                    ]
+                ),
+                NERVE,
+            )
         n_roots = len(post) - 5 - (sac_from + 1)
         if n_roots > 1:
             sl = slice(sac_from + 1, sac_from + 1 + n_roots)
             rp, rd = post[sl], pdir[sl]
-            r_mid, r_half = mid[1:n_roots + 1], half[1:n_roots + 1]
+            r_mid, r_half = mid[1 : n_roots + 1], half[1 : n_roots + 1]
             ok = np.abs(x_at(rp)) < anat.sac_half_width * 0.85
             for fr in anat.root_fracs:
                 line = _offset_line(rp, rd, r_mid - r_half + 2 * fr * r_half)
@@ -899,8 +1026,14 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
         if ax >= anat.canal_half_width - 1 and b < 7:  # pedicle bridging body and arch
             ped_top = body.ps - 0.15 * (body.ps - body.pi)
             ped_bot = body.ps - 0.6 * (body.ps - body.pi)
-            ped = np.array([ped_top + 1 * body.u, ped_top + (cd + 2) * pd,
-                            ped_bot + (cd + 2) * pd, ped_bot + 1 * body.u])
+            ped = np.array(
+                [
+                    ped_top + 1 * body.u,
+                    ped_top + (cd + 2) * pd,
+                    ped_bot + (cd + 2) * pd,
+                    ped_bot + 1 * body.u,
+                ]
+            )
             cv.poly(ped, CORTEX)
             cv.poly(inset(ped, 1.3), POST_MARROW)
             root_c = body.pi - 3.5 * nb + 0.45 * cd * pd
@@ -923,24 +1056,34 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
                     continue
                 ep = body.endplate(which, fr[0] + 0.08, fr[1] - 0.06, n=7)
                 inward = -_perp(body.u) if which == "sup" else _perp(body.u)
-                band = np.vstack([_offset_line(ep, np.repeat(inward[None], 7, 0), 1.6 + s.sclerosis),
-                                  _offset_line(ep, np.repeat(inward[None], 7, 0), thick)[::-1]])
+                band = np.vstack(
+                    [
+                        _offset_line(ep, np.repeat(inward[None], 7, 0), 1.6 + s.sclerosis),
+                        _offset_line(ep, np.repeat(inward[None], 7, 0), thick)[::-1],
+                    ]
+                )
                 cv.poly(band, body.modic_id)
         if any(o > 0.3 for o in s.osteophytes) and fr is not None:
             nb = _unit(body.ps - body.pi)
             lat = math.sqrt(max(0.0, 1.0 - (x / body.half_width) ** 2))
-            corners = ((body.endplate("sup", fr[1], fr[1], 1)[0], body.u, nb),
-                       (body.endplate("inf", fr[1], fr[1], 1)[0], body.u, -nb),
-                       (body.endplate("sup", fr[0], fr[0], 1)[0], -body.u, nb),
-                       (body.endplate("inf", fr[0], fr[0], 1)[0], -body.u, -nb))
+            corners = (
+                (body.endplate("sup", fr[1], fr[1], 1)[0], body.u, nb),
+                (body.endplate("inf", fr[1], fr[1], 1)[0], body.u, -nb),
+                (body.endplate("sup", fr[0], fr[0], 1)[0], -body.u, nb),
+                (body.endplate("inf", fr[0], fr[0], 1)[0], -body.u, -nb),
+            )
             for size, (corner, outward, vert) in zip(s.osteophytes, corners):
                 size = size * lat
                 if size <= 0.3:
                     continue
                 # A beak from the corner, pointing outwards and towards the disc.
-                beak = np.array([corner - 0.4 * size * outward - 1.2 * size * vert,
-                                 corner + size * outward + 0.5 * size * vert,
-                                 corner + 0.3 * size * outward - 0.2 * size * vert])
+                beak = np.array(
+                    [
+                        corner - 0.4 * size * outward - 1.2 * size * vert,
+                        corner + size * outward + 0.5 * size * vert,
+                        corner + 0.3 * size * outward - 0.2 * size * vert,
+                    ]
+                )
                 cv.poly(beak, CORTEX)
                 if size > 2.5:
                     cv.poly(inset(beak, 1.0), body.marrow_id)
@@ -960,12 +1103,17 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
                 ep = body.endplate(which, f, f, n=1)[0]
                 inward = _perp(body.u) if which == "inf" else -_perp(body.u)
                 c = ep + 0.15 * dep * inward
-                cv.poly(ellipse(c, inward, dep * math.sqrt(g) + 1.2, 0.5 * w * math.sqrt(g) + 1.0, 20),
-                        CORTEX)
-                cv.poly(ellipse(c, inward, dep * math.sqrt(g), 0.5 * w * math.sqrt(g), 20),
-                        NUCLEUS0 + d)
-                cv.poly(ellipse(c - 1.5 * inward, inward, dep * 0.5, 0.5 * w * math.sqrt(g) + 0.3, 16),
-                        ANNULUS0 + d if lesion.nucleus_t2 < 0.4 else NUCLEUS0 + d)
+                cv.poly(
+                    ellipse(c, inward, dep * math.sqrt(g) + 1.2, 0.5 * w * math.sqrt(g) + 1.0, 20),
+                    CORTEX,
+                )
+                cv.poly(
+                    ellipse(c, inward, dep * math.sqrt(g), 0.5 * w * math.sqrt(g), 20), NUCLEUS0 + d
+                )
+                cv.poly(
+                    ellipse(c - 1.5 * inward, inward, dep * 0.5, 0.5 * w * math.sqrt(g) + 0.3, 16),
+                    ANNULUS0 + d if lesion.nucleus_t2 < 0.4 else NUCLEUS0 + d,
+                )
     # Discs: annulus, nucleus, cleft; extruded fragments.
     for d in range(7):
         lesion = anat.discs[d]
@@ -986,8 +1134,9 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
             nuc = centre + (nuc - centre) * jit[:, None]
         cv.poly(nuc, NUCLEUS0 + d)
         if lesion.cleft:
-            cv.line(np.array([centre - 0.25 * depth * u, centre + 0.28 * depth * u]),
-                    ANNULUS0 + d, 0.7)
+            cv.line(
+                np.array([centre - 0.25 * depth * u, centre + 0.28 * depth * u]), ANNULUS0 + d, 0.7
+            )
         if lesion.fragment is not None:
             mig, ra, rs, xf, wlf = lesion.fragment
             g = 1.0 - ((x - xf) / wlf) ** 2
@@ -995,9 +1144,15 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
                 base = lp + lesion.t0 * (up - lp)
                 fc = base - (lesion.amp * 0.7 + ra) * u + mig * n
                 # A narrow neck through the annulus, then the wider dome (possibly migrated).
-                neck = np.array([base + 1.0 * u - 1.6 * n, base - (lesion.amp + 0.5) * u - 1.6 * n,
-                                 fc + 0.5 * u, base - (lesion.amp + 0.5) * u + 1.6 * n,
-                                 base + 1.0 * u + 1.6 * n])
+                neck = np.array(
+                    [
+                        base + 1.0 * u - 1.6 * n,
+                        base - (lesion.amp + 0.5) * u - 1.6 * n,
+                        fc + 0.5 * u,
+                        base - (lesion.amp + 0.5) * u + 1.6 * n,
+                        base + 1.0 * u + 1.6 * n,
+                    ]
+                )
                 cv.poly(neck, FRAGMENT0 + d)
                 cv.poly(ellipse(fc, u, ra * math.sqrt(g), rs * math.sqrt(g), 22), FRAGMENT0 + d)
     # Rudimentary sacral discs: thin dark gaps between the fused segments.
@@ -1007,7 +1162,9 @@ def render_sagittal(anat: Anatomy, plane, supersample: int = 1) -> tuple[np.ndar
     return cv.labels(), xs
 
 
-def render_axial(anat: Anatomy, plane, disc: int, height: float, supersample: int = 1) -> np.ndarray:
+def render_axial(
+    anat: Anatomy, plane, disc: int, height: float, supersample: int = 1
+) -> np.ndarray:
     """Tissue-id map of an axial slice through disc `disc`, `height` mm above its centre.
 
     Local coordinates (x lateral, p posterior of the disc centre) in the disc's frame.
@@ -1054,40 +1211,66 @@ def render_axial(anat: Anatomy, plane, disc: int, height: float, supersample: in
         rel = np.array([ba, bs]) - c
         rr = br * br - (float(rel @ n) - height) ** 2
         if rr > 4:
-            cv.poly(ellipse((bx, -float(rel @ u)), (1, 0), math.sqrt(rr) * 1.2, math.sqrt(rr), 20),
-                    int(bt))
+            cv.poly(
+                ellipse((bx, -float(rel @ u)), (1, 0), math.sqrt(rr) * 1.2, math.sqrt(rr), 20),
+                int(bt),
+            )
     # Paraspinal muscles and psoas.
     for sgn in (-1, 1):
         m_front, m_back = p_post + cd - 6.0, p_back - anat.back_fat - 2.0
-        cv.poly(ellipse((sgn * 27, 0.5 * (m_front + m_back)), (1, 0), 22,
-                        max(0.5 * (m_back - m_front), 8.0), 28), MUSCLE)
+        cv.poly(
+            ellipse(
+                (sgn * 27, 0.5 * (m_front + m_back)),
+                (1, 0),
+                22,
+                max(0.5 * (m_back - m_front), 8.0),
+                28,
+            ),
+            MUSCLE,
+        )
         ps_r = 6.0 + 3.2 * max(0, disc - 1)
-        cv.poly(ellipse((sgn * (hw + ps_r * 0.7), -0.1 * depth), (1, 0), ps_r, ps_r * 0.9, 24), PSOAS)
+        cv.poly(
+            ellipse((sgn * (hw + ps_r * 0.7), -0.1 * depth), (1, 0), ps_r, ps_r * 0.9, 24), PSOAS
+        )
     # Vessels in front of the spine (iliac vessels below the bifurcation).
     for (vx, vr), last in ((anat.aorta, 4), (anat.ivc, 5)):
         if disc <= last:
-            cv.poly(ellipse((vx, -(p_post + 3 + vr)), (1, 0), vr, vr * (0.75 if vx < 0 else 1.0), 24),
-                    VESSEL)
+            cv.poly(
+                ellipse((vx, -(p_post + 3 + vr)), (1, 0), vr, vr * (0.75 if vx < 0 else 1.0), 24),
+                VESSEL,
+            )
         else:
             for sgn in (-1, 1):
-                cv.poly(ellipse((sgn * 18 + vx * 0.2, -(p_post + 8)), (1, 0), vr * 0.6, vr * 0.6, 18),
-                        VESSEL)
+                cv.poly(
+                    ellipse((sgn * 18 + vx * 0.2, -(p_post + 8)), (1, 0), vr * 0.6, vr * 0.6, 18),
+                    VESSEL,
+                )
 
     # Vertebral outline: disc (with its lesion at this height) or body.
     xg = np.linspace(-hw * 0.96, hw * 0.96, 33)
     lesion = anat.discs[disc]
     fr = [lateral_fractions(x, hw) for x in xg]
     if in_disc:
-        post = np.array([p_post - f[0] * depth + float(lesion.bump(x, np.array([t]), hw)[0])
-                         for x, f in zip(xg, fr)])
+        post = np.array(
+            [
+                p_post - f[0] * depth + float(lesion.bump(x, np.array([t]), hw)[0])
+                for x, f in zip(xg, fr)
+            ]
+        )
     else:
         post = np.array([p_post - f[0] * depth for f in fr])
     ant = np.array([p_post - f[1] * depth - (0.8 if in_disc else 0) for f in fr])
     outline = np.vstack([np.column_stack([xg, post]), np.column_stack([xg, ant])[::-1]])
     # Canal: epidural fat, thecal sac with dorsal roots, ligamenta flava, facets, arch.
     cw = anat.canal_half_width
-    canal = np.array([[-cw - 2, p_post - 1], [cw + 2, p_post - 1], [cw * 0.55, p_post + cd],
-                      [-cw * 0.55, p_post + cd]])
+    canal = np.array(
+        [
+            [-cw - 2, p_post - 1],
+            [cw + 2, p_post - 1],
+            [cw * 0.55, p_post + cd],
+            [-cw * 0.55, p_post + cd],
+        ]
+    )
     cv.poly(canal, EPIDURAL_FAT)
     sac_c = np.array([0.0, p_post + 0.45 * cd])
     cv.poly(ellipse(sac_c, (1, 0), anat.sac_half_width + 0.8, 0.36 * cd + 0.8, 28), LIGAMENT)
@@ -1102,21 +1285,41 @@ def render_axial(anat: Anatomy, plane, disc: int, height: float, supersample: in
             cv.poly(ellipse(fc, (1, 0.6 * sgn), 8, 6, 20), CORTEX)
             cv.poly(ellipse(fc, (1, 0.6 * sgn), 6.5, 4.5, 20), POST_MARROW)
             cv.line(np.array([fc - (2.0, 5.0 * sgn), fc + (2.0, 5.0 * sgn)]), LIGAMENT, 1.0)
-            cv.line(np.array([[sgn * cw * 0.6, p_post + cd], [sgn * (cw + 1), p_post + 0.5 * cd]]),
-                    LIGAMENT, 2.5)
+            cv.line(
+                np.array([[sgn * cw * 0.6, p_post + cd], [sgn * (cw + 1), p_post + 0.5 * cd]]),
+                LIGAMENT,
+                2.5,
+            )
         else:  # pedicle
-            ped = np.array([[sgn * (cw - 1), p_post - 4], [sgn * (cw + 7), p_post - 4],
-                            [sgn * (cw + 8), p_post + cd], [sgn * (cw), p_post + cd]])
+            ped = np.array(
+                [
+                    [sgn * (cw - 1), p_post - 4],
+                    [sgn * (cw + 7), p_post - 4],
+                    [sgn * (cw + 8), p_post + cd],
+                    [sgn * (cw), p_post + cd],
+                ]
+            )
             cv.poly(ped, CORTEX)
             cv.poly(inset(ped, 1.5), POST_MARROW)
-    arch = np.array([[-cw - 4, p_post + cd - 1], [cw + 4, p_post + cd - 1],
-                     [3.5, p_post + cd + 10], [-3.5, p_post + cd + 10]])
+    arch = np.array(
+        [
+            [-cw - 4, p_post + cd - 1],
+            [cw + 4, p_post + cd - 1],
+            [3.5, p_post + cd + 10],
+            [-3.5, p_post + cd + 10],
+        ]
+    )
     cv.poly(arch, CORTEX)
     cv.poly(inset(arch, 1.4), POST_MARROW)
     if not in_disc or t > 0.7:
-        sp = np.array([[-3.5, p_post + cd + 5], [3.5, p_post + cd + 5],
-                       [3.0, p_post + cd + 5 + anat.spinous_length[b_index]],
-                       [-3.0, p_post + cd + 5 + anat.spinous_length[b_index]]])
+        sp = np.array(
+            [
+                [-3.5, p_post + cd + 5],
+                [3.5, p_post + cd + 5],
+                [3.0, p_post + cd + 5 + anat.spinous_length[b_index]],
+                [-3.0, p_post + cd + 5 + anat.spinous_length[b_index]],
+            ]
+        )
         cv.poly(sp, CORTEX)
         cv.poly(inset(sp, 1.3), POST_MARROW)
     cv.poly(outline, CORTEX if not in_disc else ANNULUS0 + disc)
@@ -1128,8 +1331,16 @@ def render_axial(anat: Anatomy, plane, disc: int, height: float, supersample: in
             dh = (t - lesion.t0) * h_mid - mig
             g = 1.0 - (dh / rs) ** 2
             if g > 0:
-                cv.poly(ellipse((xf, p_post + lesion.amp * 0.7 + ra), (1, 0),
-                                wlf * math.sqrt(g), ra * math.sqrt(g), 22), FRAGMENT0 + disc)
+                cv.poly(
+                    ellipse(
+                        (xf, p_post + lesion.amp * 0.7 + ra),
+                        (1, 0),
+                        wlf * math.sqrt(g),
+                        ra * math.sqrt(g),
+                        22,
+                    ),
+                    FRAGMENT0 + disc,
+                )
     else:
         cv.poly(inset(outline, 1.6), body.marrow_id)
     return cv.labels()

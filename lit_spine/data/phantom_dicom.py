@@ -55,14 +55,18 @@ class Plane:
     @property
     def origin(self) -> np.ndarray:
         """Patient position of the centre of pixel (row 0, column 0): ImagePositionPatient."""
-        return (self.centre - 0.5 * (self.cols - 1) * self.col_spacing * self.row_dir
-                - 0.5 * (self.rows - 1) * self.row_spacing * self.col_dir)
+        return (
+            self.centre
+            - 0.5 * (self.cols - 1) * self.col_spacing * self.row_dir
+            - 0.5 * (self.rows - 1) * self.row_spacing * self.col_dir
+        )
 
     def to_pixels(self, points: np.ndarray) -> np.ndarray:
         """(N, 3) patient points projected to (N, 2) pixel (column, row)."""
         rel = np.atleast_2d(points) - self.origin
-        return np.column_stack([rel @ self.row_dir / self.col_spacing,
-                                rel @ self.col_dir / self.row_spacing])
+        return np.column_stack(
+            [rel @ self.row_dir / self.col_spacing, rel @ self.col_dir / self.row_spacing]
+        )
 
 
 @dataclass
@@ -106,8 +110,14 @@ def _ds(v: float) -> str:
     return text if len(text) <= 16 else f"{v:.4e}"
 
 
-def build_dataset(study: StudyInfo, series: SeriesInfo, plane: Plane, pixels: np.ndarray,
-                  sop_uid: str, instance_number: int) -> FileDataset:
+def build_dataset(
+    study: StudyInfo,
+    series: SeriesInfo,
+    plane: Plane,
+    pixels: np.ndarray,
+    sop_uid: str,
+    instance_number: int,
+) -> FileDataset:
     """One MR slice as a complete Part-10 dataset (file meta included)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage

@@ -83,7 +83,7 @@ class SpineLoss:
     def __init__(
         self,
         heatmap_loss: str = "mse",
-        heatmap_weight: float = 1.0,
+        heatmap_weight: float = 10.0,
         class_weight: float = 1.0,
         class_loss: str = "ce",
         label_smoothing: float = 0.0,

@@ -236,3 +236,22 @@ def test_two_process_cpu_ddp_gives_the_same_metrics(phantom_root, tmp_path):
         k for k in keys(ddp_run) if k.startswith("val/")
     }
     assert json.loads((ddp_run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_overfit_preset_learns(tmp_path):
+    """The whole pipeline learns: loss falls and >90% of points land within 8 mm."""
+    run_lightning_cli([
+        "fit", "--config", str(EXPERIMENTS / "overfit.yaml"),
+        f"--data.phantom_dir={tmp_path / 'phantom'}", f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--runs_root={tmp_path / 'runs'}", "--wandb=disabled",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    run = _run_dirs(tmp_path, "overfit")[-1]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 10
+    assert sum(losses[-3:]) / 3 < 0.05 * sum(losses[:3]) / 3, losses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["val/sdr/8mm"] > 0.9, summary
+    assert summary["val/mre_mm"] < 5.0, summary

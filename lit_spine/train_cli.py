@@ -364,10 +364,11 @@ class SpineCLI(LightningCLI):
             loggers.append(
                 WandbLogger(
                     project=cfg.get("wandb_project") or "lit_spine",
-                    name=f"{self.experiment}/{self.run_dir.name}",
+                    # A sweep names and groups its runs through the environment (WANDB_*).
+                    name=os.environ.get("WANDB_NAME") or f"{self.experiment}/{self.run_dir.name}",
                     id=self.run_dir.name.replace("-", "")[-16:] + self.subcommand[:1],
-                    group=self.experiment,
-                    job_type=self.subcommand,
+                    group=os.environ.get("WANDB_RUN_GROUP") or self.experiment,
+                    job_type=os.environ.get("WANDB_JOB_TYPE") or self.subcommand,
                     save_dir=str(self.run_dir),
                     offline=mode == "offline",
                     resume="allow",

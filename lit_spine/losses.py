@@ -1,6 +1,6 @@
 """Losses for SpineNet outputs: heatmap regression plus per-point disease classification.
 
-Heatmap: "mse" (SimpleBaseline) on raw outputs, or "focal": CenterNet's penalty-reduced
+Heatmap: "mse" (SimpleBaseline targets; squared error summed per heatmap) on raw outputs, or "focal": CenterNet's penalty-reduced
 pixel focal loss (Zhou et al. 2019, https://arxiv.org/abs/1904.07850) on sigmoid outputs,
 alpha = 2, beta = 4, normalised by the number of peaks.
 
@@ -29,8 +29,13 @@ CLASS_LOSSES = ("ce", "bce", "focal")
 
 
 def heatmap_mse(pred: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per heatmap pixel, averaged over present points only."""
-    per_point = (pred - target).pow(2).flatten(2).mean(-1)  # (B, P)
+    """Squared error summed over each point's heatmap, averaged over present points only.
+
+    Summing (not averaging) over pixels keeps the loss's size independent of the heatmap's
+    resolution and comparable to the classification loss; a per-pixel mean is ~1000x smaller
+    at 32x32 and lets the class loss dominate the shared features.
+    """
+    per_point = (pred - target).pow(2).flatten(2).sum(-1)  # (B, P)
     weight = present.to(per_point.dtype)
     return (per_point * weight).sum() / weight.sum().clamp(min=1)
 
@@ -83,7 +88,7 @@ class SpineLoss:
     def __init__(
         self,
         heatmap_loss: str = "mse",
-        heatmap_weight: float = 10.0,
+        heatmap_weight: float = 1.0,
         class_weight: float = 1.0,
         class_loss: str = "ce",
         label_smoothing: float = 0.0,

@@ -41,8 +41,8 @@ class SpineModule(pl.LightningModule):
         warmup_epochs: length of the linear warm-up, in epochs (fractions allowed).
         min_lr_ratio: final learning rate as a fraction of `lr`.
         heatmap_loss: "mse" or "focal" (penalty-reduced focal loss on sigmoid heatmaps).
-        heatmap_weight: weight of the heatmap loss (the per-pixel MSE is small beside the
-            classification loss; 10 balances the two so that localisation learns first).
+        heatmap_weight: weight of the heatmap loss (for "mse", squared error summed over each
+            point's heatmap, which lets localisation lead the classification loss).
         class_loss: "bce", "ce" or "focal" for the per-point disease labels.
         multi_label: disease codes as independent sigmoids (a disc can be v2 and v5 at once);
             False uses one softmax per point.
@@ -73,7 +73,7 @@ class SpineModule(pl.LightningModule):
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
         heatmap_loss: str = "mse",
-        heatmap_weight: float = 10.0,
+        heatmap_weight: float = 1.0,
         class_loss: str = "bce",
         multi_label: bool = True,
         class_weight: float = 1.0,

@@ -54,7 +54,8 @@ def test_mse_and_absent_points_masked():
     present[:, 0] = False
     loss = SpineLoss(class_weight=0.0)
     assert loss(_outputs(), {**batch, "present": present})["heatmap"].item() == 0.0
-    assert loss(_outputs(), batch)["heatmap"].item() == pytest.approx(1 / 11)
+    # squared error summed over the 4x4 map of point 0 (16), averaged over the 11 points
+    assert loss(_outputs(), batch)["heatmap"].item() == pytest.approx(16 / 11)
 
 
 def test_bce_with_label_smoothing_hand_value():

@@ -203,7 +203,7 @@ def test_failed_build_leaves_nothing_visible(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "atomic_write_json", boom)
     with pytest.raises(KeyboardInterrupt):
         build_cache(root, settings, cache_dir, progress=False)
-    assert list(cache_dir.iterdir()) == []
+    assert [p for p in cache_dir.iterdir() if p.suffix != ".lock"] == []  # only the lock file
     monkeypatch.undo()
     assert len(build_cache(root, settings, cache_dir, progress=False)) == 1
 
@@ -222,7 +222,9 @@ def test_losing_a_build_race_uses_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "atomic_write_json", finish_first)
     c = build_cache(root, settings, tmp_path / "cache", progress=False)
     assert c.path == final
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [final.name]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock") == [
+        final.name
+    ]
 
 
 def test_open_rejects_incomplete_cache_and_build_repairs_it(tmp_path):
@@ -292,7 +294,7 @@ def test_fatal_inputs_raise_clear_errors(tmp_path):
     w.series("ax", "T2_TRA", orientation=AXIAL)
     with pytest.raises(DatasetError, match="no usable study"):
         build_cache(tmp_path / "axial", cache_dir=tmp_path / "cache", progress=False)
-    assert not any((tmp_path / "cache").iterdir())
+    assert not any(p for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock")
     root, infos = dataset(tmp_path / "d", 1, annotate=False)
     (tmp_path / "d" / "train_annotation.json").write_text("{oops")
     with pytest.raises(AnnotationError, match="malformed JSON"):

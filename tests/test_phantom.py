@@ -357,6 +357,27 @@ def test_generation_is_identical_for_any_worker_count_and_resumes(tmp_path):
     assert _digest(two) != reference
 
 
+def _generate_in_child(out: str) -> None:
+    generate_phantom(out, studies=4, seed=3, splits={"train": 3, "test": 1}, size=96)
+
+
+def test_processes_asking_for_the_same_phantom_build_it_once(tmp_path):
+    """Parallel sweep runs start together: they must not write the same files at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_generate_in_child, args=(str(tmp_path / "p"),)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    reference = generate_phantom(
+        tmp_path / "ref", studies=4, seed=3, splits={"train": 3, "test": 1}, size=96
+    )
+    assert _digest(tmp_path / "p") == _digest(reference)
+
+
 def test_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "my_data.txt").write_text("keep me")
     with pytest.raises(PhantomError, match="not written by the phantom"):

@@ -45,7 +45,7 @@ from lit_spine.data.dicom import (
     unknown_annotation_studies,
 )
 from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, get_vocabulary
-from lit_spine.utils import atomic_write_json
+from lit_spine.utils import atomic_write_json, file_lock
 
 CACHE_FORMAT_VERSION = 1
 CACHE_DIR_ENV = "LIT_SPINE_CACHE_DIR"
@@ -313,7 +313,7 @@ def build_cache(
     root, a dataset with no usable study or a broken annotation file raises.
     """
     settings = settings or CacheSettings()
-    vocabulary = get_vocabulary(vocab)
+    get_vocabulary(vocab)  # an unknown vocabulary fails before any work
     root = Path(root)
     annotation = Path(annotation) if annotation else find_annotation(root)
     series_map = Path(series_map) if series_map else find_series_map(root)
@@ -321,6 +321,26 @@ def build_cache(
         raise DatasetError(f"{root}: no such folder")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key(root, settings, annotation, series_map, vocab)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Parallel runs wanting the same cache wait for the first builder, then open its result.
+    with file_lock(cache_dir / f".{key}.lock"):
+        return _build_locked(
+            root, settings, cache_dir, key, annotation, series_map, vocab, progress, workers
+        )
+
+
+def _build_locked(
+    root: Path,
+    settings: CacheSettings,
+    cache_dir: Path,
+    key: str,
+    annotation: Path | None,
+    series_map: Path | None,
+    vocab: str,
+    progress: bool,
+    workers: int | None,
+) -> SpineCache:
+    vocabulary = get_vocabulary(vocab)
     final = cache_dir / key
     if final.is_dir():
         try:

@@ -55,7 +55,7 @@ from lit_spine.data.phantom_dicom import (
     phantom_uid,
     write_dataset,
 )
-from lit_spine.utils import atomic_write_json
+from lit_spine.utils import atomic_write_json, file_lock
 
 FORMAT_VERSION = 1
 SUPERSAMPLE = 2  # tissue maps are drawn at 2x and averaged: soft, partial-volume edges
@@ -773,6 +773,17 @@ def generate_phantom(
         )
     counts = parse_splits(splits, studies)
     root = Path(out).expanduser()
+    # Processes that want the same phantom (parallel sweep runs) build it once, in turn.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(root.parent / f".{root.name}.lock"):
+        return _generate_locked(
+            root, studies, counts, seed, vocab, size, difficulty, workers, force, progress
+        )
+
+
+def _generate_locked(
+    root, studies, counts, seed, vocab, size, difficulty, workers, force, progress
+) -> Path:
     params = _params(studies, seed, counts, vocab, size, difficulty)
     marker = _check_root(root, params, counts, force)
     if (

@@ -351,3 +351,39 @@ class CheckpointOnInterrupt(pl.Callback):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
+def load_checkpoint(
+    path: str | Path, config: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> SpineModule:
+    """A trained SpineModule from a checkpoint, in eval mode, for notebooks and scripts.
+
+    The network is rebuilt from the run's resolved config (`config`, default: the
+    `config.yaml` of the run folder holding `checkpoints/<name>.ckpt`), the module's own
+    settings from the checkpoint; the file is read with `weights_only=True`.
+    """
+    import importlib
+
+    import yaml
+
+    path = Path(path)
+    config = Path(config) if config else path.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{config}: no run config beside {path}; pass config= the run's config.yaml"
+        )
+    net_cfg = (yaml.safe_load(config.read_text()).get("model") or {}).get("net")
+    if not isinstance(net_cfg, dict) or "class_path" not in net_cfg:
+        raise ValueError(f"{config}: model.net has no class_path; is this a lit-spine run config?")
+    module_name, _, class_name = net_cfg["class_path"].rpartition(".")
+    net_cls = getattr(importlib.import_module(module_name), class_name)
+    net = net_cls(**(net_cfg.get("init_args") or {}))
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    hparams = {
+        k: v
+        for k, v in checkpoint.get("hyper_parameters", {}).items()
+        if not k.startswith("_") and k != "net"
+    }
+    module = SpineModule(net, **hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_spine.evaluate import main as evaluate_main
+from lit_spine.module import load_checkpoint
 from lit_spine.train_cli import run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +187,12 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
     assert scored["map"] == pytest.approx(test_metrics["test/mAP"], abs=1e-4)
     assert scored["mre_mm"] == pytest.approx(test_metrics["test/mre_mm"], rel=1e-4)
     assert scored["sdr"]["8"] == pytest.approx(test_metrics["test/sdr/8mm"], abs=1e-6)
+
+    # A notebook user loads the best checkpoint without the CLI and gets the same weights.
+    module = load_checkpoint(best)
+    saved = torch.load(best, weights_only=True)["state_dict"]
+    assert not module.training and module.hparams.heatmap_weight == 1.0
+    assert all(torch.equal(v, saved[k]) for k, v in module.state_dict().items())
 
 
 def test_print_model(phantom_root, tmp_path, capsys):

@@ -421,7 +421,8 @@ def plot_factor_bars(
     if not marginals:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(marginals), figsize=(4.2 * len(marginals), 4), squeeze=False)
+    width = max(6.0, 4.2 * len(marginals))
+    fig, axes = plt.subplots(1, len(marginals), figsize=(width, 4.4), squeeze=False)
     for ax, (key, rows) in zip(axes[0], marginals.items()):
         labels = [str(v) for v, _ in rows]
         means = [s["mean"] for _, s in rows]
@@ -430,7 +431,7 @@ def plot_factor_bars(
         ax.set(title=names[key], ylabel=metric)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{metric} by factor (mean over runs, error bar = 95% CI)")
+    fig.suptitle(f"{metric} by factor\n(mean over runs, error bar = 95% CI)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

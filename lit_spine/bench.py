@@ -59,6 +59,7 @@ CPU_BEGIN, CPU_END = "<!-- cpu -->", "<!-- /cpu -->"
 LIGHTNING_TARGET = 0.95  # Lightning images/s over plain-loop images/s
 LOADER_TARGET = 10.0  # loader images/s over the fastest backbone's training images/s
 METRIC_TARGET_S = 1.0  # seconds to score 10,000 studies
+PHANTOM_TARGET_S = 120.0  # seconds to generate 200 studies with every core
 
 # timm's own published benchmark CSVs (huggingface/pytorch-image-models, results/), copied
 # verbatim for comparison: samples/s of the bare encoder at the stated size and batch.
@@ -335,6 +336,7 @@ class BenchConfig:
     backbones: tuple[str, ...]
     norms: tuple[str, ...]
     metric_studies: int = 10000
+    phantom_batch: int = 200  # studies of the one-shot "whole dataset" phantom figure
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cuda: bool) -> BenchConfig:
@@ -362,6 +364,7 @@ class BenchConfig:
             backbones=tuple(backbones),
             norms=tuple(norms),
             metric_studies=1000 if quick else 10000,
+            phantom_batch=4 if quick else 200,
         )
 
 
@@ -452,6 +455,41 @@ def to_device(batch: dict, device) -> dict:
 
 
 # ---------------------------------------------------------------------------- sections
+def _bench_phantom_dataset(b: Bench) -> None:
+    """One whole dataset (200 studies) generated with every core, against the 2-minute target."""
+    from lit_spine.data.phantom import generate_phantom
+
+    n, workers = b.cfg.phantom_batch, os.cpu_count() or 1
+    root = b.workdir / "phantom-dataset"
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    generate_phantom(root, studies=n, seed=0, size=b.cfg.phantom_size, workers=workers)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    context = {"studies": n, "workers": workers, "repeats": 1}
+    b.rec.figure(Figure("phantom_dataset", "s", [seconds], "phantom", context))
+    meets = check_target(seconds, PHANTOM_TARGET_S, higher_is_better=False)
+    b.rec.ratio(
+        {
+            "figure": "phantom_200_studies_target",
+            "value": _clean(seconds),
+            "unit": "s",
+            "target": PHANTOM_TARGET_S,
+            "target_op": "<",
+            "section": "phantom",
+            "meets": meets,
+            **(
+                {}
+                if meets
+                else {
+                    "why": f"the generator is slower than 200 studies in 2 min on {workers} cores"
+                }
+            ),
+            **({"note": f"measured on {n} studies (--quick)"} if n != 200 else {}),
+        }
+    )
+
+
 def bench_phantom(b: Bench, record: bool = True) -> None:
     """Phantom generation (studies/s) and cache build (files/s, studies/s), per repeat."""
     from lit_spine.data.cache import CacheSettings, build_cache
@@ -487,6 +525,7 @@ def bench_phantom(b: Bench, record: bool = True) -> None:
     b.train_cache = caches[0] if len(caches) == 1 else ConcatCache(caches)
     if not record:
         return
+    _bench_phantom_dataset(b)
     size = (
         "random challenge-like sizes (384-640 px)"
         if cfg.phantom_size is None

@@ -383,10 +383,9 @@ def test_dry_run_and_max_runs(tmp_path, monkeypatch, capsys):
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_real_fit_grid_with_test_models(tmp_path):
-    """Two real `lit-spine fit` runs (test_resnet, batchnorm vs groupnorm) through the sweep."""
+    """Two real `lit-spine fit` runs (test_resnet, batchnorm vs groupnorm) through the sweep,
+    stopped after the first run and continued by a rerun that does not redo it."""
     config = {
         "name": "real",
         "program": "lit-spine",
@@ -428,9 +427,20 @@ def test_real_fit_grid_with_test_models(tmp_path):
         "--out",
         str(out),
     ]
+    first = subprocess.run(
+        [*argv, "--max-runs", "1", "--no-report"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=850,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    state = json.loads((out / "real" / "state.json").read_text())
+    assert [r["status"] for r in state["runs"]].count("finished") == 1
+    finished = next(r for r in state["runs"] if r["status"] == "finished")
+    summary_path = out / "real" / finished["run_dir"] / "summary.json"
+    stamp = summary_path.stat().st_mtime_ns
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=850)
     logs = "\n".join(p.read_text()[-3000:] for p in out.glob("real/runs/*/stdout.log"))
     assert done.returncode == 0, done.stdout + done.stderr + logs
+    assert summary_path.stat().st_mtime_ns == stamp  # the finished run was not redone
     state = json.loads((out / "real" / "state.json").read_text())
     assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
     for run in state["runs"]:

@@ -14,7 +14,7 @@ from lit_spine.models.norms import NORMS
 from lit_spine.models.summary import describe, main, receptive_field
 
 FAST_BACKBONES = ["test_resnet", "test_efficientnet", "test_convnext"]
-SLOW_BACKBONES = [
+FAMILY_BACKBONES = [
     "resnet18",
     "resnet18d",
     "resnext50_32x4d",
@@ -76,9 +76,9 @@ def test_tiny_backbone_norm_drop_forward_backward(backbone, norm, drop):
     _build_and_step(backbone, norm, drop)
 
 
-@pytest.mark.slow
+# Every real family x norm x drop: ~75 s in all on the 2-core machine, so in the fast suite.
 @pytest.mark.parametrize(
-    ("backbone", "norm", "drop"), list(itertools.product(SLOW_BACKBONES, NORMS, DROPS))
+    ("backbone", "norm", "drop"), list(itertools.product(FAMILY_BACKBONES, NORMS, DROPS))
 )
 def test_family_norm_drop_forward_backward(backbone, norm, drop):
     _build_and_step(backbone, norm, drop)

@@ -456,6 +456,9 @@ def _detach_child() -> None:
     (which then stops each run once, gracefully); on Linux, SIGTERM when the sweep dies, even
     from SIGKILL, so no run outlives it unwatched."""
     os.setpgid(0, 0)
+    # A sweep started in the background (`make sweep &`, nohup) inherits an ignored SIGINT;
+    # the run must still stop gracefully (and save last.ckpt) on the SIGINT the sweep sends.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 

@@ -36,7 +36,6 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from lit_spine.utils import git_state
 
 SECTIONS = ("phantom", "io", "loader", "metric", "lightning", "grid")
 DEFAULT_BACKBONES_CPU = ("resnet18", "mobilenetv3_large_100", "convnext_atto")
@@ -1143,23 +1144,10 @@ def _meminfo_kb(key: str) -> float:
 
 
 def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
+    commit, dirty = git_state()
+    if commit is None:
         return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    return commit[:7] + (" (with uncommitted changes)" if dirty else "")
 
 
 # ---------------------------------------------------------------------------- reports

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import secrets
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,7 +37,7 @@ from lit_spine.module import (
     ThroughputMonitor,
     peak_memory_mb,
 )
-from lit_spine.utils import atomic_write_json
+from lit_spine.utils import atomic_write_json, git_state
 
 PACKAGES = (
     "lit_spine",
@@ -76,27 +75,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def git_state(cwd: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit hash, dirty?) of the working tree holding the code, or (None, None) outside git."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return None, None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return commit.stdout.strip(), bool(status.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -108,6 +108,16 @@ def test_sweep_files_are_valid_and_replicated(path):
             assert (ROOT / config["command"][i + 1]).is_file(), config["command"][i + 1]
     seeds = config["parameters"]["seed_everything"]["values"]
     assert len(seeds) >= 2
+    state = _plan(path, config)
+    assert len({r.id for r in state.runs}) == len(state.runs)
+    cells = {
+        tuple((k, v) for k, v in r.params.items() if k != "seed_everything") for r in state.runs
+    }
+    assert len(state.runs) == len(cells) * len(seeds)
+
+
+def _plan(path: Path, config: dict) -> sweep.SweepState:
+    """Every run the sweep file plans, without running anything."""
     planner = sweep.Planner(config, None)
     state = sweep.SweepState(
         path=Path("/nonexistent/state.json"),
@@ -118,11 +128,30 @@ def test_sweep_files_are_valid_and_replicated(path):
     )
     while (nxt := planner.next_params(state)) is not None:
         sweep.add_run(state, *nxt)
-    assert len({r.id for r in state.runs}) == len(state.runs)
-    cells = {
-        tuple((k, v) for k, v in r.params.items() if k != "seed_everything") for r in state.runs
-    }
-    assert len(state.runs) == len(cells) * len(seeds)
+    return state
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_every_planned_network_builds(path):
+    """No planned run may fail at model construction (e.g. GroupNorm groups vs channels)."""
+    from lit_spine.models import SpineNet
+
+    config = sweep.load_sweep_file(path)
+    base: dict = {}
+    command = config["command"]
+    for i, word in enumerate(command):
+        if word == "--config":
+            overlay = yaml.safe_load((ROOT / command[i + 1]).read_text()) or {}
+            net = ((overlay.get("model") or {}).get("net") or {}).get("init_args") or {}
+            base.update(net)
+    prefix = "model.net.init_args."
+    nets = {
+        tuple(sorted({**base, **{k[len(prefix) :]: v for k, v in r.params.items()
+                                 if k.startswith(prefix)}}.items()))
+        for r in _plan(path, config).runs
+    }  # fmt: skip
+    for args in nets:
+        SpineNet(**dict(args))
 
 
 def test_required_sweep_files_exist():

@@ -321,15 +321,6 @@ def test_settings_validation():
     assert CacheSettings(neighbors=2).channels == 5
 
 
-def _phantom_available() -> bool:
-    try:
-        from lit_spine.data.phantom import generate_phantom  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _phantom_available(), reason="lit_spine.data.phantom not available yet")
 def test_phantom_caches_cleanly(phantom_root, tmp_path, count_decodes):
     root = phantom_root / "train"
     c = build_cache(root, CacheSettings(image_size=64, neighbors=1), tmp_path, progress=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from dicom_factory import AXIAL, StudyWriter, annotation_for, dataset, standard_study, write_json
 
 from lit_spine.cli import main as cli_main
@@ -177,15 +176,6 @@ def test_unannotated_study_when_annotation_given(tmp_path):
     assert "has no entry in the annotation file" in reports[1]["problems"][0]
 
 
-def _phantom_available() -> bool:
-    try:
-        from lit_spine.data.phantom import generate_phantom  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _phantom_available(), reason="lit_spine.data.phantom not available yet")
 def test_phantom_is_seen_without_problems(phantom_root, capsys):
     for split in ("train", "val", "test"):
         code, reports, err = run_json(capsys, phantom_root / split)

@@ -301,23 +301,18 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     assert all(r["status"] == "finished" for r in state["runs"])
 
 
+def sweep_argv(path: Path, out: Path, *extra: str) -> list[str]:
+    """`lit-spine sweep` with two workers, run as a child process."""
+    return [sys.executable, "-m", "lit_spine", "sweep", str(path), "--workers", "2",
+            "--out", str(out), *extra]  # fmt: skip
+
+
 def test_ctrl_c_stops_children_and_rerun_resumes(tmp_path):
     marker = tmp_path / "marker.jsonl"
     env = dict(os.environ, FAKE_FIT_MARKER=str(marker), FAKE_FIT_SLEEP="1.5")
     path = write_sweep(tmp_path)
     out = tmp_path / "out"
-    argv = [
-        sys.executable,
-        "-m",
-        "lit_spine",
-        "sweep",
-        str(path),
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-        "--no-report",
-    ]
+    argv = sweep_argv(path, out, "--no-report")
     proc = subprocess.Popen(
         argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -445,17 +440,7 @@ def test_real_fit_grid_with_test_models(tmp_path):
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    argv = [
-        sys.executable,
-        "-m",
-        "lit_spine",
-        "sweep",
-        str(path),
-        "--workers",
-        "2",
-        "--out",
-        str(out),
-    ]
+    argv = sweep_argv(path, out)
     first = subprocess.run(
         [*argv, "--max-runs", "1", "--no-report"],
         cwd=tmp_path, capture_output=True, text=True, timeout=850,

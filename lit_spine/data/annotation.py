@@ -186,12 +186,29 @@ def _tag_labels(tag: dict, kind: str, vocab: Vocabulary, where: str) -> tuple[st
         raise AnnotationError(
             f'{where}: disease {key!r} must be a string ("" means normal, v1), got {show(text)}'
         )
-    try:
-        return vocab.parse(kind, text)
-    except ValueError as err:
+    labels = _parse_labels(vocab, kind, text)
+    if isinstance(labels, str):
         raise AnnotationError(
-            f"{where}: {one_line(err)}. Check the file's vocabulary (--vocab tianchi2020 or seed7)."
-        ) from None
+            f"{where}: {labels}. Check the file's vocabulary (--vocab tianchi2020 or seed7)."
+        )
+    return labels
+
+
+_LABELS_CACHE: dict[tuple[str, str, str], tuple[str, ...] | str] = {}
+
+
+def _parse_labels(vocab: Vocabulary, kind: str, text: str) -> tuple[str, ...] | str:
+    """`vocab.parse`, memoised (files repeat a handful of disease strings); the error text
+    instead of raising."""
+    key = (vocab.name, kind, text)
+    if key not in _LABELS_CACHE:
+        if len(_LABELS_CACHE) > 4096:
+            _LABELS_CACHE.clear()
+        try:
+            _LABELS_CACHE[key] = vocab.parse(kind, text)
+        except ValueError as err:
+            _LABELS_CACHE[key] = one_line(err)
+    return _LABELS_CACHE[key]
 
 
 def _z_index(value: object, where: str) -> int | None:

@@ -42,6 +42,8 @@ from lit_spine.metrics import (
     DetectionReport,
     GroundTruthArrays,
     PredictionArrays,
+    check_radii,
+    radius_problem,
     score_detections,
 )
 
@@ -357,15 +359,10 @@ def evaluate_files(
     skip_missing_spacing: bool = False,
 ) -> Evaluation:
     """Check both files, then score the predictions against the annotation (docs/metric.md)."""
-    for name, value in (("radius_mm", radius_mm), ("baseline_radius_mm", baseline_radius_mm)):
-        if radius_problem(value) is not None:
-            raise EvaluationError(f"{name}: {radius_problem(value)}")
-    sdr_radii_mm = tuple(sdr_radii_mm)
-    reasons = [radius_problem(r) for r in sdr_radii_mm]
-    if not sdr_radii_mm or any(reasons) or len(set(sdr_radii_mm)) != len(sdr_radii_mm):
-        raise EvaluationError(
-            f"sdr_radii_mm {sdr_radii_mm}: need distinct radii, each finite and > 0 mm"
-        )
+    try:
+        check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     gt = load_annotations(gt_path, vocab)
     pred = load_annotations(pred_path, vocab, predictions=True)
     images = study_images(gt, data_root, spacing_mm, gt_path, skip_missing_spacing)
@@ -440,13 +437,6 @@ def format_table(report: DetectionReport) -> str:
             f"{_fmt(r.median_re_mm, 2):>7} " + " ".join(f"{_fmt(v):>7}" for v in r.sdr.values())
         )
     return "\n".join(lines)
-
-
-def radius_problem(value: float) -> str | None:
-    """Why `value` is not a usable radius in mm (finite and > 0), or None."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        return f"expected a finite radius in mm > 0, got {value!r}"
-    return None
 
 
 def _radius_arg(option: str) -> Callable[[str], float]:

@@ -14,7 +14,7 @@ from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
 from lit_spine.data.dicom import read_spacing_for_instances
 from lit_spine.data.labels import POINT_NAMES, get_vocabulary
 from lit_spine.evaluate import main
-from lit_spine.metrics import PredictionArrays, SpineDetectionMetric
+from lit_spine.metrics import PredictionArrays, SpineDetectionMetric, score_detections
 
 VOCAB = get_vocabulary("tianchi2020")
 SPACINGS = [(0.625, 0.75), (0.5, 0.5), (0.875, 0.6875), (0.75, 0.75)]
@@ -288,3 +288,41 @@ def test_phantom_annotation_scored_against_itself_is_perfect(phantom_root, tmp_p
     assert result["n_studies"] == 2 and result["fp"] == 0 and result["fn"] == 0
     assert result["map"] == 1.0 and result["baseline_macro_f1"] == 1.0
     assert result["mre_mm"] == 0.0 and result["sdr"]["2"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -8.0, float("inf")])
+@pytest.mark.parametrize("which", ["radius_mm", "baseline_radius_mm", "sdr_radii_mm"])
+def test_the_metric_itself_rejects_unusable_radii(bad, which):
+    gt, pred, spacing = _study_ordered_case(0, n=1)
+    kwargs = {which: (2.0, bad) if which == "sdr_radii_mm" else bad}
+    with pytest.raises(ValueError, match=which):
+        score_detections(gt, pred, spacing, **kwargs)
+    with pytest.raises(ValueError, match=which):
+        SpineDetectionMetric(**kwargs)
+
+
+def test_ground_truth_problems_are_printed_under_the_table(dataset, capsys):
+    path = dataset["root"] / "val_annotation.json"
+    obj = json.loads(path.read_text())
+    pts = obj[1]["data"][0]["annotation"][0]["data"]["point"]
+    pts.append(json.loads(json.dumps(pts[0])))  # an exact copy: scored once
+    pts[1]["tag"]["identification"] = "T11-T12"  # not one of the 11 points: left out
+    path.write_text(json.dumps(obj))
+    rc, out, err = run(dataset["args"], capsys)
+    study = dataset["gts"][1].study_uid
+    assert rc == 0
+    assert "problems, listed under the table" in err
+    problems = out.split("\nProblems (")[1].splitlines()
+    assert (
+        f"  {path}, study {study}, point T11-T12: unexpected identification 'T11-T12' ignored"
+        in (problems)
+    )
+    ident = pts[0]["tag"]["identification"]
+    assert (
+        f"  {path}, study {study}, point {ident}: 1 exact duplicate(s) of point {ident} scored once"
+        in (problems)
+    )
+    rc, out, err = run([*dataset["args"], "--json"], capsys)
+    kinds = {(p["kind"], p["study"]) for p in json.loads(out)["problems"]}
+    assert {("unknown_identification", study), ("duplicate_point", study)} <= kinds
+    assert f"warning: {path}, study {study}, point T11-T12" in err

@@ -372,6 +372,12 @@ def evaluate_files(
     gt_a, pred_a, spacing, more = studies_to_arrays(
         gt, pred, images.spacing_mm, vocab, ignore_unknown, str(pred_path)
     )
+    if not len(gt_a.point):
+        skipped = f" ({len(images.skipped)} studies skipped)" if images.skipped else ""
+        raise EvaluationError(
+            f"{one_line(gt_path)}: no ground-truth points to score{skipped}; a score of an empty "
+            "evaluation set would mean nothing"
+        )
     report = score_detections(
         gt_a, pred_a, spacing, vocab, radius_mm, baseline_radius_mm, sdr_radii_mm
     )

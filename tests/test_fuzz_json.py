@@ -623,6 +623,12 @@ def test_null_disease_and_bad_identification_cases(work, tag, expected, target):
     assert expected in line
 
 
+@pytest.mark.parametrize("gt", [[], [{"studyUid": "1"}], [{"studyUid": "1", "data": None}]])
+def test_nothing_to_score_is_an_error(work, gt):
+    result, gt_path, _ = evaluate(work, gt, [])
+    assert_error(result, gt_path, "no ground-truth points to score")
+
+
 def test_one_study_annotating_two_images_is_an_error(work):
     gt = copy.deepcopy(GT)
     other = copy.deepcopy(gt[0]["data"][0])

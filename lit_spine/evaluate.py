@@ -203,7 +203,7 @@ def study_images(
                     out.problems.append(
                         Problem(
                             "spacing_source",
-                            one_line(file),
+                            file,
                             study.study_uid,
                             None,
                             f"no PixelSpacing; using {source} {header.spacing_mm}",
@@ -256,7 +256,7 @@ def studies_to_arrays(
         problems.append(
             Problem(
                 "unknown_study",
-                one_line(pred_source),
+                str(pred_source),
                 None,
                 None,
                 f"ignored {len(unknown)} predicted studies without ground truth: "
@@ -294,7 +294,7 @@ def studies_to_arrays(
             problems.append(
                 Problem(
                     "instance_mismatch",
-                    one_line(pred_source),
+                    str(pred_source),
                     uid,
                     None,
                     f"predicted instance {study.instance_uid} differs from the annotated "

@@ -122,15 +122,16 @@ class StudyAnnotation:
     instance_uid: str | None
     points: list[Point] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    source: str = "<annotation>"  # the file the study was read from, named in its problems
 
     @property
     def warnings(self) -> list[str]:
         """The problems' messages (without file and study, which the caller knows)."""
         return [p.message for p in self.problems]
 
-    def report(self, kind: str, file: str, message: str, point: str | None = None) -> None:
+    def report(self, kind: str, message: str, point: str | None = None) -> None:
         """Record a problem of this study."""
-        self.problems.append(Problem(kind, file, self.study_uid, point, message))
+        self.problems.append(Problem(kind, self.source, self.study_uid, point, message))
 
 
 def _number(value: object) -> float | None:
@@ -255,7 +256,7 @@ def parse_annotations(
             data = []
         if not isinstance(data, list):
             raise AnnotationError(f"{where}: 'data' must be a list, got {show(data)}")
-        study = StudyAnnotation(study_uid, None, None)
+        study = StudyAnnotation(study_uid, None, None, source=str(source))
         for d in data:
             if not isinstance(d, dict):
                 raise AnnotationError(f"{where}: 'data' entries must be objects, got {show(d)}")
@@ -314,14 +315,14 @@ def _check_duplicates(study: StudyAnnotation, src: str, predictions: bool) -> No
         kept.append(p)
     for ident, n in n_dropped.items():
         study.report(
-            "duplicate_point", src, f"{n} exact duplicate(s) of point {ident} scored once", ident
+            "duplicate_point", f"{n} exact duplicate(s) of point {ident} scored once", ident
         )
     study.points = kept
     if not predictions:
         missing = [n for n in POINT_INDEX if n not in first_at]
         if missing:
             study.report(
-                "missing_points", src, f"{len(study.points)} points; missing {', '.join(missing)}"
+                "missing_points", f"{len(study.points)} points; missing {', '.join(missing)}"
             )
 
 
@@ -350,7 +351,7 @@ def _parse_point(
     z_index = _z_index(p.get("zIndex"), where)
     if ident not in POINT_INDEX:
         study.report(
-            "unknown_identification", src, f"unexpected identification {ident!r} ignored", ident
+            "unknown_identification", f"unexpected identification {ident!r} ignored", ident
         )
         return None
     labels = _tag_labels(tag, point_type(ident), vocab, where)
@@ -381,7 +382,6 @@ def check_against_images(
     `images` is keyed by study UID (the image the points are scored in); studies without an
     entry are not checked. The points are kept: the caller scores them and reports the problems.
     """
-    src = one_line(source)
     out = []
     for uid, study in studies.items():
         image = images.get(uid)
@@ -392,7 +392,7 @@ def check_against_images(
                 out.append(
                     Problem(
                         "outside_image",
-                        src,
+                        str(source),
                         uid,
                         p.identification,
                         f"coord ({p.x:g}, {p.y:g}) lies outside the {image.cols}x{image.rows} "
@@ -403,7 +403,7 @@ def check_against_images(
                 out.append(
                     Problem(
                         "z_outside_series",
-                        src,
+                        str(source),
                         uid,
                         p.identification,
                         f"zIndex {p.z_index} is outside the annotated series "

@@ -326,3 +326,34 @@ def test_ground_truth_problems_are_printed_under_the_table(dataset, capsys):
     kinds = {(p["kind"], p["study"]) for p in json.loads(out)["problems"]}
     assert {("unknown_identification", study), ("duplicate_point", study)} <= kinds
     assert f"warning: {path}, study {study}, point T11-T12" in err
+
+
+def test_imager_pixel_spacing_is_used_and_reported(dataset, capsys):
+    study = dataset["gts"][3]
+    path = dataset["root"] / "val" / "study3" / "image5.dcm"
+    write_slice(
+        path,
+        np.zeros((320, 320)),
+        study_uid=study.study_uid,
+        series_uid=study.study_uid + ".7",
+        description="T2 sag",
+        instance_uid=study.instance_uid,
+        spacing=None,
+        imager_spacing=(0.75, 0.75),
+    )
+    rc, out, err = run([*dataset["args"], "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    (p,) = [p for p in result["problems"] if p["kind"] == "spacing_source"]
+    assert p["study"] == study.study_uid and p["file"] == str(path)
+    assert "no PixelSpacing; using ImagerPixelSpacing (0.75, 0.75)" in p["message"]
+    assert without_expected_problems(
+        {**result, "problems": [q for q in result["problems"] if q is not p]}, dataset
+    ) == json.loads(json.dumps(expected_report(dataset)))
+
+
+def expected_report(dataset):
+    metric = SpineDetectionMetric()
+    for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], dataset["spacing"], 3):
+        metric.update(*rows, **kw)
+    return metric.compute_report().to_dict()

@@ -282,8 +282,8 @@ def parse_annotations(
                 pts = inner.get("point") if isinstance(inner, dict) else None
                 if not isinstance(pts, list):
                     raise AnnotationError(f"{where}: annotation has no 'data'.'point' list")
-                for p in pts:
-                    point = _parse_point(p, len(study.points), study, vocab, src, predictions)
+                for p_i, p in enumerate(pts):
+                    point = _parse_point(p, p_i, study, vocab, src, predictions)
                     if point is not None:
                         study.points.append(point)
         _check_duplicates(study, src, predictions)

@@ -190,12 +190,16 @@ def study_images(
         else:
             header, series = found
             file = header.path
+            # The header reader falls back to a default spacing (source "default") rather than
+            # fail; that fallback, or no pair at all, is exactly what must not be scored.
             source = getattr(header, "spacing_source", "PixelSpacing")
-            reason = (
-                "PixelSpacing missing or invalid"
-                if source not in ("PixelSpacing", "ImagerPixelSpacing")
-                else spacing_problem(*header.spacing_mm)
-            )
+            pair = header.spacing_mm
+            if source not in ("PixelSpacing", "ImagerPixelSpacing"):
+                reason = "PixelSpacing missing or invalid"
+            elif not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                reason = f"PixelSpacing unreadable ({pair!r})"
+            else:
+                reason = spacing_problem(*pair)
             if reason is None:
                 out.spacing_mm[study.study_uid] = tuple(map(float, header.spacing_mm))
                 out.images[study.study_uid] = ImageFacts(header.rows, header.cols, series.n_slices)

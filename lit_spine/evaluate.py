@@ -1,4 +1,4 @@
-"""`lit-spine evaluate`: score a prediction file against an annotation file (spec/metric.md).
+"""`lit-spine evaluate`: score a prediction file against an annotation file (docs/metric.md).
 
 Both files use the annotation schema; predicted points may carry a `"score"` in [0, 1]
 (1.0 when absent). Distances are in millimetres with the pixel spacing of each study's
@@ -8,54 +8,217 @@ the training-time `SpineDetectionMetric` uses.
 
     lit-spine evaluate --pred runs/x/predictions.json --gt data/val_annotation.json \
         --data-root data [--radius-mm 8] [--baseline-radius-mm 6] [--vocab tianchi2020] [--json]
+
+Both files pass the same checks (lit_spine.data.annotation: errors stop with exit code 2,
+problems are listed under the table and in the JSON's "problems"). A spacing is never assumed:
+an annotated image without a usable PixelSpacing stops the run, naming the study and file,
+unless `--skip-missing-spacing` leaves such studies out (listed in "skipped_studies").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lit_spine.data.annotation import AnnotationError, StudyAnnotation, load_annotations
-from lit_spine.data.dicom import DatasetError, read_spacing_for_instances
+from lit_spine.data.annotation import (
+    AnnotationError,
+    ImageFacts,
+    Problem,
+    StudyAnnotation,
+    check_against_images,
+    load_annotations,
+    one_line,
+)
+from lit_spine.data.dicom import DatasetError, Series, SliceHeader, Study, index_dataset
 from lit_spine.data.labels import POINT_INDEX, VOCABULARIES, Vocabulary, get_vocabulary
 from lit_spine.metrics import (
     DetectionReport,
     GroundTruthArrays,
     PredictionArrays,
+    check_radii,
+    radius_problem,
     score_detections,
 )
+
+# Plausible in-plane pixel spacing of a clinical image (MRI is about 0.2-2 mm, radiographs
+# 0.1 mm); outside this range, or with rows and columns more than 4:1 apart, a header value is
+# a unit or export error, and scoring in it would give a wrong millimetre figure.
+SPACING_RANGE_MM = (0.01, 20.0)
+MAX_SPACING_ANISOTROPY = 4.0
 
 
 class EvaluationError(ValueError):
     """The files cannot be scored as they are (unknown study, missing spacing, ...)."""
 
 
-def _spacing_by_instance(
-    data_root: Path, gt_path: str | Path | None
-) -> dict[str, tuple[float, float]]:
-    """{SOPInstanceUID: (row, col)} under `data_root`: a split folder, or a dataset root whose
-    split folders are searched (the ground truth's own split `<root>/<split>` first)."""
+def spacing_problem(row_mm: object, col_mm: object) -> str | None:
+    """Why (row, col) is not a usable pixel spacing, or None when it is."""
     try:
-        return read_spacing_for_instances(data_root)
+        row, col = float(row_mm), float(col_mm)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return f"not numbers: {row_mm!r}, {col_mm!r}"
+    lo, hi = SPACING_RANGE_MM
+    if not (math.isfinite(row) and math.isfinite(col)):
+        return f"not finite ({row:g}, {col:g})"
+    if not (lo <= row <= hi and lo <= col <= hi):
+        return f"({row:g}, {col:g}) mm is outside the plausible {lo:g}-{hi:g} mm"
+    if max(row, col) / min(row, col) > MAX_SPACING_ANISOTROPY:
+        return (
+            f"({row:g}, {col:g}) mm: rows and columns more than {MAX_SPACING_ANISOTROPY:g}:1 apart"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class SkippedStudy:
+    """A ground-truth study left out of scoring (only with --skip-missing-spacing)."""
+
+    study: str
+    file: str | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {"study": self.study, "file": self.file, "reason": self.reason}
+
+
+@dataclass
+class StudyImages:
+    """Spacing (and, from DICOM, image facts) of each scored study, plus what was left out."""
+
+    spacing_mm: dict[str, tuple[float, float]]
+    images: dict[str, ImageFacts] = field(default_factory=dict)
+    skipped: list[SkippedStudy] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _index_data_root(data_root: Path, gt_path: str | Path | None) -> list[Study]:
+    """Studies under `data_root`: a split folder, or a dataset root whose split folders are
+    searched (the ground truth's own split `<root>/<split>` first)."""
+    try:
+        return index_dataset(data_root)
     except DatasetError as err:
         splits = sorted(p for p in data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if gt_path is not None:
             own = data_root / Path(gt_path).name.removesuffix("_annotation.json")
             splits.sort(key=lambda p: p != own)
-        found: dict[str, tuple[float, float]] = {}
+        found: list[Study] = []
         for split in splits:
             try:
-                found.update(read_spacing_for_instances(split))
+                found += index_dataset(split)
             except DatasetError:
                 continue
         if not found:
-            raise EvaluationError(str(err)) from None
+            raise EvaluationError(one_line(err)) from None
         return found
+
+
+def _unreadable_files_of(studies: list[Study], study_uid: str) -> list[str]:
+    """The 'skipped <file>: <reason>' problems of the folder(s) holding `study_uid`."""
+    return [
+        p
+        for s in studies
+        if s.study_uid == study_uid
+        for p in s.problems
+        if p.startswith("skipped")
+    ]
+
+
+def study_images(
+    gt: Mapping[str, StudyAnnotation],
+    data_root: str | Path | None = None,
+    spacing_mm: tuple[float, float] | None = None,
+    gt_path: str | Path | None = None,
+    skip_missing_spacing: bool = False,
+) -> StudyImages:
+    """(row, col) spacing of each ground-truth study's annotated image from its DICOM header
+    under `data_root` (with its size and series length for the point checks); `spacing_mm`,
+    when given, is used for every study instead.
+
+    A study whose image has no usable spacing (missing or implausible PixelSpacing, file
+    unreadable or absent) raises `EvaluationError`, or is skipped when `skip_missing_spacing`.
+    """
+    if spacing_mm is not None:
+        reason = spacing_problem(*spacing_mm)
+        if reason is not None:
+            raise EvaluationError(f"--spacing-mm: {reason}")
+        return StudyImages({uid: (float(spacing_mm[0]), float(spacing_mm[1])) for uid in gt})
+    if data_root is None:
+        raise EvaluationError(
+            "pixel spacing needed: pass --data-root (DICOM files) or --spacing-mm ROW,COL"
+        )
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise EvaluationError(f"--data-root {one_line(data_root)}: not a folder")
+    studies = _index_data_root(data_root, gt_path)
+    by_instance: dict[str, tuple[SliceHeader, Series]] = {}
+    for s in studies:
+        for series in s.series:
+            for h in series.slices:
+                by_instance.setdefault(h.instance_uid, (h, series))
+    out = StudyImages({})
+    fix = (
+        "pass --spacing-mm ROW,COL to use one spacing for every study, or "
+        "--skip-missing-spacing to leave such studies out"
+    )
+    for study in gt.values():
+        uid = one_line(study.study_uid)
+        found = by_instance.get(study.instance_uid) if study.instance_uid else None
+        if found is None:
+            if not study.instance_uid:
+                reason = "the annotation names no instanceUid, so its image is unknown"
+            else:
+                unreadable = _unreadable_files_of(studies, study.study_uid)
+                reason = (
+                    f"no readable DICOM image for annotated instance "
+                    f"{one_line(study.instance_uid)} under {one_line(data_root)}"
+                    + (
+                        f" ({len(unreadable)} unreadable file(s) in its folder, e.g. "
+                        f"{one_line(unreadable[0])})"
+                        if unreadable
+                        else "; point --data-root at the split's images"
+                    )
+                )
+            file = None
+        else:
+            header, series = found
+            file = header.path
+            # The header reader falls back to a default spacing (source "default") rather than
+            # fail; that fallback, or no pair at all, is exactly what must not be scored.
+            source = getattr(header, "spacing_source", "PixelSpacing")
+            pair = header.spacing_mm
+            if source not in ("PixelSpacing", "ImagerPixelSpacing"):
+                reason = "PixelSpacing missing or invalid"
+            elif not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                reason = f"PixelSpacing unreadable ({pair!r})"
+            else:
+                reason = spacing_problem(*pair)
+            if reason is None:
+                out.spacing_mm[study.study_uid] = tuple(map(float, header.spacing_mm))
+                out.images[study.study_uid] = ImageFacts(header.rows, header.cols, series.n_slices)
+                if source != "PixelSpacing":
+                    out.problems.append(
+                        Problem(
+                            "spacing_source",
+                            file,
+                            study.study_uid,
+                            None,
+                            f"no PixelSpacing; using {source} {header.spacing_mm}",
+                        )
+                    )
+                continue
+            reason = f"{one_line(file)}: {reason}"
+        if not skip_missing_spacing:
+            raise EvaluationError(f"study {uid}: no usable pixel spacing: {reason}; {fix}")
+        out.skipped.append(SkippedStudy(study.study_uid, file, reason))
+    return out
 
 
 def study_spacing(
@@ -64,35 +227,8 @@ def study_spacing(
     spacing_mm: tuple[float, float] | None = None,
     gt_path: str | Path | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """(row, col) spacing of each ground-truth study's annotated image, from the DICOM headers
-    under `data_root` (`lit_spine.data.dicom.read_spacing_for_instances`); `spacing_mm`, when
-    given, is used for every study instead."""
-    if spacing_mm is not None:
-        return {uid: (float(spacing_mm[0]), float(spacing_mm[1])) for uid in gt}
-    if data_root is None:
-        raise EvaluationError(
-            "pixel spacing needed: pass --data-root (DICOM files) or --spacing-mm ROW,COL"
-        )
-    data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise EvaluationError(f"--data-root {data_root}: not a folder")
-    for study in gt.values():
-        if not study.instance_uid:
-            raise EvaluationError(
-                f"ground truth study {study.study_uid} names no instanceUid, so its pixel spacing "
-                f"is unknown; fix the annotation or pass --spacing-mm ROW,COL"
-            )
-    by_instance = _spacing_by_instance(data_root, gt_path)
-    out = {}
-    for study in gt.values():
-        if study.instance_uid not in by_instance:
-            raise EvaluationError(
-                f"study {study.study_uid}: no DICOM image for annotated instance "
-                f"{study.instance_uid} under {data_root}; point --data-root at the split's images "
-                f"or pass --spacing-mm ROW,COL"
-            )
-        out[study.study_uid] = by_instance[study.instance_uid]
-    return out
+    """(row, col) spacing of each ground-truth study's annotated image (see `study_images`)."""
+    return study_images(gt, data_root, spacing_mm, gt_path).spacing_mm
 
 
 def studies_to_arrays(
@@ -101,31 +237,40 @@ def studies_to_arrays(
     spacing_by_study: Mapping[str, tuple[float, float]],
     vocab: str | Vocabulary = "tianchi2020",
     ignore_unknown: bool = False,
-) -> tuple[GroundTruthArrays, PredictionArrays, np.ndarray, list[str]]:
+    pred_source: str = "<predictions>",
+) -> tuple[GroundTruthArrays, PredictionArrays, np.ndarray, list[Problem]]:
     """Flat arrays for `score_detections`: study indices follow the ground-truth order; each
     predicted point becomes one row per label (score 1.0 when absent), in file order.
 
-    Returns (ground truth, predictions, spacing (S, 2), warnings). Predictions for studies
-    without ground truth raise `EvaluationError`, or are dropped with a warning when
-    `ignore_unknown`.
+    Returns (ground truth, predictions, spacing (S, 2), problems). Only ground-truth studies
+    in `spacing_by_study` are scored (predictions of the others are dropped without a word:
+    the caller reports those studies as skipped). Predictions for studies without ground truth
+    raise `EvaluationError`, or are dropped and reported when `ignore_unknown`.
     """
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
-    warnings: list[str] = []
+    problems: list[Problem] = []
     unknown = [uid for uid in pred if uid not in gt]
     if unknown and not ignore_unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise EvaluationError(
-            f"prediction file has study {unknown[0]}{more} that is not in the ground truth; "
-            f"check the files belong to the same split, or pass --ignore-unknown to skip them"
+            f"prediction file has study {one_line(unknown[0])}{more} that is not in the ground "
+            f"truth; check the files belong to the same split, or pass --ignore-unknown to skip them"
         )
     if unknown:
-        warnings.append(
-            f"ignored {len(unknown)} predicted studies without ground truth: "
-            + ", ".join(unknown[:5])
-            + (" ..." if len(unknown) > 5 else "")
+        problems.append(
+            Problem(
+                "unknown_study",
+                str(pred_source),
+                None,
+                None,
+                f"ignored {len(unknown)} predicted studies without ground truth: "
+                + ", ".join(unknown[:5])
+                + (" ..." if len(unknown) > 5 else ""),
+            )
         )
-    study_index = {uid: i for i, uid in enumerate(gt)}
-    spacing = np.array([spacing_by_study[uid] for uid in gt], dtype=np.float64).reshape(-1, 2)
+    scored = [uid for uid in gt if uid in spacing_by_study]
+    study_index = {uid: i for i, uid in enumerate(scored)}
+    spacing = np.array([spacing_by_study[uid] for uid in scored], dtype=np.float64).reshape(-1, 2)
 
     g_study, g_point, g_xy, g_labels = [], [], [], []
     for uid, s_i in study_index.items():
@@ -150,9 +295,15 @@ def studies_to_arrays(
             and gt[uid].instance_uid
             and study.instance_uid != gt[uid].instance_uid
         ):
-            warnings.append(
-                f"study {uid}: predicted instance {study.instance_uid} differs from the "
-                f"annotated {gt[uid].instance_uid}; scored in the annotated image's pixels"
+            problems.append(
+                Problem(
+                    "instance_mismatch",
+                    str(pred_source),
+                    uid,
+                    None,
+                    f"predicted instance {study.instance_uid} differs from the annotated "
+                    f"{gt[uid].instance_uid}; scored in the annotated image's pixels",
+                )
             )
         s_i = study_index[uid]
         for p in study.points:
@@ -175,7 +326,28 @@ def studies_to_arrays(
         np.array(p_xy, dtype=np.float64).reshape(-1, 2),
         np.array(p_score, dtype=np.float64),
     )
-    return gt_arrays, pred_arrays, spacing, warnings
+    return gt_arrays, pred_arrays, spacing, problems
+
+
+@dataclass
+class Evaluation:
+    """The report, every reported problem of both files, and the studies left out."""
+
+    report: DetectionReport
+    problems: list[Problem]
+    skipped: list[SkippedStudy]
+
+    def to_dict(self) -> dict:
+        """The report's JSON plus 'problems' and 'skipped_studies'."""
+        return {
+            **self.report.to_dict(),
+            "problems": [p.to_dict() for p in self.problems],
+            "skipped_studies": [s.to_dict() for s in self.skipped],
+        }
+
+
+def _file_problems(studies: Mapping[str, StudyAnnotation]) -> list[Problem]:
+    return [p for s in studies.values() for p in s.problems]
 
 
 def evaluate_files(
@@ -188,14 +360,32 @@ def evaluate_files(
     baseline_radius_mm: float = 6.0,
     sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
     ignore_unknown: bool = False,
-) -> tuple[DetectionReport, list[str]]:
-    """Score a prediction file against an annotation file; returns (report, warnings)."""
+    skip_missing_spacing: bool = False,
+) -> Evaluation:
+    """Check both files, then score the predictions against the annotation (docs/metric.md)."""
+    try:
+        check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     gt = load_annotations(gt_path, vocab)
     pred = load_annotations(pred_path, vocab, predictions=True)
-    spacing = study_spacing(gt, data_root, spacing_mm, gt_path)
-    arrays = studies_to_arrays(gt, pred, spacing, vocab, ignore_unknown)
-    report = score_detections(*arrays[:3], vocab, radius_mm, baseline_radius_mm, sdr_radii_mm)
-    return report, arrays[3]
+    images = study_images(gt, data_root, spacing_mm, gt_path, skip_missing_spacing)
+    problems = _file_problems(gt) + _file_problems(pred) + images.problems
+    problems += check_against_images(gt, images.images, str(gt_path))
+    problems += check_against_images(pred, images.images, str(pred_path))
+    gt_a, pred_a, spacing, more = studies_to_arrays(
+        gt, pred, images.spacing_mm, vocab, ignore_unknown, str(pred_path)
+    )
+    if not len(gt_a.point):
+        skipped = f" ({len(images.skipped)} studies skipped)" if images.skipped else ""
+        raise EvaluationError(
+            f"{one_line(gt_path)}: no ground-truth points to score{skipped}; a score of an empty "
+            "evaluation set would mean nothing"
+        )
+    report = score_detections(
+        gt_a, pred_a, spacing, vocab, radius_mm, baseline_radius_mm, sdr_radii_mm
+    )
+    return Evaluation(report, problems + more, images.skipped)
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -259,15 +449,38 @@ def format_table(report: DetectionReport) -> str:
     return "\n".join(lines)
 
 
+def _radius_arg(option: str) -> Callable[[str], float]:
+    """argparse type for a radius option: a finite number of mm > 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or radius_problem(value) is not None:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes a finite radius in mm > 0 (e.g. 8), got {one_line(text)!r}"
+            )
+        return value
+
+    parse.__name__ = option  # argparse names the type in some messages
+    return parse
+
+
 def _spacing_arg(text: str) -> tuple[float, float]:
     try:
         row, col = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected ROW,COL in mm (e.g. 0.7,0.7), got {text!r}"
+            f"expected ROW,COL in mm (e.g. 0.7,0.7), got {one_line(text)!r}"
         ) from None
-    if not (row > 0 and col > 0):
-        raise argparse.ArgumentTypeError(f"spacings must be positive, got {text!r}")
+    reason = spacing_problem(row, col)
+    if reason is not None:
+        lo, hi = SPACING_RANGE_MM
+        raise argparse.ArgumentTypeError(
+            f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
+            f"{MAX_SPACING_ANISOTROPY:g}:1 apart; {one_line(text)!r}: {reason}"
+        )
     return row, col
 
 
@@ -275,9 +488,12 @@ def _radii_arg(text: str) -> tuple[float, ...]:
     try:
         radii = tuple(float(v) for v in text.split(","))
     except ValueError:
+        radii = ()
+    if not radii or any(radius_problem(r) for r in radii) or len(set(radii)) != len(radii):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated radii in mm, got {text!r}"
-        ) from None
+            f"expected distinct comma-separated radii in mm, each finite and > 0 (e.g. 2,4,6,8), "
+            f"got {one_line(text)!r}"
+        )
     return radii
 
 
@@ -304,10 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROW,COL",
         help="one pixel spacing for every study instead of reading DICOM headers",
     )
-    parser.add_argument("--radius-mm", type=float, default=8.0, help="hit radius R (default 8)")
+    parser.add_argument(
+        "--radius-mm", type=_radius_arg("--radius-mm"), default=8.0, help="hit radius R (default 8)"
+    )
     parser.add_argument(
         "--baseline-radius-mm",
-        type=float,
+        type=_radius_arg("--baseline-radius-mm"),
         default=6.0,
         help="radius of the 2020 baseline's macro-F1 (default 6)",
     )
@@ -327,7 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ignore-unknown",
         action="store_true",
-        help="skip (with a warning) predicted studies that are not in the ground truth",
+        help="skip (with a reported problem) predicted studies that are not in the ground truth",
+    )
+    parser.add_argument(
+        "--skip-missing-spacing",
+        action="store_true",
+        help="leave out (and list) ground-truth studies whose annotated image has no usable "
+        "PixelSpacing, instead of stopping",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object instead of tables"
@@ -335,11 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_problems(evaluation: Evaluation) -> str:
+    """The skipped studies and problems under the table, one line each."""
+    lines = []
+    if evaluation.skipped:
+        lines += ["", f"Skipped studies ({len(evaluation.skipped)}, not scored)"]
+        lines += [f"  study {one_line(s.study)}: {one_line(s.reason)}" for s in evaluation.skipped]
+    if evaluation.problems:
+        lines += ["", f"Problems ({len(evaluation.problems)})"]
+        lines += [f"  {p.line()}" for p in evaluation.problems]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine evaluate`; exit 2 with a message on unusable input."""
+    """Entry point of `lit-spine evaluate`; exit 2 with a one-line message on unusable input."""
     args = build_parser().parse_args(argv)
     try:
-        report, warnings = evaluate_files(
+        evaluation = evaluate_files(
             args.pred,
             args.gt,
             data_root=args.data_root,
@@ -349,16 +585,30 @@ def main(argv: list[str] | None = None) -> int:
             baseline_radius_mm=args.baseline_radius_mm,
             sdr_radii_mm=args.sdr_mm,
             ignore_unknown=args.ignore_unknown,
+            skip_missing_spacing=args.skip_missing_spacing,
         )
     except (AnnotationError, EvaluationError, DatasetError) as err:
-        print(f"lit-spine evaluate: error: {err}", file=sys.stderr)
+        print(f"lit-spine evaluate: error: {one_line(err)}", file=sys.stderr)
         return 2
-    for w in warnings:
-        print(f"lit-spine evaluate: warning: {w}", file=sys.stderr)
+    n_issues = len(evaluation.problems) + len(evaluation.skipped)
     if args.json:
-        print(json.dumps(report.to_dict()))
+        # Problems also go to stderr: a script reading stdout still shows them to its user.
+        for s in evaluation.skipped:
+            print(
+                f"lit-spine evaluate: skipped: study {one_line(s.study)}: {one_line(s.reason)}",
+                file=sys.stderr,
+            )
+        for p in evaluation.problems:
+            print(f"lit-spine evaluate: warning: {p.line()}", file=sys.stderr)
+        print(json.dumps(evaluation.to_dict()))
     else:
-        print(format_table(report))
+        if n_issues:
+            print(
+                f"lit-spine evaluate: warning: {len(evaluation.skipped)} skipped studies and "
+                f"{len(evaluation.problems)} problems, listed under the table",
+                file=sys.stderr,
+            )
+        print(format_table(evaluation.report) + format_problems(evaluation))
     return 0
 
 

@@ -362,6 +362,27 @@ def _first_per_group(keys: np.ndarray) -> np.ndarray:
     return first
 
 
+def radius_problem(value: object) -> str | None:
+    """Why `value` is not a usable radius in mm (a finite number > 0), or None when it is."""
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        return f"expected a finite radius in mm > 0, got {value!r}"
+    return None
+
+
+def check_radii(radius_mm: float, baseline_radius_mm: float, sdr_radii_mm: Sequence[float]) -> None:
+    """Raise ValueError naming the argument when a radius is NaN, infinite, zero or negative,
+    or the SDR radii are empty or repeated (a NaN radius would silently hit nothing)."""
+    for name, value in (("radius_mm", radius_mm), ("baseline_radius_mm", baseline_radius_mm)):
+        if radius_problem(value) is not None:
+            raise ValueError(f"{name}: {radius_problem(value)}")
+    radii = tuple(sdr_radii_mm)
+    if not radii or any(radius_problem(r) for r in radii) or len(set(radii)) != len(radii):
+        raise ValueError(
+            f"sdr_radii_mm: expected distinct radii, each finite and > 0 mm, got {radii!r}"
+        )
+
+
 def _validate(
     gt: GroundTruthArrays, pred: PredictionArrays, spacing: np.ndarray, vocab: Vocabulary
 ):
@@ -425,6 +446,7 @@ def score_detections(
         np.asarray(pred.xy, dtype=np.float64).reshape(-1, 2),
         np.asarray(pred.score, dtype=np.float64),
     )
+    check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
     _validate(gt, pred, spacing, vocab)
     n_classes, n_studies, m = vocab.num_classes, len(spacing), len(pred.study)
 
@@ -604,6 +626,7 @@ class SpineDetectionMetric(Metric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
         self.vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
         self.radius_mm = float(radius_mm)
         self.baseline_radius_mm = float(baseline_radius_mm)

@@ -14,17 +14,17 @@ from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
 from lit_spine.data.dicom import read_spacing_for_instances
 from lit_spine.data.labels import POINT_NAMES, get_vocabulary
 from lit_spine.evaluate import main
-from lit_spine.metrics import PredictionArrays, SpineDetectionMetric
+from lit_spine.metrics import PredictionArrays, SpineDetectionMetric, score_detections
 
 VOCAB = get_vocabulary("tianchi2020")
 SPACINGS = [(0.625, 0.75), (0.5, 0.5), (0.875, 0.6875), (0.75, 0.75)]
 
 
 def write_dicom(path, study_uid, instance_uid, spacing):
-    """A tiny MR slice whose header carries the study, instance and pixel spacing."""
+    """A blank MR slice (large enough for every point) carrying study, instance and spacing."""
     write_slice(
         path,
-        np.zeros((4, 4)),
+        np.zeros((320, 320)),
         study_uid=study_uid,
         series_uid=study_uid + ".7",
         description="T2 sag",
@@ -54,7 +54,7 @@ def to_studies(gt, pred, n_studies):
         for i in np.flatnonzero(gt.study == s):
             codes = tuple(classes[c].split("/")[1] for c in np.flatnonzero(gt.labels[i]))
             g.points.append(
-                Point(POINT_NAMES[gt.point[i]], *map(float, gt.xy[i]), codes, z_index=6)
+                Point(POINT_NAMES[gt.point[i]], *map(float, gt.xy[i]), codes, z_index=0)
             )
         p = StudyAnnotation(uid, f"{uid}.7", inst)
         for j in np.flatnonzero(pred.study == s):
@@ -113,6 +113,16 @@ def dataset(tmp_path):
     )
 
 
+def without_expected_problems(result, dataset):
+    """The report part of evaluate's JSON, after checking that nothing was skipped and that
+    the only problems are the ground truth's incomplete studies (random_case drops 3%)."""
+    result = dict(result)
+    assert result.pop("skipped_studies") == []
+    n_incomplete = sum(len(s.points) < len(POINT_NAMES) for s in dataset["gts"])
+    assert [p["kind"] for p in result.pop("problems")] == ["missing_points"] * n_incomplete
+    return result
+
+
 def run(argv, capsys):
     rc = main(argv)
     out = capsys.readouterr()
@@ -128,7 +138,7 @@ def test_cli_json_equals_metric_on_the_same_predictions(dataset, capsys):
     for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], dataset["spacing"], 3):
         metric.update(*rows, **kw)
     expected = json.loads(json.dumps(metric.compute_report().to_dict()))
-    assert result == expected
+    assert without_expected_problems(result, dataset) == expected
     for key in (
         "map",
         "precision",
@@ -178,7 +188,8 @@ def test_spacing_override(dataset, capsys):
     metric = SpineDetectionMetric()
     for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], np.full((4, 2), 0.5), 4):
         metric.update(*rows, **kw)
-    assert json.loads(out) == json.loads(json.dumps(metric.compute_report().to_dict()))
+    expected = json.loads(json.dumps(metric.compute_report().to_dict()))
+    assert without_expected_problems(json.loads(out), dataset) == expected
 
 
 def test_studies_absent_from_the_prediction_file_count_as_missed(dataset, capsys):
@@ -277,3 +288,72 @@ def test_phantom_annotation_scored_against_itself_is_perfect(phantom_root, tmp_p
     assert result["n_studies"] == 2 and result["fp"] == 0 and result["fn"] == 0
     assert result["map"] == 1.0 and result["baseline_macro_f1"] == 1.0
     assert result["mre_mm"] == 0.0 and result["sdr"]["2"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -8.0, float("inf")])
+@pytest.mark.parametrize("which", ["radius_mm", "baseline_radius_mm", "sdr_radii_mm"])
+def test_the_metric_itself_rejects_unusable_radii(bad, which):
+    gt, pred, spacing = _study_ordered_case(0, n=1)
+    kwargs = {which: (2.0, bad) if which == "sdr_radii_mm" else bad}
+    with pytest.raises(ValueError, match=which):
+        score_detections(gt, pred, spacing, **kwargs)
+    with pytest.raises(ValueError, match=which):
+        SpineDetectionMetric(**kwargs)
+
+
+def test_ground_truth_problems_are_printed_under_the_table(dataset, capsys):
+    path = dataset["root"] / "val_annotation.json"
+    obj = json.loads(path.read_text())
+    pts = obj[1]["data"][0]["annotation"][0]["data"]["point"]
+    pts.append(json.loads(json.dumps(pts[0])))  # an exact copy: scored once
+    pts[1]["tag"]["identification"] = "T11-T12"  # not one of the 11 points: left out
+    path.write_text(json.dumps(obj))
+    rc, out, err = run(dataset["args"], capsys)
+    study = dataset["gts"][1].study_uid
+    assert rc == 0
+    assert "problems, listed under the table" in err
+    problems = out.split("\nProblems (")[1].splitlines()
+    assert (
+        f"  {path}, study {study}, point T11-T12: unexpected identification 'T11-T12' ignored"
+        in (problems)
+    )
+    ident = pts[0]["tag"]["identification"]
+    assert (
+        f"  {path}, study {study}, point {ident}: 1 exact duplicate(s) of point {ident} scored once"
+        in (problems)
+    )
+    rc, out, err = run([*dataset["args"], "--json"], capsys)
+    kinds = {(p["kind"], p["study"]) for p in json.loads(out)["problems"]}
+    assert {("unknown_identification", study), ("duplicate_point", study)} <= kinds
+    assert f"warning: {path}, study {study}, point T11-T12" in err
+
+
+def test_imager_pixel_spacing_is_used_and_reported(dataset, capsys):
+    study = dataset["gts"][3]
+    path = dataset["root"] / "val" / "study3" / "image5.dcm"
+    write_slice(
+        path,
+        np.zeros((320, 320)),
+        study_uid=study.study_uid,
+        series_uid=study.study_uid + ".7",
+        description="T2 sag",
+        instance_uid=study.instance_uid,
+        spacing=None,
+        imager_spacing=(0.75, 0.75),
+    )
+    rc, out, err = run([*dataset["args"], "--json"], capsys)
+    assert rc == 0, err
+    result = json.loads(out)
+    (p,) = [p for p in result["problems"] if p["kind"] == "spacing_source"]
+    assert p["study"] == study.study_uid and p["file"] == str(path)
+    assert "no PixelSpacing; using ImagerPixelSpacing (0.75, 0.75)" in p["message"]
+    assert without_expected_problems(
+        {**result, "problems": [q for q in result["problems"] if q is not p]}, dataset
+    ) == json.loads(json.dumps(expected_report(dataset)))
+
+
+def expected_report(dataset):
+    metric = SpineDetectionMetric()
+    for rows, kw in batches_from_case(dataset["gt"], dataset["pred"], dataset["spacing"], 3):
+        metric.update(*rows, **kw)
+    return metric.compute_report().to_dict()

@@ -878,9 +878,11 @@ def convergence_note(report: Report) -> str:
             f"improving in their last quarter of epochs ({rule}); those cells' ranks measure "
             "speed of learning in this budget, not final quality."
         )
-    else:
+    elif len(short) < len(runs):
         judged = len(runs) - len(short)
         text = f"Convergence: all {judged} judged runs reached a plateau ({rule})."
+    else:
+        text = f"Convergence: not judged ({rule})."
     if short:
         text += (
             f" {len(short)} run(s) have fewer than {CONVERGE_MIN_EPOCHS} logged epochs of "
@@ -963,11 +965,16 @@ def norm_vs_batch_analysis(report: Report) -> dict[str, Any] | None:
     }
 
 
+def _ci(low: float, high: float, digits: int = 3) -> str:
+    """`95% CI [low, high]`, or `no CI (n too small)`."""
+    text = _interval(low, high, digits)
+    return f"95% CI {text}" if text.startswith("[") else f"no CI ({text})"
+
+
 def _effect(report: Report, d: dict) -> str:
-    return (
-        f"Δ {d['diff']:+.3f}, 95% CI {_interval(d['diff_low'], d['diff_high'])}, "
-        f"p_Holm {_p(d.get('p_holm', math.nan))}"
-    )
+    text = f"Δ {d['diff']:+.3f}, {_ci(d['diff_low'], d['diff_high'])}"
+    p = d.get("p_holm", math.nan)
+    return text + (f", p_Holm {_p(p)}" if math.isfinite(p) else ", untested")
 
 
 def verdict_text(report: Report) -> str:
@@ -981,27 +988,42 @@ def verdict_text(report: Report) -> str:
     parts = []
     if len(report.cells) == 1:
         parts.append(
-            f"One cell only ({best.label(names)}, {m} {s['mean']:.3f}, 95% CI "
-            f"{_interval(s['boot_low'], s['boot_high'])}, n={s['n']}): nothing to compare."
+            f"One cell only ({best.label(names)}, {m} {s['mean']:.3f}, "
+            f"{_ci(s['boot_low'], s['boot_high'])}, n={s['n']}): nothing to compare."
         )
     else:
         parts.append(
-            f"Best: {best.label(names)} with {m} {s['mean']:.3f} (95% CI "
-            f"{_interval(s['boot_low'], s['boot_high'])}, n={s['n']})."
+            f"Best: {best.label(names)} with {m} {s['mean']:.3f} "
+            f"({_ci(s['boot_low'], s['boot_high'])}, n={s['n']})."
         )
+
+    def tested(d: dict) -> bool:
+        return math.isfinite(d.get("p_holm", math.nan))
+
     same = [(c, d) for c, d in report.versus_best if not _significant(d)]
     worse = [(c, d) for c, d in report.versus_best if _significant(d)]
-    if same:
-        listed = "; ".join(
-            f"{c.label(names)} ({_effect(report, d)}, P(A>B) {_f(d['p_better'], 2)} "
-            f"{_interval(d['p_better_low'], d['p_better_high'], 2)})"
-            for c, d in same
-        )
-        parts.append(
-            f"Indistinguishable from it at n={s['n']} (Holm-corrected paired t-test, "
-            f"p ≥ {ALPHA}): {listed}."
-        )
-    elif report.versus_best:
+    for group, intro in (
+        (
+            [x for x in same if tested(x[1])],
+            f"Indistinguishable from it at n={s['n']} (Holm-corrected paired t-test, p ≥ {ALPHA})",
+        ),
+        (
+            [x for x in same if not tested(x[1])],
+            "Not testable against it (fewer than 2 paired seeds)",
+        ),
+    ):
+        if group:
+            listed = "; ".join(
+                f"{c.label(names)} ({_effect(report, d)}, P(A>B) {_f(d['p_better'], 2)}"
+                + (
+                    f" {_interval(d['p_better_low'], d['p_better_high'], 2)})"
+                    if math.isfinite(d["p_better_low"])
+                    else ")"
+                )
+                for c, d in group
+            )
+            parts.append(f"{intro}: {listed}.")
+    if not same and report.versus_best:
         parts.append(f"Every other cell is worse (Holm-corrected paired t-test, p < {ALPHA}).")
     if worse:
         listed = "; ".join(
@@ -1018,8 +1040,10 @@ def verdict_text(report: Report) -> str:
             f"Not converged: {n_bad} of {len(report.runs)} runs, in {cells_text}; "
             "their ranking reflects learning speed in this budget."
         )
-    else:
+    elif any(r.convergence.get("status") == "converged" for r in report.runs):
         parts.append("Every judged run reached a plateau.")
+    else:
+        parts.append(f"Convergence not judged (fewer than {CONVERGE_MIN_EPOCHS} epochs).")
     nb = report.norm_batch
     if nb is not None:
         rows = "; ".join(

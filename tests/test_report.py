@@ -162,6 +162,8 @@ def test_run_folders_without_sweep_state(sweep_dir, tmp_path):
     assert len(rep.cells) == 4 and rep.metric == "val/mAP_best"
     single = report.write_report([sweep_dir / "runs" / "groupnorm-2-s0"], out=tmp_path / "one")
     assert single.factors == [] and single.cells[0].stats["n"] == 1
+    assert single.verdict.startswith("One cell only (all runs, val/mAP_best 0.570, no CI (n too")
+    assert "Not converged: 1 of 1 runs" in single.verdict  # 4 epochs, rising to the end
 
 
 def test_cli_latest_and_errors(sweep_dir, tmp_path, capsys):

@@ -6,6 +6,13 @@ finished runs by every config key that varies across them except the training se
 learning curves per cell, a bar chart with 95% confidence intervals per factor and, when the
 factors include a norm and the batch size, the metric against batch size per norm (the Group
 Normalization paper's central experiment, Wu & He 2018, figure 1).
+
+report.md states the protocol (budget, learning-rate rule, seeds, metric), marks runs that were
+still improving at the end (`convergence`), and ends its analysis in a Verdict paragraph
+generated from the numbers only (`verdict_text`). Statistics for few seeds: bootstrap intervals,
+t-tests, noncentral-t power and normal quantiles come from scipy.stats; Holm's correction,
+P(A>B) (Bouthillier et al. 2021) and the convergence rule are written here, since no
+dependency has them.
 """
 
 from __future__ import annotations
@@ -659,6 +666,13 @@ def plot_curves(cells: list[Cell], names: dict[str, str], column: str, path: Pat
     return path
 
 
+def _error_bar(s: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) the mean to the bootstrap interval's ends; (0, 0) without an interval."""
+    if math.isnan(s["boot_low"]) or math.isnan(s["boot_high"]):
+        return 0.0, 0.0
+    return max(0.0, s["mean"] - s["boot_low"]), max(0.0, s["boot_high"] - s["mean"])
+
+
 def plot_factor_bars(
     marginals: dict[str, list[tuple[Any, dict]]], names: dict[str, str], metric: str, path: Path
 ) -> Path | None:
@@ -671,12 +685,12 @@ def plot_factor_bars(
     for ax, (key, rows) in zip(axes[0], marginals.items()):
         labels = [str(v) for v, _ in rows]
         means = [s["mean"] for _, s in rows]
-        errs = [0.0 if math.isnan(s["ci_high"]) else s["ci_high"] - s["mean"] for _, s in rows]
+        errs = list(zip(*(_error_bar(s) for _, s in rows)))
         ax.bar(labels, means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
         ax.set(title=names[key], ylabel=metric)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{metric} by factor\n(mean over runs, error bar = 95% CI)", fontsize=10)
+    fig.suptitle(f"{metric} by factor\n(mean over runs, error bar = 95% bootstrap CI)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -706,15 +720,16 @@ def plot_norm_vs_batch(
             if s["n"]:
                 xs.append(float(bs))
                 means.append(s["mean"])
-                errs.append(0.0 if math.isnan(s["ci_high"]) else s["ci_high"] - s["mean"])
-        ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=str(norm_value))
+                errs.append(_error_bar(s))
+        yerr = list(zip(*errs)) if errs else None
+        ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=str(norm_value))
     ax.set_xscale("log", base=2)
     sizes = sorted({float(r.config.get(batch)) for r in runs})
     ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
     ax.set(
         xlabel="batch size (images per worker)",
         ylabel=metric,
-        title=f"{metric} vs batch size per norm (95% CI)",
+        title=f"{metric} vs batch size per norm (95% bootstrap CI)",
     )
     ax.grid(alpha=0.3)
     ax.legend()

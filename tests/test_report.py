@@ -227,7 +227,7 @@ def test_holm_by_hand():
     adjusted = report.holm([0.01, 0.04, 0.03, float("nan")])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[3])
     assert report.holm([0.005, 0.2]) == pytest.approx([0.01, 0.2])
-    assert report.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])  # capped at... 3*0.3
+    assert report.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])  # 3 x 0.3 carries up
     assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 

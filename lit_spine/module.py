@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_spine.losses import SpineLoss, class_probabilities
@@ -25,6 +25,24 @@ from lit_spine.utils import choose
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def scaled_lr(lr: float, rule: str, batch: int, reference_batch: int) -> float:
+    """The learning rate at `batch` when `lr` is given at `reference_batch` under `rule`.
+
+    "linear": lr * batch / reference (Goyal et al. 2017, used by the GroupNorm paper with SGD);
+    "sqrt": lr * sqrt(batch / reference) (the usual rule for Adam-type optimizers);
+    "none": lr at every batch size.
+    """
+    choose(rule, LR_SCALINGS, "lr_scaling")
+    if batch < 1 or reference_batch < 1:
+        raise ValueError(
+            f"lr scaling needs positive batch sizes, got batch={batch}, "
+            f"lr_reference_batch={reference_batch}"
+        )
+    ratio = batch / reference_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[rule]
 
 
 class SpineModule(pl.LightningModule):
@@ -33,7 +51,12 @@ class SpineModule(pl.LightningModule):
     Args:
         net: the network (backbone + heads), built from its own config section.
         optimizer: "adamw" or "sgd" (Nesterov momentum).
-        lr: peak learning rate.
+        lr: peak learning rate, at `lr_reference_batch` images per optimizer step.
+        lr_scaling: how the learning rate follows the batch size: "none" (lr as given),
+            "linear" (lr * batch / lr_reference_batch, the GroupNorm paper's rule for SGD) or
+            "sqrt" (lr * sqrt(batch / lr_reference_batch), Adam-style). The batch is the one
+            an optimizer step sees: data.batch_size x processes x accumulate_grad_batches.
+        lr_reference_batch: the batch size at which `lr` is given.
         weight_decay: L2 / decoupled weight decay for conv and linear weights.
         norm_weight_decay: weight decay for norm scales/shifts and biases (0 as in the GroupNorm paper).
         momentum: SGD momentum.
@@ -66,6 +89,8 @@ class SpineModule(pl.LightningModule):
         net: nn.Module,
         optimizer: str = "adamw",
         lr: float = 2e-3,
+        lr_scaling: str = "none",
+        lr_reference_batch: int = 8,
         weight_decay: float = 1e-4,
         norm_weight_decay: float = 0.0,
         momentum: float = 0.9,
@@ -91,6 +116,9 @@ class SpineModule(pl.LightningModule):
         super().__init__()
         choose(optimizer, OPTIMIZERS, "optimizer")
         choose(scheduler, SCHEDULERS, "scheduler")
+        choose(lr_scaling, LR_SCALINGS, "lr_scaling")
+        if lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch must be >= 1, got {lr_reference_batch}")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.vocab = net.vocabulary
@@ -111,6 +139,7 @@ class SpineModule(pl.LightningModule):
         self.test_metric = SpineDetectionMetric(**metric_args)
         self.best_val_map = -math.inf
         self._compiled = False
+        self.lr_effective: float | None = None  # set by configure_optimizers
 
     # ------------------------------------------------------------------ model set-up
     def configure_model(self) -> None:
@@ -245,15 +274,39 @@ class SpineModule(pl.LightningModule):
         self.best_val_map = float(checkpoint.get("best_val_map", -math.inf))
 
     # ------------------------------------------------------------------ optimisation
+    def optimizer_batch_size(self) -> int:
+        """Images per optimizer step: the datamodule's batch x processes x accumulation."""
+        data = getattr(self.trainer, "datamodule", None)
+        batch = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if batch is None:
+            batch = getattr(data, "batch_size", None)
+        if batch is None:
+            raise ValueError(
+                f"model.lr_scaling={self.hparams.lr_scaling!r} needs the training batch size, "
+                "read from the datamodule's batch_size; this trainer has no datamodule with one "
+                "(use SpineDataModule, or model.lr_scaling=none)"
+            )
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        return int(batch) * int(self.trainer.world_size) * accumulate
+
     def configure_optimizers(self):
         hp = self.hparams
         groups = self.spine_net.param_groups(
             hp.weight_decay, norm_weight_decay=hp.norm_weight_decay
         )
+        lr = hp.lr
+        if hp.lr_scaling != "none":
+            batch = self.optimizer_batch_size()
+            lr = scaled_lr(hp.lr, hp.lr_scaling, batch, hp.lr_reference_batch)
+            rank_zero_info(
+                f"lr_scaling={hp.lr_scaling}: lr {hp.lr:g} at batch {hp.lr_reference_batch} "
+                f"-> {lr:g} at batch {batch}"
+            )
+        self.lr_effective = lr
         if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr)
         else:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=True)
         if hp.scheduler == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))

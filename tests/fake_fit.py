@@ -1,18 +1,23 @@
-"""A stand-in for `lit-spine fit` in sweep tests: writes a run folder like the real one, fast.
+"""A stand-in for `lit-spine fit` in sweep and report tests: writes a run folder like the real one.
 
-Reads LIT_SPINE_RUN_DIR and `--key=value` arguments (`--config FILE` pairs are ignored), then
-writes config.yaml, meta.json (with config_flat), metrics.csv, checkpoints/last.ckpt and
-summary.json. The metric is a deterministic function of the norm and the seed.
+As a program it reads LIT_SPINE_RUN_DIR and `--key=value` arguments (`--config FILE` pairs are
+ignored), then writes config.yaml, meta.json (with config_flat), metrics.csv,
+checkpoints/last.ckpt and summary.json. The metric is a deterministic function of the norm
+and the seed. Report tests call `write_run` directly with the numbers they need.
 
 Environment knobs for tests:
     FAKE_FIT_SLEEP   seconds per epoch (default 0.05)
     FAKE_FIT_MARKER  a file to which every start appends one JSON line (run dir, argv)
     FAKE_FIT_FAIL    `key=value`: exit 3 without a finished summary when that argument matches
+    FAKE_FIT_EPOCHS  epochs in metrics.csv (default 3)
+    FAKE_FIT_PLATEAU share of the epochs after which val/mAP stays at its best (default 1.0:
+                     still rising at the last epoch)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +26,7 @@ from pathlib import Path
 import yaml
 
 NORM_SCORE = {"batchnorm": 0.50, "groupnorm": 0.60, "layernorm": 0.40, "instancenorm": 0.30}
+TRAIN_IMAGES = 96  # steps per epoch = ceil(TRAIN_IMAGES / batch size)
 
 
 def parse(argv: list[str]) -> dict[str, object]:
@@ -40,6 +46,67 @@ def parse(argv: list[str]) -> dict[str, object]:
     return params
 
 
+def default_score(params: dict[str, object]) -> float:
+    """The program's metric: a per-norm score plus 0.01 per seed."""
+    norm = str(params.get("model.net.init_args.norm", "batchnorm"))
+    return NORM_SCORE.get(norm, 0.45) + 0.01 * int(params.get("seed_everything", 0))
+
+
+def _write_config(run_dir: Path, params: dict[str, object], epochs: int) -> None:
+    """config.yaml, meta.json (config_flat: defaults overridden by `params`), a checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = {
+        "seed_everything": 0,
+        "data.batch_size": 8,
+        "trainer.max_epochs": epochs,
+        "model.optimizer": "adamw",
+        "model.lr": 0.002,
+        "model.lr_scaling": "none",
+        "model.lr_reference_batch": 8,
+        "run_dir": str(run_dir),
+        **params,
+    }
+    config = {"seed_everything": 0, "model": {"norm": "batchnorm"}, "data": {"batch_size": 8}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "meta.json").write_text(json.dumps({"config_flat": flat, "params": 1234}))
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("fake")
+
+
+def write_run(
+    run_dir: Path,
+    params: dict[str, object],
+    best: float,
+    epochs: int = 3,
+    plateau: float = 1.0,
+    sleep: float = 0.0,
+) -> Path:
+    """A finished run folder whose per-epoch val/mAP rises linearly to `best`, reached at
+    epoch ceil(plateau * epochs) and held from there (plateau 1.0: still rising at the end)."""
+    _write_config(run_dir, params, epochs)
+    batch = int(params.get("data.batch_size", 8))
+    rise = max(1, math.ceil(plateau * epochs))
+    steps = math.ceil(TRAIN_IMAGES / batch)
+    lines = ["epoch,step,train/loss,val/mAP"]
+    for epoch in range(epochs):
+        time.sleep(sleep)
+        step = (epoch + 1) * steps
+        lines.append(f"{epoch},{step},{1.0 / (epoch + 1):.4f},")
+        lines.append(f"{epoch},{step},,{best * min(1.0, (epoch + 1) / rise):.6f}")
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    summary = {
+        "status": "finished",
+        "val/mAP_best": best,
+        "runtime_s": epochs * sleep,
+        "images_per_s": 100.0,
+        "params": 1234,
+        "epochs": epochs,
+        "global_step": epochs * steps,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
 def main() -> int:
     params = parse(sys.argv[1:])
     run_dir = Path(os.environ["LIT_SPINE_RUN_DIR"])
@@ -52,34 +119,19 @@ def main() -> int:
                 for k in ("LIT_SPINE_NUM_THREADS", "WANDB_MODE", "WANDB_RUN_GROUP")
             }
             f.write(json.dumps({"run_dir": str(run_dir), "argv": sys.argv[1:], "env": env}) + "\n")
-    config = {"seed_everything": 0, "model": {"norm": "batchnorm"}, "data": {"batch_size": 8}}
-    flat = {"seed_everything": 0, "data.batch_size": 8, "run_dir": str(run_dir), **params}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / "meta.json").write_text(json.dumps({"config_flat": flat, "params": 1234}))
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("fake")
     fail = os.environ.get("FAKE_FIT_FAIL")
     if fail and any(f"{k}={v}" == fail for k, v in params.items()):
+        _write_config(run_dir, params, int(os.environ.get("FAKE_FIT_EPOCHS", "3")))
         (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
         return 3
-    norm = str(params.get("model.net.init_args.norm", "batchnorm"))
-    seed = int(params.get("seed_everything", 0))
-    best = NORM_SCORE.get(norm, 0.45) + 0.01 * seed
-    sleep = float(os.environ.get("FAKE_FIT_SLEEP", "0.05"))
-    lines = ["epoch,step,train/loss,val/mAP"]
-    for epoch in range(3):
-        time.sleep(sleep)
-        lines.append(f"{epoch},{epoch * 10},{1.0 / (epoch + 1):.4f},")
-        lines.append(f"{epoch},{epoch * 10},,{best * (epoch + 1) / 3:.6f}")
-    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
-    summary = {
-        "status": "finished",
-        "val/mAP_best": best,
-        "runtime_s": 3 * sleep,
-        "images_per_s": 100.0,
-        "params": 1234,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    write_run(
+        run_dir,
+        params,
+        default_score(params),
+        epochs=int(os.environ.get("FAKE_FIT_EPOCHS", "3")),
+        plateau=float(os.environ.get("FAKE_FIT_PLATEAU", "1.0")),
+        sleep=float(os.environ.get("FAKE_FIT_SLEEP", "0.05")),
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
-"""`lit-spine report` on synthetic run folders: statistics against numpy/scipy, ranking, paired
-differences, factor detection, plots and the command line."""
+"""`lit-spine report` on synthetic run folders: statistics against numpy/scipy and hand-computed
+values, convergence marks, the protocol line, the verdict, ranking, paired differences, factor
+detection, plots and the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_fit import write_run
 from scipy import stats
 
 from lit_spine import report
@@ -90,6 +92,10 @@ def test_statistics_match_numpy_and_scipy(sweep_dir):
         assert cell.stats["std"] == pytest.approx(x.std(ddof=1))
         assert cell.stats["ci_low"] == pytest.approx(x.mean() - half)
         assert cell.stats["ci_high"] == pytest.approx(x.mean() + half)
+        # The bootstrap interval the report shows: BCa, inside the range of the resample means.
+        assert cell.stats["boot_method"] == "BCa"
+        assert x.min() - 1e-9 <= cell.stats["boot_low"] < x.mean()
+        assert x.mean() < cell.stats["boot_high"] <= x.max() + 1e-9
         assert cell.stats["runtime_s"] == pytest.approx(101.0)
         assert cell.stats["params"] == 11_000_000
 
@@ -156,6 +162,8 @@ def test_run_folders_without_sweep_state(sweep_dir, tmp_path):
     assert len(rep.cells) == 4 and rep.metric == "val/mAP_best"
     single = report.write_report([sweep_dir / "runs" / "groupnorm-2-s0"], out=tmp_path / "one")
     assert single.factors == [] and single.cells[0].stats["n"] == 1
+    assert single.verdict.startswith("One cell only (all runs, val/mAP_best 0.570, no CI (n too")
+    assert "Not converged: 1 of 1 runs" in single.verdict  # 4 epochs, rising to the end
 
 
 def test_cli_latest_and_errors(sweep_dir, tmp_path, capsys):
@@ -179,3 +187,257 @@ def test_cell_label_and_short_names():
     )
     assert names["data.batch_size"] == "batch_size"
     assert names["model.net.init_args.drop_rate"] == "init_args.drop_rate"
+
+
+# ----------------------------------------------------------------------------- statistics by hand
+
+
+def test_bootstrap_interval_methods_and_small_n():
+    # n = 3: each all-same resample has probability 1/27 = 3.7% > 2.5%, so the percentile
+    # interval of the mean is exactly [min, max].
+    assert report.bootstrap_ci([[1.0, 2.0, 4.0]], report._mean, method="percentile") == (
+        1.0,
+        4.0,
+        "percentile",
+    )
+    low, high, method = report.bootstrap_ci([[0.1, 0.5]], report._mean)
+    assert method == "n too small" and np.isnan(low) and np.isnan(high)
+    assert report.bootstrap_ci([[0.3, 0.3, 0.3]], report._mean) == (0.3, 0.3, "none (no variation)")
+    # A always beats B although both vary: every resample gives P = 1, BCa is degenerate and
+    # the percentile interval is used.
+    assert report.bootstrap_ci(
+        [[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]], report._prob_paired, paired=True
+    ) == (1.0, 1.0, "percentile")
+    small = report.mean_ci([0.4, 0.5])
+    assert small["boot_method"] == "n too small" and small["n"] == 2
+
+
+def test_probability_of_improvement_by_hand():
+    # paired: 3>1 wins, 1<2 loses, 2=2 ties (1/2) -> 1.5 / 3
+    assert report.probability_of_improvement([3, 1, 2], [1, 2, 2], paired=True) == 0.5
+    # unpaired, all 6 pairs: 1>0, 1<2, 2>0, 2=2 (1/2), 3>0, 3>2 -> 4.5 / 6
+    a, b = [1, 2, 3], [0, 2]
+    assert report.probability_of_improvement(a, b, paired=False) == 0.75
+    u = stats.mannwhitneyu(a, b).statistic  # U counts ties as 1/2 too
+    assert report.probability_of_improvement(a, b, paired=False) == pytest.approx(u / 6)
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06
+    adjusted = report.holm([0.01, 0.04, 0.03, float("nan")])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[3])
+    assert report.holm([0.005, 0.2]) == pytest.approx([0.01, 0.2])
+    assert report.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])  # 3 x 0.3 carries up
+    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_seeds_to_separate_matches_power_tables():
+    # Cohen's tables for a two-sided one-sample/paired t-test, alpha 0.05, power 0.8:
+    # effect size 1.0 -> 10 pairs, 0.5 -> 34 pairs.
+    assert report.seeds_to_separate(0.02, 0.02) == 10
+    assert report.seeds_to_separate(-0.01, 0.02) == 34
+    assert report.paired_t_power(10, 1.0) >= 0.8 > report.paired_t_power(9, 1.0)
+    # For many seeds it approaches ((z_0.975 + z_0.8) * sd / delta)^2 = (2.8016 / 0.1)^2 = 785.
+    n = report.seeds_to_separate(0.001, 0.01)
+    assert 785 <= n <= 790
+    assert report.seeds_to_separate(0.0, 0.01) is None
+    assert report.seeds_to_separate(0.01, float("nan")) is None
+
+
+def test_differences_have_p_better_intervals_and_holm(sweep_dir):
+    rep = report.write_report([sweep_dir])
+    base = np.array(VALUES[("batchnorm", 8)])
+    raw = []
+    for cell, diff in rep.differences:
+        x = np.array(
+            VALUES[(cell.values["model.net.init_args.norm"], cell.values["data.batch_size"])]
+        )
+        wins = np.mean(x > base) + 0.5 * np.mean(x == base)
+        assert diff["p_better"] == pytest.approx(wins)
+        assert diff["p_better_low"] <= diff["p_better"] <= diff["p_better_high"]
+        assert diff["diff_low"] <= diff["diff"] <= diff["diff_high"]
+        raw.append(diff["p"])
+    order = np.argsort(raw)
+    expected = np.maximum.accumulate([min(1.0, (3 - i) * raw[j]) for i, j in enumerate(order)])
+    for rank, j in enumerate(order):
+        assert rep.differences[j][1]["p_holm"] == pytest.approx(expected[rank])
+    md = (sweep_dir / "report" / "report.md").read_text()
+    assert "| P(A>B) |" in md and "p (Holm)" in md
+    # Minimizing turns every win into a loss.
+    rep = report.write_report([sweep_dir], goal="minimize", baseline="norm=batchnorm,batch_size=8")
+    gn2 = next(d for c, d in rep.differences if c.values["data.batch_size"] == 2 and
+               c.values["model.net.init_args.norm"] == "groupnorm")  # fmt: skip
+    assert gn2["p_better"] == 0.0
+
+
+def test_convergence_rule_on_constructed_curves():
+    def curve(values):
+        return dict(enumerate(values))
+
+    plateau = report.convergence(curve([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]))
+    assert plateau["status"] == "converged" and plateau["gain"] == pytest.approx(0.0)
+    # 8 epochs, last quarter = 2: best 0.8 vs 0.6 before, tolerance 5% of 0.7 = 0.035.
+    rising = report.convergence(curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
+    assert rising["status"] == "not converged"
+    assert rising["gain"] == pytest.approx(0.2) and rising["tol"] == pytest.approx(0.035)
+    # A last-quarter wiggle of 0.01 is under 5% of the 0.51 range: converged.
+    noisy = report.convergence(curve([0.1, 0.5, 0.6, 0.6, 0.6, 0.6, 0.61, 0.6]))
+    assert noisy["status"] == "converged"
+    assert report.convergence(curve([0.1, 0.2, 0.3]))["status"] == "too short"
+    falling_loss = curve([5, 4, 3, 2, 1, 0.5, 0.2, 0.1])
+    assert report.convergence(falling_loss, goal="minimize")["status"] == "not converged"
+    assert report.convergence(falling_loss, goal="maximize")["status"] == "converged"
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+SEED_OFFSET = [0.0, 0.02, -0.01]  # the same seed helps or hurts every cell alike
+
+
+def make_sweep(root: Path, cells: dict[tuple, list[float]], keys: tuple[str, ...], **run_kwargs):
+    """A sweep folder of fake_fit run folders: cells maps factor values to per-seed metrics."""
+    runs = []
+    unconverged = run_kwargs.pop("unconverged", set())
+    extra = run_kwargs.pop("extra", {})
+    for values, metrics in cells.items():
+        for seed, best in enumerate(metrics):
+            params = {**dict(zip(keys, values)), "seed_everything": seed, **extra}
+            name = "-".join(map(str, values)) + f"-s{seed}"
+            plateau = 1.0 if (values, seed) in unconverged else 0.5
+            write_run(root / "runs" / name, params, best, epochs=8, plateau=plateau, **run_kwargs)
+            runs.append({"run_dir": f"runs/{name}", "status": "finished"})
+    parameters = {
+        k: {"values": list(dict.fromkeys(v[i] for v in cells))} for i, k in enumerate(keys)
+    }
+    config = {
+        "method": "grid",
+        "metric": {"name": "val/mAP_best", "goal": "maximize"},
+        "parameters": {**parameters, "seed_everything": {"values": [0, 1, 2]}},
+    }
+    state = {"name": root.name, "config": config, "metric": config["metric"], "runs": runs}
+    (root / "state.json").write_text(json.dumps(state))
+    return root
+
+
+NORM = ("model.net.init_args.norm",)
+
+
+def _seeded(mean: float, jitter=(0.0, 0.004, -0.003)) -> list[float]:
+    return [mean + o + j for o, j in zip(SEED_OFFSET, jitter)]
+
+
+def test_verdict_clearly_best_cell(tmp_path, capsys):
+    cells = {
+        ("groupnorm",): _seeded(0.60),
+        ("batchnorm",): _seeded(0.50, (0.002, -0.003, 0.0)),
+        ("layernorm",): _seeded(0.40, (-0.002, 0.0, 0.003)),
+    }
+    root = make_sweep(tmp_path / "best", cells, NORM)
+    assert report.main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    rep = report.write_report([root])
+    v = rep.verdict
+    assert v.startswith("Best: norm=groupnorm with val/mAP_best 0.6")
+    assert "Indistinguishable" not in v and "Every other cell is worse" in v
+    assert "norm=batchnorm by 0.10" in v and "norm=layernorm by 0.20" in v
+    assert "Every judged run reached a plateau" in v and "Not converged" not in v
+    assert printed.rstrip().endswith(v)  # `lit-spine report` ends with the verdict
+    assert "Verdict: Best: norm=groupnorm" in printed
+    md = (root / "report" / "report.md").read_text()
+    assert f"## Verdict\n\n{v}\n" in md
+    assert md.index("## Protocol") < md.index("## Verdict") < md.index("## Ranking")
+    assert "all 9 judged runs reached a plateau" in md
+    protocol = rep.protocol
+    assert "trainer.max_epochs 8" in protocol and "ran 8 epochs, 96 optimizer steps" in protocol
+    assert "lr_scaling none" in protocol and "3 seeds per cell" in protocol
+    assert "`val/mAP_best` (maximize" in protocol
+
+
+def test_verdict_indistinguishable_pair_and_seeds_to_separate(tmp_path):
+    cells = {
+        ("groupnorm",): _seeded(0.600, (0.0, 0.01, -0.012)),
+        ("batchnorm",): _seeded(0.596, (0.006, -0.004, 0.0)),
+        ("layernorm",): _seeded(0.40),
+    }
+    rep = report.write_report([make_sweep(tmp_path / "tie", cells, NORM)])
+    v = rep.verdict
+    assert v.startswith("Best: norm=groupnorm")
+    assert "Indistinguishable from it at n=3" in v and "norm=batchnorm (Δ" in v
+    assert "Worse: norm=layernorm by 0.199" in v  # -0.2 + (0 - 0.006 + 0.009) / 3
+    gn = np.array(cells[("groupnorm",)])
+    bn = np.array(cells[("batchnorm",)])
+    d = bn - gn
+    need = report.seeds_to_separate(d.mean(), d.std(ddof=1))
+    assert need > 3
+    assert (
+        f"{need} seeds per cell ({need - 3} more) would separate norm=groupnorm from norm=batchnorm"
+        in v
+    )
+    pair = next(x for c, x in rep.versus_best if c.values[NORM[0]] == "batchnorm")
+    assert pair["p_better"] == pytest.approx(np.mean(bn > gn))
+
+
+def test_verdict_marks_unconverged_runs(tmp_path):
+    cells = {("groupnorm",): _seeded(0.60), ("batchnorm",): _seeded(0.50)}
+    root = make_sweep(tmp_path / "unconv", cells, NORM, unconverged={(("groupnorm",), 1)})
+    rep = report.write_report([root])
+    assert "Not converged: 1 of 6 runs, in norm=groupnorm (1/3)" in rep.verdict
+    assert "train the unconverged cells longer" in rep.verdict
+    md = (root / "report" / "report.md").read_text()
+    assert "**Not converged: 1 of 6 runs** (norm=groupnorm: 1/3)" in md
+    assert "| 1 (baseline) | groupnorm | 3 |" in md and "| 1/3 |" in md
+    rows = {
+        r["run_dir"].split("/")[-1]: r
+        for r in csv.DictReader((root / "report" / "runs.csv").open())
+    }
+    assert rows["groupnorm-s1"]["converged"] == "not converged"
+    assert rows["groupnorm-s0"]["converged"] == "converged"
+
+
+NVB = ("model.net.init_args.norm", "data.batch_size")
+
+
+def test_verdict_norm_vs_batch_direction_held(tmp_path):
+    cells = {
+        ("batchnorm", 16): _seeded(0.58),
+        ("batchnorm", 2): _seeded(0.41, (0.003, 0.0, -0.004)),
+        ("groupnorm", 16): _seeded(0.60),
+        ("groupnorm", 2): _seeded(0.60, (0.004, -0.005, 0.002)),
+    }
+    extra = {"model.lr_scaling": "linear", "model.lr_reference_batch": 16}
+    rep = report.write_report([make_sweep(tmp_path / "nvb", cells, NVB, extra=extra)])
+    v = rep.verdict
+    assert "direction (BatchNorm degrades at small batch, GroupNorm does not) held" in v
+    mean = {k: np.mean(v) for k, v in cells.items()}
+    drop = mean[("batchnorm", 2)] - mean[("batchnorm", 16)]
+    assert (
+        f"batchnorm {mean[('batchnorm', 16)]:.3f} at batch 16 -> "
+        f"{mean[('batchnorm', 2)]:.3f} at batch 2 (Δ {drop:+.3f}" in v
+    )
+    assert f"groupnorm {mean[('groupnorm', 16)]:.3f} at batch 16 -> " in v
+    assert "Caution" not in v  # the lr follows the batch
+    assert "lr_scaling linear" in rep.protocol and "given at batch 16" in rep.protocol
+    # steps per epoch differ with the batch: 96/16 = 6 and 96/2 = 48, over 8 epochs
+    assert "48-384 optimizer steps" in rep.protocol
+    md = (tmp_path / "nvb" / "report" / "report.md").read_text()
+    row = (
+        f"| batchnorm | {mean[('batchnorm', 16)]:.4f} | {mean[('batchnorm', 2)]:.4f} | {drop:.4f} |"
+    )
+    assert "## Norm vs batch size" in md and row in md
+
+
+def test_verdict_norm_vs_batch_direction_did_not_hold(tmp_path):
+    cells = {
+        ("batchnorm", 16): _seeded(0.58),
+        ("batchnorm", 2): _seeded(0.58, (0.003, -0.006, 0.004)),
+        ("groupnorm", 16): _seeded(0.60),
+        ("groupnorm", 2): _seeded(0.60, (0.004, -0.005, 0.002)),
+    }
+    rep = report.write_report([make_sweep(tmp_path / "nvb", cells, NVB)])
+    v = rep.verdict
+    assert "GroupNorm does not) did not hold on this data: BatchNorm did not degrade" in v
+    assert "Caution: lr_scaling none with fixed epochs" in v
+    cells[("groupnorm", 2)] = _seeded(0.45)
+    cells[("batchnorm", 2)] = _seeded(0.40, (0.003, 0.0, -0.004))
+    rep = report.write_report([make_sweep(tmp_path / "both", cells, NVB)])
+    assert "did not hold on this data: GroupNorm degraded at the small batch too" in rep.verdict

@@ -166,6 +166,18 @@ def test_required_sweep_files_exist():
         "layernorm",
         "instancenorm",
     }
+    # The paper's protocol: fixed epochs, lr scaled linearly with the batch.
+    assert nvb["model.lr_scaling"] == {"value": "linear"}
+    assert nvb["model.lr_reference_batch"] == {"value": 8}
+    cpu = sweep.load_sweep_file(ROOT / "sweeps" / "norm_vs_batch_cpu.yaml")
+    assert "experiments/sweep_cpu.yaml" in cpu["command"]
+    cpu = cpu["parameters"]
+    assert cpu["data.batch_size"]["values"] == [2, 4, 16]
+    assert cpu["model.net.init_args.norm"]["values"] == ["batchnorm", "groupnorm", "layernorm"]
+    assert cpu["seed_everything"]["values"] == [0, 1, 2]
+    assert cpu["model.lr_scaling"] == {"value": "linear"}
+    default = sweep.load_sweep_file(ROOT / "sweeps" / "default.yaml")["parameters"]
+    assert default["seed_everything"]["values"] == [0, 1, 2]
     full = sweep.load_sweep_file(ROOT / "sweeps" / "full.yaml")["parameters"]
     assert len(full["seed_everything"]["values"]) == 3
     assert {
@@ -173,6 +185,15 @@ def test_required_sweep_files_exist():
         "model.net.init_args.norm",
         "model.net.init_args.drop",
     } <= set(full)
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
+def test_sweep_files_state_their_lr_rule(path):
+    """Each file says in a comment which learning-rate rule across batch sizes it uses."""
+    comments = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "Learning-rate rule:" in comments
+    rule = (sweep.load_sweep_file(path)["parameters"].get("model.lr_scaling") or {}).get("value")
+    assert f"Learning-rate rule: {'the paper' if rule == 'linear' else 'none'}" in comments
 
 
 def test_bad_sweep_files_name_file_and_key(tmp_path):
@@ -263,10 +284,14 @@ def test_grid_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "4/4 done" in text and "ETA" in text
     assert "| 1 | groupnorm | 2 |" in text  # the ranked table, best first
+    assert "Protocol. Budget: trainer.max_epochs 3" in text
+    verdict = text[text.index("Verdict: ") :]
+    assert verdict.startswith("Verdict: Best: norm=groupnorm with val/mAP_best 0.605")
     report = out / "tiny" / "report"
     for name in ("report.md", "report.csv", "runs.csv", "curves.png", "factors.png"):
         assert (report / name).is_file(), name
     assert (report / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "\n## Verdict\n" in (report / "report.md").read_text()
     # Rerunning a finished sweep starts nothing.
     assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
     assert len(starts(marker)) == 4

@@ -666,6 +666,10 @@ def write_report(
     report.plots = [p for p in plots if p is not None]
     title = f"Sweep report: {', '.join(source.names)}"
     report.markdown = render_markdown(report, title)
+    # Diagnostics sections (issue 16), rendered from each run's diagnostics.json.
+    from lit_spine.report_diagnostics import render_sections
+
+    report.markdown += "\n" + render_sections(report.cells, lambda c: c.label(names), out)
     cell_rows = []
     for rank, cell in enumerate(report.cells, 1):
         row: dict[str, Any] = {"rank": rank, **{k: cell.values[k] for k in report.factors}}

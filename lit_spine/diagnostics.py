@@ -385,7 +385,7 @@ def effective_receptive_field(
     images = images.detach().clone().float().requires_grad_(True)
     _, _, height, width = images.shape
     half_h, half_w = height // 2, width // 2
-    total = torch.zeros(2 * half_h + 1, 2 * half_w + 1, dtype=torch.float64)
+    total = torch.zeros(2 * half_h + 1, 2 * half_w + 1, dtype=torch.float64, device=images.device)
     count = 0
     with torch.enable_grad():
         out = fn(images)
@@ -404,7 +404,7 @@ def effective_receptive_field(
                 y0, x0 = min(max(y0, 0), height - 1), min(max(x0, 0), width - 1)
                 total += padded[i, y0 : y0 + 2 * half_h + 1, x0 : x0 + 2 * half_w + 1]
                 count += 1
-    total = total / max(count, 1)
+    total = (total / max(count, 1)).cpu()
     mass = float(total.sum())
     return (total / mass if mass > 0 else total).numpy()
 
@@ -526,7 +526,7 @@ def plot_erf(
         ax.set_title(label, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(fontsize=6, loc="lower left", framealpha=0.6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle("Effective receptive field: |d peak / d input|, share of mass", fontsize=9)
     return _save(fig, path)
@@ -778,7 +778,7 @@ class Diagnostics(pl.Callback):
         self,
         enabled: bool = True,
         train_batches: int = 4,
-        erf_images: int = 8,
+        erf_images: int = 4,
         n_bins: int = 15,
         overlay_every_n_epochs: int = 5,
         overlay_studies: int = 4,
@@ -796,11 +796,11 @@ class Diagnostics(pl.Callback):
 
     # -------------------------------------------------------------- state (resume keeps init ERF)
     def state_dict(self) -> dict[str, Any]:
-        return {"init_erf": None if self.init_erf is None else self.init_erf.tolist()}
+        return {"init_erf": None if self.init_erf is None else torch.from_numpy(self.init_erf)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         erf = state_dict.get("init_erf")
-        self.init_erf = None if erf is None else np.asarray(erf, dtype=np.float64)
+        self.init_erf = None if erf is None else torch.as_tensor(erf).double().numpy()
 
     def _active(self, trainer) -> bool:
         return self.enabled and not trainer.fast_dev_run and trainer.state.fn == "fit"

@@ -220,6 +220,7 @@ def _plot_per_level(groups, names: list[str], path: Path) -> Path:
                      capsize=2, label=name)  # fmt: skip
     ax.set_ylabel("mean radial error (mm)")
     ax2.set_ylabel("off-by-one rate")
+    ax2.set_ylim(bottom=0)
     ax2.set_xticks(x, names, rotation=30, fontsize=8)
     ax.set_title("Per level, validation split (bars: mean over seeds, whiskers: std)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)

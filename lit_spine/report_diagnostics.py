@@ -290,7 +290,7 @@ def _batchnorm(groups) -> str:
         )
     head = [
         "cell", "norm", "n", "mAP eval (running stats)", "mAP batch stats", "eval - batch",
-        "MRE eval mm", "MRE batch mm", "mean shift (running sd)", "|log var ratio|",
+        "MRE eval mm", "MRE batch mm", "mean shift (running sd)", "abs log var ratio",
     ]  # fmt: skip
     return "\n".join(
         [
@@ -299,7 +299,7 @@ def _batchnorm(groups) -> str:
             "The validation metric with BatchNorm's running statistics (eval mode) and with the "
             "statistics of each validation batch (BatchNorm layers in train mode, running "
             "statistics untouched), and the drift between the two per layer, averaged over "
-            "layers: |mu_batch - mu_running| / sd_running and |log(var_batch / var_running)|. "
+            "layers: abs(mu_batch - mu_running) / sd_running and abs(log(var_batch / var_running)). "
             "GroupNorm, LayerNorm and InstanceNorm normalise each sample by itself, so both "
             "numbers are the same by construction and drift is n/a. " + INTERVAL_NOTE + ".",
             "",

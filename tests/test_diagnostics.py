@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,23 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_wandb_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The log's records once W&B has written its exit record (the writer flushes late)."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    records: list = []
+    while time.monotonic() < deadline:
+        try:
+            records = wandb_records(path)
+        except (AssertionError, DecodeError):  # empty or mid-write
+            records = []
+        if any(r.HasField("exit") for r in records):
+            break
+        time.sleep(0.5)
+    return records
+
+
 def _keys(items) -> set[str]:
     return {"/".join([i.key] if i.key else list(i.nested_key)) for i in items}
 
@@ -271,7 +289,8 @@ def test_tiny_fit_writes_diagnostics_logs_wandb_and_renders_report(
 
     # W&B offline run: overlays (images), tables and summary fields with define_metric.
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = wandb_records(log)
+    records = finished_wandb_records(log)
+    assert any(r.HasField("exit") for r in records), f"{log}: W&B never finished the run"
     history = set().union(*(_keys(r.history.item) for r in records if r.HasField("history")))
     summary = set().union(*(_keys(r.summary.update) for r in records if r.HasField("summary")))
     metrics = {r.metric.name for r in records if r.HasField("metric")}

@@ -361,3 +361,39 @@ def test_report_sections_aggregate_cells_over_seeds(tmp_path):
     assert (tmp_path / "diagnostics_reliability.png").is_file()
     empty = render_sections([Cell("x", [Run(tmp_path / "nothing")])], lambda c: c.name, tmp_path)
     assert all(f"## {name}" in empty for name in SECTIONS) and "No run has" in empty
+
+
+def test_run_diagnostics_groupnorm_softmax_without_a_trainer(phantom_root, tmp_path):
+    """No BatchNorm: batch-stat metric equals eval metric, drift n/a; softmax head: top-label ECE."""
+    from torch.utils.data import DataLoader
+
+    from lit_spine.data.datamodule import SpineDataModule
+    from lit_spine.diagnostics import run_diagnostics
+    from lit_spine.losses import SpineLoss
+    from lit_spine.models import SpineNet
+
+    torch.manual_seed(0)
+    dm = SpineDataModule(
+        data_root=str(phantom_root), image_size=64, batch_size=2, num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    dm.setup("fit")
+    net = SpineNet("test_resnet", norm="groupnorm", norm_groups=8)
+    loader = DataLoader(dm.val_dataset, batch_size=2)
+    result, maps = run_diagnostics(
+        net, loader, DataLoader(dm.val_dataset, batch_size=2), vocab=VOCAB, multi_label=False,
+        loss_fn=SpineLoss(class_loss="ce", multi_label=False), erf_images=2,
+    )  # fmt: skip
+    bn = result["batchnorm"]
+    assert not bn["has_batchnorm"] and bn["mean_shift_sd"] is None and bn["layers"] == {}
+    assert bn["map_batch_stats"] == bn["map_eval"] and bn["map_gap"] == 0.0
+    cal = result["calibration"]
+    assert (
+        cal["kind"].startswith("top softmax")
+        # One (top probability, correct) pair per present point of the split.
+        and cal["n"] == sum(int(item["present"].sum()) for item in dm.val_dataset)
+    )
+    # The same split on both sides: no generalisation gap.
+    assert result["generalisation"]["gap"]["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert maps["trained"].shape == (65, 65) and "init" not in maps
+    assert set(result["erf"]["trained"]) >= {"r50_px", "r90_px", "r50_mm", "r90_mm"}

@@ -1360,6 +1360,11 @@ def write_report(
     ]
     report.plots = [p for p in plots if p is not None]
     report.markdown = render_markdown(report)
+    # The diagnostics sections read each run's diagnostics.json and draw their own plots.
+    from lit_spine.report_diagnostics import render_sections
+
+    report.markdown += "\n" + render_sections(report.cells, lambda c: c.label(names), out)
+    report.plots += sorted(out.glob("diagnostics_*.png"))
     versus_best = {id(c): d for c, d in report.versus_best}
     cell_rows = []
     for rank, cell in enumerate(report.cells, 1):

@@ -30,6 +30,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
 
 from lit_spine.data.datamodule import SpineDataModule
+from lit_spine.diagnostics import Diagnostics
 from lit_spine.module import (
     CheckpointOnInterrupt,
     DropBlockSchedule,
@@ -276,6 +277,8 @@ class SpineCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(DropBlockSchedule, "drop_schedule")
+        # End-of-fit diagnostics (lit_spine.diagnostics): diagnostics.json + PNGs, W&B tables.
+        parser.add_lightning_class_args(Diagnostics, "diagnostics")
         parser.link_arguments("data.slices", "model.net.init_args.in_chans", apply_on="parse")
         parser.link_arguments("data.vocab", "model.net.init_args.vocab", apply_on="parse")
         parser.link_arguments("model.net.init_args.heatmap_stride", "data.stride", apply_on="parse")
@@ -383,6 +386,8 @@ class SpineCLI(LightningCLI):
             if isinstance(cb, RunFolder):
                 cb.run_dir = self.run_dir
                 cb.cli = self
+            if isinstance(cb, Diagnostics):
+                cb.run_dir = self.run_dir
 
 
 def _status(run_dir: Path) -> str | None:

@@ -48,7 +48,7 @@ from lit_spine.data.dicom import (
 from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, get_vocabulary
 from lit_spine.utils import atomic_write_json, file_lock
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: studies without a trustworthy spacing are left out
 CACHE_DIR_ENV = "LIT_SPINE_CACHE_DIR"
 ARRAY_FILES = ("points", "present", "labels", "spacing_mm")
 

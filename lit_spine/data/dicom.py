@@ -30,12 +30,15 @@ pydicom's (`pydicom.dcmread`, `pydicom.pixels.pixel_array`, `apply_modality_lut`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import re
 import struct
+import sys
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -92,8 +95,11 @@ MAX_HEADER_BYTES = 16 * 2**20
 # A header needing more reads than this is not one (zero-filled files parse as endless
 # empty elements); real MR headers take a few thousand.
 MAX_HEADER_READS = 200_000
+MAX_ZERO_READS = 64  # consecutive all-zero reads of 4+ bytes: zero-filled space, not a header
 # Elements longer than this are skipped while parsing the header, never read.
 DEFER_SIZE_BYTES = 256 * 1024
+# Native PixelData may be longer than Rows x Columns needs (padding) by at most this fraction.
+MAX_PIXEL_EXCESS = 0.25
 MAX_MATRIX_PX = 8192  # Rows / Columns above this are not an MR slice
 MAX_FRAMES = 4096
 ALLOWED_BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})
@@ -287,6 +293,7 @@ class _BoundedFile(io.RawIOBase):
     def __init__(self, f, limit: int) -> None:
         self._f, self._limit = f, limit
         self.reads = 0
+        self.zero_reads = 0
         self.name = getattr(f, "name", None)
 
     def readable(self) -> bool:
@@ -303,12 +310,25 @@ class _BoundedFile(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         pos = self._f.tell()
-        if n is None or n < 0:
-            n = self._limit - pos + 1  # "the rest" of a file longer than the limit is too much
         self.reads += 1
-        if pos + n > self._limit or self.reads > MAX_HEADER_READS:
+        if self.reads > MAX_HEADER_READS:
             raise _HeaderTooLarge(pos)
-        return self._f.read(n)
+        if n is None or n < 0:  # "the rest" (deflated files): only if it fits in the limit
+            rest = self._f.read(max(self._limit - pos, 0) + 1)
+            if len(rest) > self._limit - pos:
+                raise _HeaderTooLarge(pos)
+            return rest
+        if pos + n > self._limit:
+            raise _HeaderTooLarge(pos)
+        data = self._f.read(n)
+        # Zero-filled space parses as endless empty elements: stop after a short run of them.
+        if len(data) >= 4 and not data.strip(b"\0"):
+            self.zero_reads += 1
+            if self.zero_reads > MAX_ZERO_READS:
+                raise _HeaderTooLarge(pos, zero_filled=True)
+        else:
+            self.zero_reads = 0
+        return data
 
     def readinto(self, b) -> int:  # pragma: no cover - pydicom uses read()
         data = self.read(len(b))
@@ -317,9 +337,9 @@ class _BoundedFile(io.RawIOBase):
 
 
 class _HeaderTooLarge(Exception):
-    def __init__(self, pos: int) -> None:
+    def __init__(self, pos: int, zero_filled: bool = False) -> None:
         super().__init__(pos)
-        self.pos = pos
+        self.pos, self.zero_filled = pos, zero_filled
 
 
 def _check_preamble(path: str, size: int, head: bytes) -> bool:
@@ -358,7 +378,8 @@ def _pixel_element_length(f, ds: pydicom.Dataset, size: int) -> tuple[int, int]:
         raise _Bad(
             f"no PixelData (7FE0,0010) element (found ({group:04X},{elem:04X})): not an image"
         )
-    if implicit:
+    # Some writers switch to implicit VR mid-file (pydicom copes and warns): no VR letters.
+    if implicit or not head[4:6].isalpha() or not head[4:6].isupper():
         return struct.unpack(endian + "L", head[4:8])[0], start + 8
     extra = f.read(4)
     if len(extra) < 4:
@@ -406,6 +427,8 @@ def _read_header(path: str) -> SliceHeader:
                 force=not has_preamble,
             )
         except _HeaderTooLarge as err:
+            if err.zero_filled:
+                raise _Bad(f"zero-filled from about byte {err.pos}: not an image slice") from None
             raise _Bad(
                 f"no end to the header before byte {err.pos} (more than "
                 f"{MAX_HEADER_BYTES // 2**20} MiB or {MAX_HEADER_READS} elements before "
@@ -453,7 +476,9 @@ def _read_header(path: str) -> SliceHeader:
                     )
                 if ts is None or not ts.is_compressed:
                     expected = _expected_pixel_bytes(rows, cols, frames, samples, bits, photometric)
-                    if not expected <= length <= expected + 1:  # +1: odd lengths are padded
+                    # Writers pad (an odd length by one byte, some by a row); more excess
+                    # than MAX_PIXEL_EXCESS of the image means Rows/Columns/frames are wrong.
+                    if not expected <= length <= expected * (1 + MAX_PIXEL_EXCESS) + 1:
                         raise _Bad(
                             f"PixelData (7FE0,0010) holds {length} bytes but Rows x Columns x "
                             f"frames x samples x bits = {rows} x {cols} x {frames} x {samples} "
@@ -897,7 +922,7 @@ def decode_pixels(path: str | os.PathLike) -> np.ndarray:
     """
     path = str(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_kept_on_success():
             warnings.simplefilter("ignore")
             out = _decode(path)
     except _NEVER_CAUGHT:
@@ -912,6 +937,33 @@ def decode_pixels(path: str | os.PathLike) -> np.ndarray:
         bad = int(np.size(out) - np.isfinite(out).sum())
         raise DicomFileError(path, f"decoded pixels hold {bad} NaN/inf values")
     return out
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_on_success():
+    """Hold what native code writes to fd 2 (a Rust panic prints a backtrace there): on
+    failure it is dropped, since the raised error already carries the message; on success it
+    is passed on."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
 
 
 def _decode(path: str) -> np.ndarray:

@@ -102,3 +102,26 @@ def names_file_and_is_one_line(reason: str) -> bool:
         ):
             return False
     return True
+
+
+def panic_rle(path: Path) -> Path:
+    """Break an RLE slice so that pylibjpeg-rle panics in Rust (a BaseException, not an
+    Exception): segment 2 is pointed inside segment 1, so the decoder writes past its output.
+    Falls back to an offset past the frame (a plain error) if this image does not panic."""
+    data = bytearray(path.read_bytes())
+    start = data.rfind(b"\xfe\xff\x00\xe0") + 8
+    for low_byte in (0x00, 0x10, 0x80):
+        trial = bytearray(data)
+        trial[start + 8] = low_byte
+        path.write_bytes(bytes(trial))
+        try:
+            _ = pydicom.dcmread(path).pixel_array
+        except Exception:  # noqa: BLE001, S110 - a plain failure: try the next variant
+            continue
+        except BaseException as err:  # noqa: BLE001 - the panic wanted here
+            if type(err).__name__ == "PanicException":
+                return path
+            raise
+    data[start + 8 : start + 12] = (len(data) - start + 2000).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path

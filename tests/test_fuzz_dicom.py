@@ -24,6 +24,7 @@ from fuzz_dicom import (
     base_slice,
     claim_pixel_length,
     names_file_and_is_one_line,
+    panic_rle,
     pixel_value_offset,
     pixels,
     with_value,
@@ -376,15 +377,11 @@ def test_corrupt_compressed_pixels_never_escape(workdir, compressed, ts, seed, n
 
 def test_rle_panic_is_caught_and_its_backtrace_held_back(tmp_path, capfd):
     """A known Rust panic of pylibjpeg-rle: caught (BaseException), nothing on stderr."""
-    path = base_slice(tmp_path / "rle.dcm", shape=(32, 32), transfer_syntax=RLELossless)
-    data = bytearray(path.read_bytes())
-    start = data.rfind(b"\xfe\xff\x00\xe0") + 8
-    # Segment 1 claims to start beyond the frame: the decoder indexes out of bounds.
-    data[start + 8 : start + 12] = (len(data) - start + 2000).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
+    path = panic_rle(base_slice(tmp_path / "rle.dcm", shape=(32, 32), transfer_syntax=RLELossless))
+    capfd.readouterr()
     with pytest.raises(DicomFileError) as e:
         decode_pixels(path)
-    assert_clear_error(e.value, path, "cannot decode")
+    assert_clear_error(e.value, path, "cannot decode: PanicException: index out of bounds")
     assert capfd.readouterr().err == ""
 
 
@@ -660,8 +657,7 @@ def test_undecodable_chosen_slice_moves_on_and_inspect_says_so(tmp_path, bad, ca
     if bad == "truncated":
         data = data[: len(data) - 100]
     elif bad == "rle_panic":
-        start = data.rfind(b"\xfe\xff\x00\xe0") + 8
-        data[start + 8 : start + 12] = (len(data) - start + 2000).to_bytes(4, "little")
+        data = panic_rle(path).read_bytes()
     elif bad == "zeros":
         data = b"\0" * len(data)
     elif bad == "garbage":

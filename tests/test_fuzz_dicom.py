@@ -747,3 +747,17 @@ def test_index_dataset_problems_attribute(tmp_path):
                 orientation=SAGITTAL)  # fmt: skip
     studies = index_dataset(root)
     assert len(studies) == 1 and len(studies.problems) == 1
+
+
+@pytest.mark.timeout(60)
+def test_threaded_indexing_keeps_each_warning_with_its_file(tmp_path, capfd):
+    """Header threads collect warnings per file (catch_warnings would mix them up)."""
+    study = tmp_path / "s"
+    _t2(StudyWriter(study, seed=3))
+    warned = [study / f"w{i}.dcm" for i in range(6)]
+    for p in warned:
+        shutil.copy(get_testdata_file("SC_rgb_jpeg.dcm"), p)
+    (one,) = index_dataset(study, workers=4)
+    lines = [p for p in one.problems if "pydicom warning" in p]
+    assert sorted(line.split(": pydicom warning")[0] for line in lines) == sorted(map(str, warned))
+    assert capfd.readouterr().err == ""

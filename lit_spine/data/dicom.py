@@ -39,6 +39,7 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -392,23 +393,64 @@ def _pixel_element_length(f, ds: pydicom.Dataset, size: int) -> tuple[int, int]:
     return struct.unpack(endian + "L", extra)[0], start + 12
 
 
+# warnings.catch_warnings swaps process-wide state, so threads reading headers at the same
+# time would mix up whose warning is whose. Instead, one routing hook is installed while any
+# read runs, and each thread collects the warnings of its own file in a thread-local list.
+_warning_sink = threading.local()
+_routing_lock = threading.Lock()
+_routing_depth = 0
+_saved_warning_state: tuple | None = None
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sink = getattr(_warning_sink, "notes", None)
+    if sink is not None:
+        sink.append(one_line(message, 200))
+    elif _saved_warning_state is not None:
+        _saved_warning_state[1](message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def _routed_warnings():
+    """Route warnings to the per-thread sinks (re-entrant; the first entry installs it)."""
+    global _routing_depth, _saved_warning_state
+    with _routing_lock:
+        if _routing_depth == 0:
+            _saved_warning_state = (list(warnings.filters), warnings.showwarning)
+            warnings.simplefilter("always")
+            warnings.showwarning = _route_warning
+        _routing_depth += 1
+    try:
+        yield
+    finally:
+        with _routing_lock:
+            _routing_depth -= 1
+            if _routing_depth == 0 and _saved_warning_state is not None:
+                warnings.filters[:] = _saved_warning_state[0]
+                warnings.showwarning = _saved_warning_state[1]
+                _saved_warning_state = None
+
+
 def read_header(path: str | os.PathLike) -> SliceHeader:
     """Read and validate one file's header without its pixel data.
 
-    Raises `DicomFileError` (path + one-line reason naming the tag at fault) if unusable.
+    Raises `DicomFileError` (path + one-line reason naming the tag at fault) if unusable;
+    pydicom's warnings about the file land in `SliceHeader.warnings`, not on stderr.
     """
     path = str(path)
-    caught: list[warnings.WarningMessage] = []
+    notes: list[str] = []
+    _warning_sink.notes = notes
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _routed_warnings():
             header = _read_header(path)
     except _Bad as err:
         raise DicomFileError(path, str(err)) from None
     except Exception as err:  # noqa: BLE001 - any parser failure is this file's problem
         raise DicomFileError(path, f"cannot parse the header: {_error_text(err)}") from None
-    notes = tuple(dict.fromkeys(one_line(w.message, 200) for w in caught))
-    return header if not notes else _replace(header, warnings=notes)
+    finally:
+        _warning_sink.notes = None
+    unique = tuple(dict.fromkeys(notes))
+    return header if not unique else _replace(header, warnings=unique)
 
 
 def _replace(h: SliceHeader, **kw) -> SliceHeader:
@@ -863,7 +905,7 @@ def _read_all(
                 results.append((f, _read_header_safe(str(f))))
                 bar.update()
             return results
-        with ThreadPoolExecutor(workers) as pool:
+        with _routed_warnings(), ThreadPoolExecutor(workers) as pool:
             headers = []
             for h in pool.map(_read_header_safe, map(str, files)):
                 headers.append(h)

@@ -474,6 +474,11 @@ def _read_header(path: str) -> SliceHeader:
                 force=not has_preamble,
             )
         except _HeaderTooLarge as err:
+            if err.pos >= size:
+                raise _Bad(
+                    f"truncated: an element before PixelData runs past the end of the file "
+                    f"(to byte {err.pos} of {size})"
+                ) from None
             if err.zero_filled:
                 raise _Bad(f"zero-filled from about byte {err.pos}: not an image slice") from None
             raise _Bad(
@@ -483,6 +488,10 @@ def _read_header(path: str) -> SliceHeader:
             ) from None
         except EOFError:
             raise _Bad(f"truncated: the header ends early ({size} bytes)") from None
+        except Exception as err:  # noqa: BLE001 - pydicom's parse errors name no file
+            raise _Bad(
+                f"cannot parse the header near byte {raw.tell()}: {_error_text(err)}"
+            ) from None
         missing = [
             k
             for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns")
@@ -505,6 +514,13 @@ def _read_header(path: str) -> SliceHeader:
         photometric = photometric.strip().upper()
         meta = getattr(ds, "file_meta", None)
         ts = meta.get("TransferSyntaxUID") if meta is not None else None
+        if ts is not None:
+            try:
+                ts.is_compressed  # noqa: B018 - raises for a UID that is no transfer syntax
+            except (ValueError, AttributeError):
+                raise _Bad(
+                    f"TransferSyntaxUID (0002,0010) = {one_line(ts, 70)!r} is not a transfer syntax"
+                ) from None
         if ts != DeflatedExplicitVRLittleEndian:  # deflated: the element offsets are not the file's
             length, value_at = _pixel_element_length(f, ds, size)
             if length == 0xFFFFFFFF:

@@ -672,7 +672,8 @@ def test_undecodable_chosen_slice_moves_on_and_inspect_says_so(tmp_path, bad, ca
     want = good.uid if bad == "rle_panic" else broken.uid
     assert r["t2_sagittal"]["series_uid"] == want
     assert r["t2_sagittal"]["instance_uid"] != broken.middle
-    assert r["n_readable"] == (10 if bad == "rle_panic" else 9)
+    assert r["n_readable"] == 9  # of 10 files: the broken one is never counted as readable
+    assert r["n_undecodable"] == (1 if bad == "rle_panic" else 0)
     assert sum(str(path) in p for p in r["problems"]) == 1, r["problems"]
     cache = build_cache(
         tmp_path / "train", CacheSettings(image_size=16), tmp_path / "c", progress=False

@@ -1102,6 +1102,11 @@ class PixelReader:
             raise arr
         return arr
 
+    @property
+    def failures(self) -> list[DicomFileError]:
+        """The files that could not be decoded so far (each once)."""
+        return [a for a in self._arrays.values() if isinstance(a, DicomFileError)]
+
     def forget(self) -> None:
         self._arrays.clear()
 

@@ -96,7 +96,9 @@ def inspect_study(
         "folder": str(study.folder),
         "study_uid": study.study_uid,
         "n_files": study.n_files,
-        "n_readable": study.n_readable,
+        # A file whose header reads but whose pixels do not decode is not readable.
+        "n_readable": study.n_readable - len(reader.failures),
+        "n_undecodable": len(reader.failures),
         "series": [
             {
                 "series_uid": s.uid,

@@ -762,3 +762,27 @@ def test_threaded_indexing_keeps_each_warning_with_its_file(tmp_path, capfd):
     lines = [p for p in one.problems if "pydicom warning" in p]
     assert sorted(line.split(": pydicom warning")[0] for line in lines) == sorted(map(str, warned))
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.timeout(60)
+def test_inspect_with_one_bundled_file_per_study(tmp_path, capsys):
+    """Each pydicom test file as its own study: every study is listed; a study either shows a
+    decoded slice or says why it has none."""
+    root = tmp_path / "real"
+    for i, f in enumerate(REAL_FILES):
+        (root / f"study{i:03d}").mkdir(parents=True)
+        shutil.copy(f, root / f"study{i:03d}" / Path(f).name)
+    assert main([str(root), "--json"]) == 0
+    captured = capsys.readouterr()
+    obj = json.loads(captured.out)
+    # Many test files share a StudyInstanceUID: a dataset problem, in the JSON and on stderr.
+    assert obj["problems"] and all("appears in" in p for p in obj["problems"])
+    assert captured.err.splitlines() == [f"lit-spine inspect: {p}" for p in obj["problems"]]
+    studies = obj["studies"]
+    assert len(studies) == len(REAL_FILES)
+    for r in studies:
+        assert r["n_files"] == 1
+        if r["t2_sagittal"] is None:
+            assert r["problems"], r["study"]
+        else:
+            assert r["n_readable"] == 1 and r["n_undecodable"] == 0

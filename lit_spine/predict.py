@@ -93,7 +93,17 @@ class PredictionWriter(pl.Callback):
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger" and paths:
                 logger.log_image(key="predict/overlays", images=[str(p) for p in paths])
-        print(f"lit-spine: wrote {pred_path} ({len(studies)} studies) and {len(paths)} overlays")
+        problems = list(getattr(cache, "problems", []))
+        left_out = (
+            f"; {len(problems)} data problems while caching (unreadable files skipped, "
+            "unusable studies left out: listed above and in the cache's index.json)"
+            if problems
+            else ""
+        )
+        print(
+            f"lit-spine: wrote {pred_path} ({len(studies)} studies) and {len(paths)} overlays"
+            + left_out
+        )
 
     def _overlays(self, cache, merged: dict) -> list[Path]:
         if self.overlays <= 0:

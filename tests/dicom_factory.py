@@ -66,7 +66,8 @@ def write_slice(
     ds.PixelRepresentation = 0
     ds.PixelData = pixels.tobytes()
     if transfer_syntax != ExplicitVRLittleEndian:
-        ds.compress(transfer_syntax, pixels)
+        # Keep the SOPInstanceUID: compress() would otherwise make a new one.
+        ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return instance_uid

@@ -127,8 +127,15 @@ def test_missing_pixel_spacing_falls_back(tmp_path):
     w = StudyWriter(tmp_path / "b")
     w.series("t2", "T2_SAG", n=2, spacing=None)
     study = index_study(tmp_path / "b")
-    assert study.series[0].slices[0].spacing_mm == (1.0, 1.0)
-    assert any("1.0 mm" in p for p in study.problems)
+    # Never a guessed 1.0 mm: no spacing, and the problem names a file and both tags.
+    assert study.series[0].slices[0].spacing_mm is None
+    assert any(
+        "no usable PixelSpacing" in p
+        and "PixelSpacing missing (tag 0028,0030)" in p
+        and "ImagerPixelSpacing missing" in p
+        and "not used" in p
+        for p in study.problems
+    ), study.problems
 
 
 def test_missing_geometry_tags_are_survived(tmp_path):

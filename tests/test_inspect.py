@@ -13,7 +13,11 @@ from lit_spine.data.inspect import inspect_dataset, main
 def run_json(capsys, *argv) -> tuple[int, list[dict], str]:
     code = main([*map(str, argv), "--json"])
     out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else []), err
+    if code != 0:
+        return code, [], err
+    obj = json.loads(out)
+    assert set(obj) == {"studies", "problems"}
+    return code, obj["studies"], err
 
 
 def test_table_lists_every_study_and_a_summary(tmp_path, capsys):

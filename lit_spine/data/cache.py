@@ -36,18 +36,20 @@ from tqdm.auto import tqdm
 from lit_spine.data.annotation import StudyAnnotation, load_annotations
 from lit_spine.data.dicom import (
     DatasetError,
+    DicomFileError,
     PixelReader,
     choose_slice,
     find_annotation,
     find_series_map,
     index_dataset,
     load_series_map,
+    show_path,
     unknown_annotation_studies,
 )
 from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, get_vocabulary
 from lit_spine.utils import atomic_write_json, file_lock
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: studies without a trustworthy spacing are left out
 CACHE_DIR_ENV = "LIT_SPINE_CACHE_DIR"
 ARRAY_FILES = ("points", "present", "labels", "spacing_mm")
 
@@ -351,7 +353,8 @@ def _build_locked(
     annotations = load_annotations(annotation, vocabulary) if annotation else {}
     forced = load_series_map(series_map) if series_map else {}
     studies = index_dataset(root, workers, progress)
-    problems = [f"{s.name}: {p}" for s in studies for p in s.problems]
+    problems = list(studies.problems)
+    problems += [f"{s.name}: {p}" for s in studies for p in s.problems]
     if annotation:
         problems += unknown_annotation_studies(
             studies, annotations, root, f"annotation {annotation}"
@@ -387,7 +390,7 @@ def _build_locked(
             "classes": list(vocabulary.classes),
             "shape": [len(records), settings.channels, size, size],
             "records": records,
-            "problems": problems,
+            "problems": list(dict.fromkeys(problems)),  # each problem once
         }
         atomic_write_json(tmp / "index.json", index, indent=1)  # last: marks the folder complete
         try:
@@ -429,17 +432,27 @@ def _write_samples(
         for study in bar:
             where = study.name
             ann = annotations.get(study.study_uid) if study.study_uid else None
-            choice, _, found = choose_slice(study, ann, forced.get(study.study_uid or ""), reader)
+            choice, _, found = choose_slice(
+                study, ann, forced.get(study.study_uid or ""), reader, verify=True
+            )
             problems += [f"{where}: {p}" for p in found]
             problems += [f"{where}: annotation: {w}" for w in (ann.warnings if ann else [])]
             if choice is None:
                 reader.forget()
                 continue
+            if choice.header.spacing_mm is None:
+                problems.append(
+                    f"{where}: study left out: its slice {show_path(choice.header.path)} has no usable "
+                    f"pixel spacing ({choice.header.spacing_problem}), so no distance in mm "
+                    "could be computed for it"
+                )
+                reader.forget()
+                continue
             try:
                 centre = reader(choice.header)
-            except Exception as err:  # noqa: BLE001
+            except DicomFileError as err:  # verified above; kept for a file changed meanwhile
                 problems.append(
-                    f"{where}: skipped {choice.header.path}: cannot decode ({err}); study left out"
+                    f"{where}: skipped {show_path(err.path)}: {err.reason}; study left out"
                 )
                 reader.forget()
                 continue
@@ -447,15 +460,15 @@ def _write_samples(
             for h in choice.series.neighbours(choice.index, radius):
                 try:
                     arr = reader(h)
-                except Exception as err:  # noqa: BLE001
+                except DicomFileError as err:
                     problems.append(
-                        f"{where}: skipped {h.path}: cannot decode ({err}); "
+                        f"{where}: skipped {show_path(err.path)}: {err.reason}; "
                         "the annotated slice stands in"
                     )
                     arr = centre
                 if arr.shape != centre.shape:
                     problems.append(
-                        f"{where}: neighbour {h.path} is {arr.shape[1]}x{arr.shape[0]}, "
+                        f"{where}: neighbour {show_path(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
                         f"not {centre.shape[1]}x{centre.shape[0]}; the annotated slice "
                         "stands in"
                     )
@@ -466,6 +479,12 @@ def _write_samples(
             # Normalise before padding so that the padding stays exactly 0 (= the window's low end).
             stack = percentile_normalise(np.stack(stack), settings.percentiles, radius)
             image, scale, pad = letterbox(stack, size)
+            if not np.isfinite(image).all():  # never train on NaN/inf (decoding checks too)
+                problems.append(
+                    f"{where}: study left out: {show_path(choice.header.path)} gives non-finite values "
+                    "after normalisation"
+                )
+                continue
             images.write(image.astype(np.float16).tobytes())
             pts, present, labels = _points_arrays(
                 ann, rows, ncols, scale, pad, vocab, where, problems

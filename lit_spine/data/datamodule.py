@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -137,6 +138,42 @@ def kfold_indices(
 
 
 # ---------------------------------------------------------------------------- dataset
+def non_finite_rows(images, rows: Sequence[int], chunk: int = 64) -> np.ndarray:
+    """The rows of `images` (N, C, H, W) among `rows` that hold a NaN or inf value."""
+    rows = np.asarray(rows, dtype=np.int64)
+    bad = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        block = np.stack([np.asarray(images[int(r)]) for r in part]) if len(part) else None
+        if block is not None:
+            finite = np.isfinite(block.reshape(len(part), -1)).all(axis=1)
+            bad.extend(part[~finite].tolist())
+    return np.asarray(bad, dtype=np.int64)
+
+
+def _report(text: str) -> None:
+    """Print a data problem once, on the main process only (stderr, so stdout stays clean)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def report_cache_problems(split: str, cache, limit: int = 10) -> None:
+    """Print a split's data problems (skipped files, left-out studies) once per opened cache."""
+    problems = list(getattr(cache, "problems", []))
+    if not problems:
+        return
+    lines = [
+        f"lit-spine: split {split!r}: {len(problems)} data problems; bad files and studies "
+        f"were skipped ({len(cache)} studies kept; all problems in {cache.path / 'index.json'}):"
+    ]
+    lines += [f"  {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    _report("\n".join(lines))
+
+
 class SpineDataset(Dataset):
     """Items (see module docstring) from rows of a cache, with optional augmentation.
 
@@ -155,6 +192,18 @@ class SpineDataset(Dataset):
     ) -> None:
         self.cache = cache
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, np.int64)
+        # Never train on NaN/inf: the cache builder rejects such images, this guards caches
+        # written by anything else (rows are dropped and listed in `skipped_rows`).
+        bad = non_finite_rows(cache.images, self.indices)
+        self.skipped_rows = [int(r) for r in bad]
+        if self.skipped_rows:
+            self.indices = self.indices[~np.isin(self.indices, bad)]
+            studies = ", ".join(str(cache.records[r].get("study")) for r in self.skipped_rows[:5])
+            _report(
+                f"lit-spine: {len(self.skipped_rows)} cached images hold NaN/inf values and "
+                f"are left out ({studies}{', ...' if len(self.skipped_rows) > 5 else ''}); "
+                "delete the cache folder to rebuild it"
+            )
         self.stride = int(stride)
         self.heatmap_sigma = float(heatmap_sigma)
         self.augment = augment
@@ -530,6 +579,7 @@ class SpineDataModule(pl.LightningDataModule):
         for split in splits:
             if split not in self._caches:
                 cache = self._build(split, annotation)
+                report_cache_problems(split, cache)
                 if cache.vocab != self.hparams.vocab:
                     raise ValueError(
                         f"{cache.path}: cache built with vocabulary {cache.vocab!r}, "

@@ -26,6 +26,8 @@ from lit_spine.data.dicom import (
     find_series_map,
     index_dataset,
     load_series_map,
+    one_line,
+    show_path,
     unknown_annotation_studies,
 )
 
@@ -40,11 +42,14 @@ def _choice_json(choice: SliceChoice | None, full: bool) -> dict | None:
             {
                 "index": choice.index,
                 "n_slices": choice.series.n_slices,
-                "pixel_spacing": list(h.spacing_mm),
+                "pixel_spacing": list(h.spacing_mm) if h.spacing_mm is not None else None,
+                "spacing_source": h.spacing_source,
                 "rows": h.rows,
                 "cols": h.cols,
                 "description": choice.series.description,
                 "source": choice.source,
+                "weighting": choice.series.weighting,
+                "fallback": choice.fallback,
             }
         )
     else:
@@ -60,8 +65,16 @@ def inspect_study(
 ) -> dict:
     """One study's report (the `--json` object). `annotated`: an annotation file was given."""
     reader = PixelReader()
-    choice, auto, found = choose_slice(study, annotation, series_uid, reader, compare_auto=True)
+    # verify: the chosen slice is decoded, so an undecodable one is never shown as usable.
+    choice, auto, found = choose_slice(
+        study, annotation, series_uid, reader, compare_auto=True, verify=True
+    )
     problems = list(study.problems) + found
+    if choice is not None and choice.header.spacing_mm is None:
+        problems.append(
+            f"chosen slice {show_path(choice.header.path)} has no usable pixel spacing "
+            f"({choice.header.spacing_problem}): training leaves this study out"
+        )
     points = []
     if annotation is not None:
         problems += [f"annotation: {w}" for w in annotation.warnings]
@@ -83,13 +96,17 @@ def inspect_study(
         "folder": str(study.folder),
         "study_uid": study.study_uid,
         "n_files": study.n_files,
-        "n_readable": study.n_readable,
+        # A file whose header reads but whose pixels do not decode is not readable.
+        "n_readable": study.n_readable - len(reader.failures),
+        "n_undecodable": len(reader.failures),
         "series": [
             {
                 "series_uid": s.uid,
                 "description": s.description,
                 "plane": s.plane,
                 "weighting": s.weighting,
+                "weighting_source": s.weighting_source,
+                "localizer": s.localizer,
                 "n_slices": s.n_slices,
             }
             for s in study.series
@@ -128,7 +145,7 @@ def inspect_dataset(
         )
         for s in studies
     ]
-    dataset_problems = []
+    dataset_problems = list(studies.problems)
     if annotation:
         dataset_problems += unknown_annotation_studies(
             studies, annotations, root, f"annotation {annotation}"
@@ -150,6 +167,14 @@ def _short(uid: str | None, n: int = 12) -> str:
     return uid if len(uid) <= n else "…" + uid[-(n - 1) :]
 
 
+def _series_cell(t2: dict | None) -> str:
+    """The chosen series' description (one line, cut); a fallback says so."""
+    if t2 is None:
+        return "-- none --"
+    text = one_line(t2["description"] or "<no description>", 28)
+    return f"{text} [fallback {t2['weighting']}]" if t2.get("fallback") else text
+
+
 def format_table(reports: list[dict], dataset_problems: list[str], max_problems: int = 40) -> str:
     """The readable report: one row per study, a summary block, then the problems."""
     header = (
@@ -168,13 +193,13 @@ def format_table(reports: list[dict], dataset_problems: list[str], max_problems:
         t2 = r["t2_sagittal"]
         rows.append(
             (
-                r["study"],
+                one_line(r["study"], 40),
                 _short(r["study_uid"]),
-                (t2["description"] or "<no description>")[:28] if t2 else "-- none --",
+                _series_cell(t2),
                 str(t2["n_slices"]) if t2 else "-",
                 (str(t2["index"]) + ("*" if t2["source"] != "auto" else "")) if t2 else "-",
                 f"{t2['rows']}x{t2['cols']}" if t2 else "-",
-                "{:.3f}x{:.3f}".format(*t2["pixel_spacing"]) if t2 else "-",
+                "{:.3f}x{:.3f}".format(*t2["pixel_spacing"]) if t2 and t2["pixel_spacing"] else "-",
                 str(len(r["points"])),
                 str(len(r["problems"])),
             )
@@ -189,6 +214,8 @@ def format_table(reports: list[dict], dataset_problems: list[str], max_problems:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.append("(* slice chosen by the annotation or series map; otherwise the automatic choice)")
+    if any(r["t2_sagittal"] and r["t2_sagittal"].get("fallback") for r in reports):
+        lines.append("([fallback W]: no proper T2 sagittal series; a W-weighted series stands in)")
 
     n_files = sum(r["n_files"] for r in reports)
     n_ok = sum(r["n_readable"] for r in reports)
@@ -202,7 +229,10 @@ def format_table(reports: list[dict], dataset_problems: list[str], max_problems:
         for r in reports
     )
     n_annotated = sum(bool(r["points"]) for r in reports)
-    all_problems = dataset_problems + [f"{r['study']}: {p}" for r in reports for p in r["problems"]]
+    # one_line: a plugin's multi-line error or a file name with a newline keeps one row each.
+    all_problems = [one_line(p, 400) for p in dataset_problems] + [
+        one_line(f"{r['study']}: {p}", 400) for r in reports for p in r["problems"]
+    ]
     lines += [
         "",
         "summary",
@@ -241,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vocab", default="tianchi2020", help="disease vocabulary (tianchi2020 or seed7)"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per study")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"studies": [one object per study], "problems": [dataset-level problems]}',
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -258,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.json:
-            print(json.dumps(reports, indent=1))
+            print(json.dumps({"studies": reports, "problems": dataset_problems}, indent=1))
             for p in dataset_problems:
                 print(f"lit-spine inspect: {p}", file=sys.stderr)
         else:

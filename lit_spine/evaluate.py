@@ -36,7 +36,16 @@ from lit_spine.data.annotation import (
     load_annotations,
     one_line,
 )
-from lit_spine.data.dicom import DatasetError, Series, SliceHeader, Study, index_dataset
+from lit_spine.data.dicom import (
+    MAX_SPACING_ASPECT,
+    SPACING_RANGE_MM,
+    DatasetError,
+    Series,
+    SliceHeader,
+    Study,
+    implausible_spacing,
+    index_dataset,
+)
 from lit_spine.data.labels import POINT_INDEX, VOCABULARIES, Vocabulary, get_vocabulary
 from lit_spine.metrics import (
     DetectionReport,
@@ -50,8 +59,6 @@ from lit_spine.metrics import (
 # Plausible in-plane pixel spacing of a clinical image (MRI is about 0.2-2 mm, radiographs
 # 0.1 mm); outside this range, or with rows and columns more than 4:1 apart, a header value is
 # a unit or export error, and scoring in it would give a wrong millimetre figure.
-SPACING_RANGE_MM = (0.01, 20.0)
-MAX_SPACING_ANISOTROPY = 4.0
 
 
 class EvaluationError(ValueError):
@@ -59,21 +66,15 @@ class EvaluationError(ValueError):
 
 
 def spacing_problem(row_mm: object, col_mm: object) -> str | None:
-    """Why (row, col) is not a usable pixel spacing, or None when it is."""
+    """Why (row, col) is not a usable pixel spacing, or None when it is (the reader's rule)."""
     try:
         row, col = float(row_mm), float(col_mm)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return f"not numbers: {row_mm!r}, {col_mm!r}"
-    lo, hi = SPACING_RANGE_MM
     if not (math.isfinite(row) and math.isfinite(col)):
         return f"not finite ({row:g}, {col:g})"
-    if not (lo <= row <= hi and lo <= col <= hi):
-        return f"({row:g}, {col:g}) mm is outside the plausible {lo:g}-{hi:g} mm"
-    if max(row, col) / min(row, col) > MAX_SPACING_ANISOTROPY:
-        return (
-            f"({row:g}, {col:g}) mm: rows and columns more than {MAX_SPACING_ANISOTROPY:g}:1 apart"
-        )
-    return None
+    reason = implausible_spacing(row, col)
+    return None if reason is None else f"({row:g}, {col:g}) mm {reason}"
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,9 @@ def study_images(
             source = getattr(header, "spacing_source", "PixelSpacing")
             pair = header.spacing_mm
             if source not in ("PixelSpacing", "ImagerPixelSpacing"):
-                reason = "PixelSpacing missing or invalid"
+                reason = one_line(
+                    getattr(header, "spacing_problem", None) or "PixelSpacing missing or invalid"
+                )
             elif not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 reason = f"PixelSpacing unreadable ({pair!r})"
             else:
@@ -479,7 +482,7 @@ def _spacing_arg(text: str) -> tuple[float, float]:
         lo, hi = SPACING_RANGE_MM
         raise argparse.ArgumentTypeError(
             f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
-            f"{MAX_SPACING_ANISOTROPY:g}:1 apart; {one_line(text)!r}: {reason}"
+            f"1:{MAX_SPACING_ASPECT:g} apart; {one_line(text)!r}: {reason}"
         )
     return row, col
 

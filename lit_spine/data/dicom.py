@@ -268,14 +268,23 @@ def validate_spacing(value: object, keyword: str = "PixelSpacing") -> tuple[floa
     if pair is None:
         raise _Bad(f"{name} = {one_line(value, 80)!r} is not two finite numbers")
     row_mm, col_mm = pair[0], pair[-1]
+    reason = implausible_spacing(row_mm, col_mm)
+    if reason is not None:
+        raise _Bad(f"{name} = {row_mm:g}\\{col_mm:g} mm {reason}")
+    return row_mm, col_mm
+
+
+def implausible_spacing(row_mm: float, col_mm: float) -> str | None:
+    """Why finite (row, col) mm are not a trustworthy pixel spacing, or None when they are.
+
+    The one plausibility rule for spacings read from headers and given on the command line.
+    """
     lo, hi = SPACING_RANGE_MM
     if not (lo <= row_mm <= hi and lo <= col_mm <= hi):
-        raise _Bad(f"{name} = {row_mm:g}\\{col_mm:g} mm is outside the plausible {lo:g}..{hi:g} mm")
+        return f"is outside the plausible {lo:g}..{hi:g} mm"
     if max(row_mm, col_mm) / min(row_mm, col_mm) > MAX_SPACING_ASPECT:
-        raise _Bad(
-            f"{name} = {row_mm:g}\\{col_mm:g} mm is more anisotropic than 1:{MAX_SPACING_ASPECT:g}"
-        )
-    return row_mm, col_mm
+        return f"is more anisotropic than 1:{MAX_SPACING_ASPECT:g}"
+    return None
 
 
 def _spacing(ds: pydicom.Dataset) -> tuple[tuple[float, float] | None, str, str | None]:

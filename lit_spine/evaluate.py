@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `lit-spine evaluate` argument parser."""
     parser = argparse.ArgumentParser(
         prog="lit-spine evaluate",
-        description="Score a prediction file against an annotation file (spec/metric.md): "
+        description="Score a prediction file against an annotation file (docs/metric.md): "
         "point detection at R (P/R/F1, AP, mAP), the 2020 baseline's macro-F1 and "
         "key-point recall, radial errors in mm.",
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lit_spine.data.labels import DISC_POINTS, VERTEBRA_POINTS
+from lit_spine.task import DISC_POINTS, VERTEBRA_POINTS
 from lit_spine.utils import choose
 
 HEATMAP_LOSSES = ("mse", "focal")

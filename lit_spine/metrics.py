@@ -1,4 +1,4 @@
-"""How a prediction is scored (spec/metric.md): heatmap decoding, label selection, the metric.
+"""How a prediction is scored (docs/metric.md): heatmap decoding, label selection, the metric.
 
 Three layers, each usable alone:
 
@@ -12,7 +12,8 @@ Three layers, each usable alone:
   DDP processes and calls the same core, as does `lit-spine evaluate` (lit_spine.evaluate),
   so both give identical numbers on identical predictions.
 
-Rules the spec leaves open, fixed here (the tests pin each one):
+Rules a plain statement of the metric leaves open, fixed here (docs/metric.md states them; the
+tests pin each one):
 
 - Distances: dx * column spacing, dy * row spacing, d = sqrt(dx^2 + dy^2) in float64; a hit
   is d < R (strictly), also for the baseline radius and the SDR radii.
@@ -55,14 +56,14 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lit_spine.data.labels import (
+from lit_spine.data.targets import heatmap_to_input_coords
+from lit_spine.task import (
     DISC_POINTS,
     NUM_POINTS,
     VERTEBRA_POINTS,
     Vocabulary,
     get_vocabulary,
 )
-from lit_spine.data.targets import heatmap_to_input_coords
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -426,7 +427,7 @@ def score_detections(
     baseline_radius_mm: float = 6.0,
     sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
 ) -> DetectionReport:
-    """Score flat predictions against flat ground truth (spec/metric.md, rules in the module doc).
+    """Score flat predictions against flat ground truth (docs/metric.md, rules in the module doc).
 
     `spacing_mm` (S, 2) holds [row, col] spacing per study index; studies without ground truth
     only contribute false positives, studies without predictions only false negatives.

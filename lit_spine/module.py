@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torchmetrics import MaxMetric
 
 from lit_spine.losses import SpineLoss, class_probabilities
 from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
@@ -137,7 +138,8 @@ class SpineModule(pl.LightningModule):
         )
         self.val_metric = SpineDetectionMetric(**metric_args)
         self.test_metric = SpineDetectionMetric(**metric_args)
-        self.best_val_map = -math.inf
+        # The running best of val/mAP over epochs (its own metric object: it must never be reset).
+        self.val_map_best = MaxMetric()
         self._compiled = False
         self.lr_effective: float | None = None  # set by configure_optimizers
 
@@ -160,6 +162,13 @@ class SpineModule(pl.LightningModule):
         if self.hparams.compile:
             self.net = torch.compile(self.net)
         self._compiled = True
+
+    @property
+    def best_val_map(self) -> float:
+        """The best finite val/mAP so far, -inf before the first one."""
+        if self.val_map_best.update_count == 0:
+            return -math.inf
+        return float(self.val_map_best.compute())
 
     @property
     def spine_net(self) -> nn.Module:
@@ -253,7 +262,7 @@ class SpineModule(pl.LightningModule):
             return
         current = logged["val/mAP"]
         if math.isfinite(current):
-            self.best_val_map = max(self.best_val_map, current)
+            self.val_map_best.update(current)
         if math.isfinite(self.best_val_map):
             self.log("val/mAP_best", self.best_val_map, sync_dist=True)
 
@@ -271,7 +280,11 @@ class SpineModule(pl.LightningModule):
         checkpoint["best_val_map"] = float(self.best_val_map)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_val_map = float(checkpoint.get("best_val_map", -math.inf))
+        # Metric states are not part of the state_dict, so the best travels as a plain float.
+        self.val_map_best.reset()
+        best = float(checkpoint.get("best_val_map", -math.inf))
+        if math.isfinite(best):
+            self.val_map_best.update(best)
 
     # ------------------------------------------------------------------ optimisation
     def optimizer_batch_size(self) -> int:
@@ -312,20 +325,49 @@ class SpineModule(pl.LightningModule):
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(total_steps - 1, int(round(hp.warmup_epochs * total_steps / epochs)))
-
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / (warmup_steps + 1)
-            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * min(1.0, t))
-            )
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, hp.min_lr_ratio)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up to the peak over `warmup_steps`, then cosine decay to `min_lr_ratio` x peak.
+
+    Step k of the warm-up runs at (k + 1) / (warmup_steps + 1) of the peak; the decay reaches
+    its floor at `total_steps`. PyTorch's schedulers, not a hand-written lambda; the cosine
+    floor is one absolute value, so every parameter group must share the peak (the suite's
+    groups differ only in weight decay).
+    """
+    peak_lrs = {group["lr"] for group in optimizer.param_groups}
+    if len(peak_lrs) != 1:
+        raise ValueError(
+            f"warmup_cosine_schedule needs one peak learning rate for all parameter groups, "
+            f"got {sorted(peak_lrs)}"
+        )
+    cosine_steps = max(1, total_steps - warmup_steps)
+    phases: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if warmup_steps > 0:
+        phases.append(
+            torch.optim.lr_scheduler.LinearLR(
+                optimizer, start_factor=1 / (warmup_steps + 1), total_iters=warmup_steps
+            )
+        )
+    phases.append(
+        torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=cosine_steps, eta_min=min_lr_ratio * peak_lrs.pop()
+        )
+    )
+    # Hold the floor after the planned end (CosineAnnealingLR alone would rise again): a
+    # resumed run given more epochs keeps its checkpointed plan and trains on at the floor.
+    phases.append(
+        torch.optim.lr_scheduler.ConstantLR(optimizer, factor=min_lr_ratio, total_iters=sys.maxsize)
+    )
+    milestones = [warmup_steps, warmup_steps + cosine_steps][-(len(phases) - 1) :]
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones=milestones)
 
 
 class DropBlockSchedule(pl.Callback):

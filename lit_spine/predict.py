@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 
 from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
-from lit_spine.data.labels import POINT_NAMES, Vocabulary
 from lit_spine.metrics import PredictionRows, select_predictions
+from lit_spine.task import POINT_NAMES, Vocabulary
 
 
 def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabulary) -> list[Point]:

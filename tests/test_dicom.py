@@ -34,7 +34,7 @@ def test_classify_plane_and_weighting():
     assert classify_plane(None) == "unknown"
     assert classify_weighting("t1_tse_sag") == "T1"
     assert classify_weighting("T2 FS SAG") == "T2"
-    assert classify_weighting("T2/T1 mixed") == "T1"  # 'T1' is tested first (spec)
+    assert classify_weighting("T2/T1 mixed") == "T1"  # 'T1' is tested first (docs/data-format.md)
     assert classify_weighting("STIR") == "unknown"
 
 

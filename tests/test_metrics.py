@@ -1,4 +1,4 @@
-"""The metric (spec/metric.md): a loop-by-loop reference, hand-worked cases, decoding, DDP sync."""
+"""The metric (docs/metric.md): a loop-by-loop reference, hand-worked cases, decoding, DDP sync."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ CLS = {name: i for i, name in enumerate(VOCAB.classes)}
 
 # ---------------------------------------------------------------------------- reference
 def reference_score(gt, pred, spacing, vocab=VOCAB, radius=8.0, b_radius=6.0, radii=(2, 4, 6, 8)):
-    """spec/metric.md with plain loops, written independently of the vectorised core."""
+    """docs/metric.md with plain loops, written independently of the vectorised core."""
     n_cls = vocab.num_classes
 
     def dist(s, a, b):

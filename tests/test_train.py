@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 import yaml
 
 from lit_spine.evaluate import main as evaluate_main
-from lit_spine.module import load_checkpoint
+from lit_spine.module import load_checkpoint, warmup_cosine_schedule
 from lit_spine.train_cli import run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,19 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
     assert (run / "checkpoints" / "last.ckpt").is_file()
     steps_two_epochs = summary["global_step"]
 
+    # The running best (MaxMetric) is the best epoch's val/mAP, in summary and checkpoint.
+    val_maps = [float(r["val/mAP"]) for r in rows if r.get("val/mAP")]
+    last_ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert summary["val/mAP_best"] == pytest.approx(max(val_maps), abs=1e-6)
+    assert last_ckpt["best_val_map"] == pytest.approx(max(val_maps), abs=1e-6)
+    # Each checkpoint's learning rate is the warm-up cosine formula at its step (smoke.yaml:
+    # peak 0.002, warm-up 0.5 of 2 epochs, floor 1% of the peak).
+    warmup_steps = round(0.5 * steps_two_epochs / 2)
+    for ckpt in (last_ckpt, torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)):
+        expected = 0.002 * lr_formula(ckpt["global_step"], warmup_steps, steps_two_epochs, 0.01)
+        for group in ckpt["optimizer_states"][0]["param_groups"]:
+            assert group["lr"] == pytest.approx(expected, rel=1e-9)
+
     # Resume the same run folder for a third epoch: it continues from the last step.
     run_lightning_cli(
         [
@@ -144,6 +158,8 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
     assert _run_dirs(tmp_path, "tiny") == [run]
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["epochs"] == 3
+    # The best so far came back from the checkpoint: the third epoch can only raise it.
+    assert resumed["val/mAP_best"] >= summary["val/mAP_best"]
     assert resumed["global_step"] == steps_two_epochs * 3 // 2
 
     # test and predict on the best checkpoint write beside the run, never over it.
@@ -193,6 +209,49 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
     saved = torch.load(best, weights_only=True)["state_dict"]
     assert not module.training and module.hparams.heatmap_weight == 1.0
     assert all(torch.equal(v, saved[k]) for k, v in module.state_dict().items())
+
+
+def lr_formula(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The suite's warm-up cosine learning-rate factor, written out as it was before the
+    schedule moved onto PyTorch's schedulers (the reference the schedulers must match)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@pytest.mark.parametrize("warmup_steps,total_steps", [(0, 1), (0, 12), (3, 10), (9, 10), (40, 400)])
+def test_warmup_cosine_schedule_matches_the_formula(warmup_steps, total_steps):
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(
+        [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=0.002
+    )
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, min_lr_ratio=0.01)
+    # Twice the planned length: after the end the rate stays at the floor.
+    for step in range(2 * total_steps):
+        expected = 0.002 * lr_formula(step, warmup_steps, total_steps, 0.01)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_warmup_cosine_schedule_hand_values():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=3, total_steps=7, min_lr_ratio=0.0)
+    seen = []
+    for _ in range(9):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Warm-up 1/4, 2/4, 3/4; then the peak and cosine over 4 steps: 1, (1+cos(pi/4))/2, 1/2, ...
+    half_cos = (1 + math.cos(math.pi / 4)) / 2
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, half_cos, 0.5, 1 - half_cos, 0.0, 0.0])
+
+
+def test_warmup_cosine_schedule_refuses_different_peaks():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1.0, 0.1)]
+    with pytest.raises(ValueError, match="one peak learning rate"):
+        warmup_cosine_schedule(torch.optim.SGD(groups, lr=1.0), 2, 10, 0.01)
 
 
 def test_print_model(phantom_root, tmp_path, capsys):

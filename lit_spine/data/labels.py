@@ -1,121 +1,31 @@
-"""The 11 keypoints and the two disease-label vocabularies of the spine dataset.
+"""The point and label definitions, re-exported from `lit_spine.task` where they now live.
 
-Point order is anatomical, top to bottom, and is the channel order of every heatmap and
-every per-point array in the suite. A "class" is a (point type, disease code) pair such as
-``disc/v3``; the metric counts one ground-truth instance per class label.
+They moved out of `data/` so that `models/` can use them without importing the data layer
+(see docs/architecture.md); this module keeps `lit_spine.data.labels` imports working.
 """
 
-from __future__ import annotations
-
-import difflib
-from dataclasses import dataclass
-
-POINT_NAMES: tuple[str, ...] = (
-    "T12-L1",
-    "L1",
-    "L1-L2",
-    "L2",
-    "L2-L3",
-    "L3",
-    "L3-L4",
-    "L4",
-    "L4-L5",
-    "L5",
-    "L5-S1",
+from lit_spine.task import (
+    DISC_POINTS,
+    NUM_POINTS,
+    POINT_INDEX,
+    POINT_NAMES,
+    VERTEBRA_POINTS,
+    VOCABULARIES,
+    Vocabulary,
+    get_vocabulary,
+    is_disc,
+    point_type,
 )
-NUM_POINTS = len(POINT_NAMES)
-POINT_INDEX = {name: i for i, name in enumerate(POINT_NAMES)}
-VERTEBRA_POINTS: tuple[int, ...] = tuple(i for i, n in enumerate(POINT_NAMES) if "-" not in n)
-DISC_POINTS: tuple[int, ...] = tuple(i for i, n in enumerate(POINT_NAMES) if "-" in n)
 
-
-def is_disc(identification: str) -> bool:
-    """A point is a disc when its identification contains '-' (e.g. 'L4-L5')."""
-    return "-" in identification
-
-
-def point_type(identification: str) -> str:
-    """'disc' or 'vertebra' for an identification string."""
-    return "disc" if is_disc(identification) else "vertebra"
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Disease codes per point type, with human-readable meanings."""
-
-    name: str
-    vertebra: dict[str, str]
-    disc: dict[str, str]
-
-    def codes(self, kind: str) -> tuple[str, ...]:
-        """Disease codes for 'vertebra' or 'disc', in order."""
-        return tuple(self.vertebra if kind == "vertebra" else self.disc)
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        """All metric classes, vertebra classes first: ('vertebra/v1', ..., 'disc/v1', ...)."""
-        return tuple(f"vertebra/{c}" for c in self.vertebra) + tuple(f"disc/{c}" for c in self.disc)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.vertebra) + len(self.disc)
-
-    def class_index(self, kind: str, code: str) -> int:
-        """Index into `classes` of a (point type, code) pair; raises ValueError if unknown."""
-        codes = self.codes(kind)
-        if code not in codes:
-            raise ValueError(
-                f"unknown {kind} disease code {code!r} for vocabulary {self.name!r}; "
-                f"valid codes: {', '.join(codes)}"
-            )
-        offset = 0 if kind == "vertebra" else len(self.vertebra)
-        return offset + codes.index(code)
-
-    def parse(self, kind: str, text: str | None) -> tuple[str, ...]:
-        """Parse a comma-joined disease string ('' means v1) into validated codes."""
-        parts = [p.strip() for p in (text or "").split(",") if p.strip()]
-        if not parts:
-            parts = ["v1"]
-        for code in parts:
-            self.class_index(kind, code)
-        return tuple(dict.fromkeys(parts))
-
-
-VOCABULARIES: dict[str, Vocabulary] = {
-    "tianchi2020": Vocabulary(
-        name="tianchi2020",
-        vertebra={"v1": "normal", "v2": "degenerative change"},
-        disc={
-            "v1": "normal",
-            "v2": "bulge",
-            "v3": "protrusion",
-            "v4": "extrusion",
-            "v5": "Schmorl's node (intravertebral herniation)",
-        },
-    ),
-    "seed7": Vocabulary(
-        name="seed7",
-        vertebra={"v1": "normal", "v2": "degenerative change"},
-        disc={
-            "v1": "normal",
-            "v2": "degenerative change",
-            "v3": "diffuse bulge",
-            "v4": "asymmetric bulge",
-            "v5": "protrusion",
-            "v6": "extrusion",
-            "v7": "herniation into the vertebral body",
-        },
-    ),
-}
-
-
-def get_vocabulary(name: str) -> Vocabulary:
-    """Look up a vocabulary by name; a misspelling names the closest valid choice."""
-    try:
-        return VOCABULARIES[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, VOCABULARIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown vocabulary {name!r}{hint}; choose one of: {', '.join(VOCABULARIES)}"
-        ) from None
+__all__ = [
+    "DISC_POINTS",
+    "NUM_POINTS",
+    "POINT_INDEX",
+    "POINT_NAMES",
+    "VERTEBRA_POINTS",
+    "VOCABULARIES",
+    "Vocabulary",
+    "get_vocabulary",
+    "is_disc",
+    "point_type",
+]

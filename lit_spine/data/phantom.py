@@ -1,7 +1,7 @@
 """The built-in phantom: synthetic lumbar-spine MRI studies written in the challenge layout.
 
 ``generate_phantom`` writes ``<out>/<split>/study<k>/image<j>.dcm`` and
-``<out>/<split>_annotation.json`` for every split (see ``spec/data-format.md``), so that DICOM
+``<out>/<split>_annotation.json`` for every split (see ``docs/data-format.md``), so that DICOM
 reading, series choice, annotation parsing, training and evaluation run unchanged on it.
 Each study is a real exam in miniature: a T2 sagittal series (11-15 slices), a T1 sagittal
 series on the same slice positions, sometimes a darker fat-suppressed T2 sagittal series
@@ -11,11 +11,11 @@ data's priors and drawn into the anatomy (``phantom_anatomy``), consistently on 
 series and neighbouring slice.
 
 Difficulty (``difficulty``, ``--difficulty``; 0 easy, 1 default, 2 hard) scales together:
-noise (Rician sigma 0.015 + 0.03 d of the CSF signal), bias-field strength, blur (on top of
-the partial volume of 2x-supersampled tissue maps), tissue heterogeneity, the spread
-of anatomy and patient rotation (x 0.4 + 0.6 d) and the subtlety of pathology (bulge,
+noise (Rician sigma 0.012 + 0.03 d of the CSF signal, x U(0.7, 1.3)), bias-field strength,
+blur (on top of the partial volume of 2x-supersampled tissue maps), tissue heterogeneity,
+the spread of anatomy and patient rotation (x 0.4 + 0.6 d) and the subtlety of pathology (bulge,
 protrusion, osteophyte and Modic sizes x 1.3 - 0.3 d; degenerated nuclei less dark as d
-grows). At the default, lesions have the textbook sizes of ``spec/phantom.md``.
+grows). At the default, lesions have textbook sizes (``docs/phantom.md``).
 
 Determinism: each study's random streams come from ``SeedSequence([seed, crc32(split),
 index])``, so output is byte-identical for a seed whatever the number of workers. Rare,

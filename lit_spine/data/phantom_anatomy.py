@@ -9,9 +9,9 @@ and foramina beside the canal). A slice is drawn with Pillow polygons, painter's
 a uint8 map of tissue ids (at 2x by default, so the signal gets partial-volume edges); the
 thecal sac, cord and roots follow the slice's lateral offset level by level; `tissue_lut`
 turns ids into T2 / T1 / fat-suppressed T2 signal.
-Typical adult sizes and signal levels follow ``spec/phantom.md``.
+Sizes and signal levels are typical adult values (listed in ``docs/phantom.md``).
 
-Disease labels are sampled first (`sample_labels`, priors of ``spec/data-format.md``) and
+Disease labels are sampled first (`sample_labels`, priors of ``docs/data-format.md``) and
 then *cause* what is drawn: nucleus signal and height loss, posterior bulges, focal bumps,
 extruded fragments, endplate notches, osteophytes, Modic bands and sclerosis.
 """

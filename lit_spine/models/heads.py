@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from lit_spine.data.labels import DISC_POINTS, NUM_POINTS, VERTEBRA_POINTS
+from lit_spine.task import DISC_POINTS, NUM_POINTS, VERTEBRA_POINTS
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:

@@ -13,8 +13,8 @@ import warnings
 import torch
 from torch import nn
 
-from lit_spine.data.labels import NUM_POINTS, get_vocabulary
 from lit_spine.models import backbones, drops, heads, norms
+from lit_spine.task import NUM_POINTS, get_vocabulary
 from lit_spine.utils import choose
 
 

@@ -130,12 +130,14 @@ def plain_step(backbone: str, batch: dict, device: torch.device) -> Callable:
     return step
 
 
-def time_call(fn: Callable, threads: int, min_run_time: float, label: str = "") -> float:
-    """Median seconds per call of `fn` (blocked_autorange, after two warm-up calls)."""
+def time_call(
+    fn: Callable, threads: int, min_run_time: float, label: str = "", warmup: int = 2
+) -> float:
+    """Median seconds per call of `fn` (blocked_autorange, after `warmup` untimed calls)."""
     from torch.utils import benchmark
 
-    fn()
-    fn()  # oneDNN primitives, AdamW state and compiled graphs are built in the warm-up
+    for _ in range(warmup):
+        fn()  # oneDNN primitives, AdamW state and compiled graphs are built in the warm-up
     timer = benchmark.Timer(
         stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label or "step"
     )

@@ -399,7 +399,7 @@ class BenchConfig:
             step_image_size=64 if quick else (256 if cuda else 128),
             step_min_run_s=0.2 if quick else 2.0,
             compile=args.compile if args.compile is not None else cuda,
-            sweep_repeats=1 if quick else 2,
+            sweep_repeats=1,
             sweep_overrides=(
                 ("--trainer.max_epochs=1", "--data.image_size=64", "--data.phantom_studies=6")
                 if quick

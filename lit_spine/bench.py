@@ -1136,8 +1136,7 @@ def bench_precision(b: Bench) -> None:
         variants += [perf.Variant("bf16-mixed"), perf.Variant("bf16-mixed", channels_last=True)]
     else:
         b.rec.note("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 variants not measured")
-    if cfg.compile:
-        variants.append(perf.Variant(suite.precision, suite.channels_last, compile=True))
+    compiled = perf.Variant(suite.precision, suite.channels_last, compile=True)
     peak: dict[torch.dtype, float] = {}
     for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         runs = [
@@ -1169,7 +1168,9 @@ def bench_precision(b: Bench) -> None:
             continue
         t0 = time.perf_counter()
         train_flops = perf.train_flops_per_image(perf.forward_flops(backbone, cfg.step_image_size))
-        steps = {v.name: (v, perf.suite_step(backbone, v, batch, b.device)) for v in variants}
+        # Compiling takes minutes per network: only the first backbone gets a compiled step.
+        chosen = variants + ([compiled] if cfg.compile and not spent else [])
+        steps = {v.name: (v, perf.suite_step(backbone, v, batch, b.device)) for v in chosen}
         steps["plain_fp32"] = (perf.Variant(), perf.plain_step(backbone, batch, b.device))
         for _, fn in steps.values():
             fn()
@@ -1284,6 +1285,9 @@ def _sweep_fit(b: Bench, overrides: Sequence[str], tag: str) -> tuple[float, Pat
 def bench_sweep(b: Bench) -> None:
     """One sweep-preset run end to end (data ready): today's preset against the preset as it
     was before the performance work (fp32, NCHW, validation and last.ckpt every epoch)."""
+    if b.cuda:
+        b.rec.note("sweep: experiments/sweep_cpu.yaml is a CPU preset; not run with --device cuda")
+        return
     _sweep_fit(b, ["--trainer.fast_dev_run=1"], "warm-up")  # phantom + cache, untimed
     sides = {"sweep_run/old_fp32": OLD_SWEEP_PRESET, "sweep_run/new": ()}
     walls: dict[str, list[float]] = {k: [] for k in sides}

@@ -70,3 +70,22 @@ def test_tiny_bf16_trainer_run_on_cpu_lowers_the_loss(phantom_root, tmp_path):
     assert len(losses) >= 20
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hardware.cpu_bf16_native(), reason="this CPU has no native bf16")
+def test_overfit_preset_still_learns_in_bf16(tmp_path):
+    """The overfit preset's own bar (tests/test_train.py), with the sweep preset's bf16 + channels_last."""
+    run_lightning_cli([
+        "fit", "--config", str(EXPERIMENTS / "overfit.yaml"),
+        "--trainer.precision=bf16-mixed", "--model.channels_last=true",
+        f"--data.phantom_dir={tmp_path / 'phantom'}", f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--runs_root={tmp_path / 'runs'}", "--wandb=disabled",
+        "--trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    run = next((tmp_path / "runs" / "overfit").iterdir())
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert sum(losses[-3:]) / 3 < 0.05 * sum(losses[:3]) / 3, losses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val/sdr/8mm"] > 0.9 and summary["val/mre_mm"] < 5.0, summary

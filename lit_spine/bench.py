@@ -401,7 +401,8 @@ class BenchConfig:
             compile=args.compile if args.compile is not None else cuda,
             sweep_repeats=1,
             sweep_overrides=(
-                ("--trainer.max_epochs=1", "--data.image_size=64", "--data.phantom_studies=6")
+                ("--trainer.max_epochs=1", "--data.image_size=64", "--data.phantom_studies=10")
+                + ("--data.batch_size=2",)  # 3+ batches: ThroughputMonitor skips the first 2
                 if quick
                 else (f"--trainer.max_epochs={args.sweep_epochs}",)
                 if args.sweep_epochs

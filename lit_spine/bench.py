@@ -16,7 +16,10 @@ What is compared (`--only` picks sections by name):
                 epoch against the validation forward pass of the same epoch;
 - ``lightning`` `SpineModule` under `pl.Trainer` vs a plain PyTorch loop doing the same
                 steps (same net and seed, same loader, optimizer and schedule);
-- ``grid``      training images/s and peak memory per backbone x norm at the default size.
+- ``grid``      training images/s and peak memory per backbone x norm at the default size;
+- ``precision`` the real `SpineModule` step in fp32/bf16 x NCHW/channels_last (and compiled)
+                vs a plain fp32 loop, the measured peak FLOP/s and MFU (lit_spine/perf.py);
+- ``sweep``     one sweep-preset run end to end, today's preset vs the one before bf16.
 
 Output: one JSON line per figure on stdout, then a readable summary; `--out` writes
 Markdown (atomically), `--json-out` all figures as JSON. The run keeps to `--max-minutes`

@@ -16,7 +16,10 @@ What is compared (`--only` picks sections by name):
                 epoch against the validation forward pass of the same epoch;
 - ``lightning`` `SpineModule` under `pl.Trainer` vs a plain PyTorch loop doing the same
                 steps (same net and seed, same loader, optimizer and schedule);
-- ``grid``      training images/s and peak memory per backbone x norm at the default size.
+- ``grid``      training images/s and peak memory per backbone x norm at the default size;
+- ``precision`` the real `SpineModule` step in fp32/bf16 x NCHW/channels_last (and compiled)
+                vs a plain fp32 loop, the measured peak FLOP/s and MFU (lit_spine/perf.py);
+- ``sweep``     one sweep-preset run end to end, today's preset vs the one before bf16.
 
 Output: one JSON line per figure on stdout, then a readable summary; `--out` writes
 Markdown (atomically), `--json-out` all figures as JSON. The run keeps to `--max-minutes`
@@ -49,7 +52,7 @@ from typing import Any
 
 from lit_spine.utils import git_state
 
-SECTIONS = ("phantom", "io", "loader", "metric", "lightning", "grid")
+SECTIONS = ("phantom", "io", "loader", "metric", "lightning", "grid", "precision", "sweep")
 DEFAULT_BACKBONES_CPU = ("resnet18", "mobilenetv3_large_100", "convnext_atto")
 DEFAULT_BACKBONES_GPU = ("resnet18", "efficientnet_b0", "convnext_atto", "mobilenetv3_large_100")
 DEFAULT_NORMS = ("batchnorm", "groupnorm", "layernorm", "instancenorm")
@@ -61,6 +64,17 @@ LIGHTNING_TARGET = 0.95  # Lightning images/s over plain-loop images/s
 LOADER_TARGET = 10.0  # loader images/s over the fastest backbone's training images/s
 METRIC_TARGET_S = 1.0  # seconds to score 10,000 studies
 PHANTOM_TARGET_S = 120.0  # seconds to generate 200 studies with every core
+STEP_TARGET = 1.4  # the suite's ResNet-18 step (its preset's precision) over a plain fp32 loop
+SWEEP_TARGET = 1.5  # one sweep-preset run, old preset's wall time over today's
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# experiments/sweep_cpu.yaml before the performance work (commit 160c282), as overrides of
+# today's: fp32, NCHW, validation and a last.ckpt every epoch.
+OLD_SWEEP_PRESET = (
+    "--trainer.precision=32-true",
+    "--model.channels_last=false",
+    "--trainer.check_val_every_n_epoch=1",
+    "--checkpoint.save_last=true",
+)
 
 # timm's own published benchmark CSVs (huggingface/pytorch-image-models, results/), copied
 # verbatim for comparison: samples/s of the bare encoder at the stated size and batch.
@@ -338,6 +352,15 @@ class BenchConfig:
     norms: tuple[str, ...]
     metric_studies: int = 10000
     phantom_batch: int = 200  # studies of the one-shot "whole dataset" phantom figure
+    quick: bool = False
+    step_backbones: tuple[str, ...] = ("resnet18",)  # the precision section's backbones
+    step_batch: int = 8  # the sweep preset's batch and image size
+    step_image_size: int = 128
+    step_min_run_s: float = 2.0  # blocked_autorange's min_run_time per repeat
+    compile: bool = False  # also time the suite's variant under torch.compile
+    sweep_repeats: int = 1
+    sweep_overrides: tuple[str, ...] = ()  # extra `lit-spine fit` options of the sweep runs
+    sweep_phantom_dir: str | None = None  # None: a phantom built in the work folder
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cuda: bool) -> BenchConfig:
@@ -366,6 +389,31 @@ class BenchConfig:
             norms=tuple(norms),
             metric_studies=1000 if quick else 10000,
             phantom_batch=4 if quick else 200,
+            quick=quick,
+            step_backbones=tuple(
+                args.step_backbones
+                or (
+                    ("resnet18",)
+                    if quick
+                    else ("resnet18", "mobilenetv3_large_100", "convnext_atto")
+                )
+            ),
+            step_batch=2 if quick else (32 if cuda else 8),
+            step_image_size=64 if quick else (256 if cuda else 128),
+            step_min_run_s=0.2 if quick else 2.0,
+            compile=args.compile if args.compile is not None else cuda,
+            sweep_repeats=1,
+            sweep_overrides=(
+                ("--trainer.max_epochs=1", "--data.image_size=64", "--data.phantom_studies=10")
+                + ("--data.batch_size=2",)  # 3+ batches: ThroughputMonitor skips the first 2
+                if quick
+                else (f"--trainer.max_epochs={args.sweep_epochs}",)
+                if args.sweep_epochs
+                else ()
+            ),
+            sweep_phantom_dir=None
+            if quick or not Path("data/phantom").is_dir()
+            else str(Path("data/phantom").resolve()),
         )
 
 
@@ -1054,6 +1102,227 @@ def bench_grid(b: Bench) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- precision, MFU
+def suite_variant(cuda: bool):
+    """How the suite trains on this device: precision and channels_last of its preset
+    (experiments/gpu.yaml on a GPU, experiments/sweep_cpu.yaml on the CPU), resolved as
+    `lit-spine fit` resolves them (bf16 falls back to fp32 on a CPU without native bf16)."""
+    import yaml
+
+    from lit_spine.hardware import resolve_precision
+    from lit_spine.perf import Variant
+
+    preset = yaml.safe_load((EXPERIMENTS / ("gpu.yaml" if cuda else "sweep_cpu.yaml")).read_text())
+    precision, _ = resolve_precision(
+        (preset.get("trainer") or {}).get("precision", "32-true"), "gpu" if cuda else "cpu"
+    )
+    return Variant(precision, bool((preset.get("model") or {}).get("channels_last", False)))
+
+
+def bench_precision(b: Bench) -> None:
+    """The real SpineModule training step per precision x memory format against a plain fp32
+    loop of the same net, the machine's peak FLOP/s, and MFU per backbone x precision.
+
+    Timed with torch.utils.benchmark (blocked_autorange); the variants of one backbone are
+    interleaved per repeat (A B C .. then .. C B A) so machine load hits them alike.
+    """
+    import torch
+
+    from lit_spine import perf
+    from lit_spine.hardware import cpu_bf16_native
+
+    cfg = b.cfg
+    threads = torch.get_num_threads()
+    bf16 = b.cuda or cpu_bf16_native()
+    suite = suite_variant(b.cuda)
+    variants = [perf.Variant(), perf.Variant(channels_last=True)]
+    if bf16:
+        variants += [perf.Variant("bf16-mixed"), perf.Variant("bf16-mixed", channels_last=True)]
+    else:
+        b.rec.note("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 variants not measured")
+    compiled = perf.Variant(suite.precision, suite.channels_last, compile=True)
+    peak: dict[torch.dtype, float] = {}
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+        runs = [
+            perf.peak_flops(b.device, dtype, threads, cfg.step_min_run_s, cfg.quick)
+            for _ in range(cfg.repeats)
+        ]
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        fig = b.rec.figure(
+            Figure(
+                f"peak_flops/{name}",
+                "GFLOP/s",
+                [r["peak"] / 1e9 for r in runs],
+                "precision",
+                {
+                    "gemm_gflops": _clean(statistics.median(r["gemm"] for r in runs) / 1e9),
+                    "conv3x3_gflops": _clean(statistics.median(r["conv"] for r in runs) / 1e9),
+                    "threads": threads,
+                    "what": "max of a dense GEMM and a 3x3 convolution (channels_last) "
+                    "microbenchmark in this dtype",
+                },
+            )
+        )
+        peak[dtype] = fig.median * 1e9
+    batch = perf.make_batch(cfg.step_batch, cfg.step_image_size, b.device)
+    spent: list[float] = []
+    for backbone in cfg.step_backbones:
+        if max(spent, default=0.0) * 1.2 > b.time_left():
+            b.rec.note(f"step/{backbone}: skipped, too little of --max-minutes left")
+            continue
+        t0 = time.perf_counter()
+        train_flops = perf.train_flops_per_image(perf.forward_flops(backbone, cfg.step_image_size))
+        # Compiling takes minutes per network: only the first backbone gets a compiled step.
+        chosen = variants + ([compiled] if cfg.compile and not spent else [])
+        steps = {v.name: (v, perf.suite_step(backbone, v, batch, b.device)) for v in chosen}
+        steps["plain_fp32"] = (perf.Variant(), perf.plain_step(backbone, batch, b.device))
+        for _, fn in steps.values():
+            fn()
+            fn()  # warm-up once: later repeats reuse the primitives and optimizer state
+        rates: dict[str, list[float]] = {name: [] for name in steps}
+        for r in range(cfg.repeats):
+            for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+                seconds = perf.time_call(steps[name][1], threads, cfg.step_min_run_s, warmup=0)
+                rates[name].append(cfg.step_batch / seconds)
+        for name, (variant, _) in steps.items():
+            achieved = statistics.median(rates[name]) * train_flops
+            b.rec.figure(
+                Figure(
+                    f"step/{backbone}/{name}",
+                    "images/s",
+                    rates[name],
+                    "precision",
+                    {
+                        "backbone": backbone,
+                        "variant": name,
+                        "what": "plain PyTorch loop, fp32 NCHW"
+                        if name == "plain_fp32"
+                        else "SpineModule.training_step + backward + AdamW",
+                        "batch": cfg.step_batch,
+                        "image_size": cfg.step_image_size,
+                        "threads": threads,
+                        "train_gflop_per_image": _clean(train_flops / 1e9),
+                        "achieved_gflops": _clean(achieved / 1e9),
+                        "mfu": _clean(achieved / peak[variant.dtype]),
+                    },
+                )
+            )
+        plain = b.rec.get(f"step/{backbone}/plain_fp32")
+        for name in steps:
+            if name == "plain_fp32":
+                continue
+            target = STEP_TARGET if backbone == "resnet18" and name == suite.name else None
+            rec = ratio_record(
+                f"step_vs_plain_fp32/{backbone}/{name}",
+                b.rec.get(f"step/{backbone}/{name}"),
+                plain,
+                target,
+                section="precision",
+                why=f"the suite's step ({name}) is not {STEP_TARGET}x the plain fp32 loop here",
+            )
+            if target is not None:
+                rec["meaning"] = "the suite's training step (as its CPU/GPU preset runs it)"
+            b.rec.ratio(rec)
+        del steps
+        spent.append(time.perf_counter() - t0)
+
+
+def mfu_table(rec: Recorder) -> str:
+    """Backbone x variant: images/s, achieved GFLOP/s, the peak it is divided by, MFU."""
+    rows = []
+    for f in rec.figures:
+        if f.name.startswith("step/") and f.values:
+            x = f.extra
+            dtype = "bf16" if x["variant"].startswith("bf16") else "fp32"
+            p = rec.get(f"peak_flops/{dtype}")
+            rows.append(
+                [
+                    x["backbone"],
+                    x["variant"],
+                    _fmt(f.median),
+                    _fmt(x["achieved_gflops"]),
+                    f"{_fmt(p.median if p else None)} ({dtype})",
+                    f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "n/a",
+                ]
+            )
+    return _table(
+        ["backbone", "variant", "images/s", "achieved GFLOP/s", "peak GFLOP/s", "MFU"], rows
+    )
+
+
+# ---------------------------------------------------------------------------- sweep run
+def _sweep_fit(b: Bench, overrides: Sequence[str], tag: str) -> tuple[float, Path]:
+    """Wall seconds and run folder of one `lit-spine fit` with the sweep preset, in a child
+    process with one `make sweep` worker's share of the threads (as the sweep runs it)."""
+    import subprocess
+
+    cfg = b.cfg
+    runs = b.workdir / "sweep-runs" / tag
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    env = dict(
+        os.environ,
+        WANDB_MODE="disabled",
+        LIT_SPINE_NUM_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        LIT_SPINE_RUN_DIR=str(runs),
+    )
+    command = [
+        sys.executable, "-m", "lit_spine", "fit",
+        "--config", str(EXPERIMENTS / "base.yaml"),
+        "--config", str(EXPERIMENTS / "sweep_cpu.yaml"),
+        *overrides,
+        f"--data.phantom_dir={cfg.sweep_phantom_dir or b.workdir / 'sweep-phantom'}",
+        f"--data.cache_dir={b.workdir / 'sweep-cache'}",
+        "--wandb=disabled",
+        *cfg.sweep_overrides,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        tail = "\n".join(done.stderr.splitlines()[-5:])
+        raise RuntimeError(f"sweep-preset run {tag} exited {done.returncode}: {tail}")
+    return seconds, runs
+
+
+def bench_sweep(b: Bench) -> None:
+    """One sweep-preset run end to end (data ready): today's preset against the preset as it
+    was before the performance work (fp32, NCHW, validation and last.ckpt every epoch)."""
+    if b.cuda:
+        b.rec.note("sweep: experiments/sweep_cpu.yaml is a CPU preset; not run with --device cuda")
+        return
+    _sweep_fit(b, ["--trainer.fast_dev_run=1"], "warm-up")  # phantom + cache, untimed
+    sides = {"sweep_run/old_fp32": OLD_SWEEP_PRESET, "sweep_run/new": ()}
+    walls: dict[str, list[float]] = {k: [] for k in sides}
+    ips: dict[str, list[float]] = {k: [] for k in sides}
+    per_epoch: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(b.cfg.sweep_repeats):
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            seconds, run = _sweep_fit(b, sides[name], f"{name.split('/')[1]}-{r}")
+            summary = json.loads((run / "summary.json").read_text())
+            walls[name].append(seconds)
+            ips[name].append(summary.get("images_per_s") or math.nan)
+            per_epoch[name].append(summary["runtime_s"] / max(1, summary["epochs"]))
+    extra = {"overrides": " ".join(b.cfg.sweep_overrides) or "none"}
+    figs = {}
+    for name in sides:
+        what = {"preset": "before: " + " ".join(OLD_SWEEP_PRESET) if "old" in name else "today"}
+        figs[name] = b.rec.figure(Figure(name, "s", walls[name], "sweep", {**extra, **what}))
+        b.rec.figure(Figure(f"{name}/images_per_s", "images/s", ips[name], "sweep", what))
+        b.rec.figure(Figure(f"{name}/s_per_epoch", "s", per_epoch[name], "sweep", what))
+    rec = ratio_record(
+        "sweep_run_speedup",
+        figs["sweep_run/old_fp32"],
+        figs["sweep_run/new"],
+        SWEEP_TARGET,
+        section="sweep",
+        why="one sweep-preset run end to end is not 1.5x faster than with the old preset",
+    )
+    rec["meaning"] = "old preset's wall seconds / today's (process start to exit, data ready)"
+    b.rec.ratio(rec)
+
+
 SECTION_FUNCS: dict[str, Callable[[Bench], None]] = {
     "phantom": bench_phantom,
     "io": bench_io,
@@ -1061,6 +1330,8 @@ SECTION_FUNCS: dict[str, Callable[[Bench], None]] = {
     "metric": bench_metric,
     "lightning": bench_lightning,
     "grid": bench_grid,
+    "precision": bench_precision,
+    "sweep": bench_sweep,
 }
 
 
@@ -1303,6 +1574,20 @@ def run_markdown(rec: Recorder, info: dict[str, Any], seconds: float, cfg: Bench
             "",
             grid_table(rec),
         ]
+    if any(f.name.startswith("step/") for f in rec.figures):
+        out += [
+            "",
+            "### Training step: precision, memory format, MFU",
+            "",
+            f"The real `SpineModule` training step (forward under the autocast Lightning uses, "
+            f"SpineLoss, backward, AdamW) per variant, and a plain fp32 NCHW PyTorch loop of the "
+            f"same net, batch {cfg.step_batch}, {cfg.step_image_size} px, timed with "
+            "torch.utils.benchmark. Training FLOPs = 3x the forward FLOPs `describe` counts "
+            "(backward ~ 2x forward); MFU divides the achieved FLOP/s by the measured peak of "
+            "the same dtype (the larger of a dense GEMM and a 3x3 convolution, this run).",
+            "",
+            mfu_table(rec),
+        ]
     if rec.notes:
         out += ["", "### Notes", "", *[f"- {n}" for n in rec.notes]]
     return "\n".join(out)
@@ -1380,6 +1665,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop-backbone",
         help="backbone of the Lightning-vs-plain and validation figures "
         "(default mobilenetv3_small_100: the fastest, so overheads show most)",
+    )
+    p.add_argument(
+        "--step-backbones",
+        type=_csv,
+        help="backbones of the precision/MFU section (default resnet18, mobilenetv3_large_100, "
+        "convnext_atto; resnet18 with --quick)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the suite's step under torch.compile (default: on CUDA only; on the "
+        "CPU compiling takes minutes)",
+    )
+    p.add_argument(
+        "--sweep-epochs",
+        type=int,
+        help="epochs of the sweep section's runs (default: the preset's own)",
     )
     p.add_argument(
         "--max-minutes",

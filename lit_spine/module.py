@@ -77,7 +77,8 @@ class SpineModule(pl.LightningModule):
         radius_mm: hit radius of the primary point-detection metric.
         baseline_radius_mm: hit radius of the 2020 baseline's macro-F1.
         multi_label_threshold: extra disease labels predicted when their probability reaches this.
-        channels_last: run the net in channels_last memory format (faster convolutions on GPUs).
+        channels_last: run the net in channels_last memory format (faster convolutions on GPUs;
+            on this suite's CPU presets it is measured by `lit-spine bench --only precision`).
         compile: wrap the net with `torch.compile`.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm when training on several GPU processes.
         point_jitter: standard deviation, in heatmap pixels, of the Gaussian noise added to the
@@ -182,7 +183,11 @@ class SpineModule(pl.LightningModule):
     def forward(self, images: torch.Tensor, points: torch.Tensor | None = None) -> dict:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images, points)
+        outputs = self.net(images, points)
+        # Under bf16 autocast the convolutions return bf16; the losses, sigmoids and heatmap
+        # decoding must see fp32 (a bf16 sum over a heatmap keeps 3 significant digits and
+        # bf16 probabilities tie in the AP ranking), so the outputs leave the module in fp32.
+        return {k: v.float() if v.is_floating_point() else v for k, v in outputs.items()}
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

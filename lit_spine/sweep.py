@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -978,4 +979,21 @@ def _run_offline(
         from lit_spine.report import print_report
 
         print_report([sweep_dir], out=sweep_dir / "report")
+    print(f"[sweep {state.name}] {throughput_line(state, time.monotonic() - runner.t_start)}")
     return 1 if failed else 0
+
+
+def throughput_line(state: SweepState, wall_s: float) -> str:
+    """Total wall time and training images/s of the finished runs (from their summary.json)."""
+    rates = []
+    for run in state.runs:
+        summary = read_summary(state.dir / run.run_dir) if run.status == "finished" else None
+        if summary and summary.get("images_per_s"):
+            rates.append(float(summary["images_per_s"]))
+    if not rates:
+        return f"wall time {_fmt_s(wall_s)}; no finished run reported images/s"
+    median = statistics.median(rates)
+    return (
+        f"wall time {_fmt_s(wall_s)}; training {median:.1f} images/s per run "
+        f"(median of {len(rates)} finished run(s), after each epoch's warm-up batches)"
+    )

@@ -31,6 +31,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from lit_spine.data.datamodule import SpineDataModule
 from lit_spine.diagnostics import Diagnostics
+from lit_spine.hardware import resolve_precision, set_cpu_threads
 from lit_spine.module import (
     CheckpointOnInterrupt,
     DropBlockSchedule,
@@ -330,6 +331,14 @@ class SpineCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init[self.subcommand]
         trainer_cfg = cfg.get("trainer", {})
+        precision, note = resolve_precision(
+            trainer_cfg.get("precision"), trainer_cfg.get("accelerator")
+        )
+        if note:
+            print(f"lit-spine: {note}", file=sys.stderr)
+            trainer_cfg["precision"] = precision
+            # config.yaml records what the run trained with, not what was asked for.
+            self.config[self.subcommand]["trainer"]["precision"] = precision
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(cfg)
         kwargs.setdefault("default_root_dir", str(self.run_dir))
@@ -401,7 +410,7 @@ def run_lightning_cli(argv: list[str]) -> SpineCLI:
     """Run LightningCLI on argv (e.g. ['fit', '--config', 'experiments/smoke.yaml'])."""
     threads = os.environ.get("LIT_SPINE_NUM_THREADS")
     if threads:
-        torch.set_num_threads(max(1, int(threads)))
+        set_cpu_threads(int(threads))
     # The run folder is handed to DDP children through the environment; restore it
     # afterwards so that a second run in the same process gets a folder of its own.
     saved = os.environ.get("LIT_SPINE_RUN_DIR")

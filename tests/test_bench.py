@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 
 import pytest
+import torch
 
-from lit_spine import bench
+from lit_spine import bench, perf, sweep
 from lit_spine.bench import Figure, check_target, ratio_record, summarize
+from lit_spine.hardware import cpu_bf16_native
 
 QUICK_FIGURES = {
     "phantom_generation",
@@ -27,7 +31,12 @@ QUICK_FIGURES = {
     "lightning_run_overhead",
     "grid/mobilenetv3_small_100/batchnorm",
     "grid/mobilenetv3_small_100/groupnorm",
+    "peak_flops/fp32",
+    "step/resnet18/fp32",
+    "step/resnet18/fp32+cl",
+    "step/resnet18/plain_fp32",
 }
+BF16_FIGURES = {"peak_flops/bf16", "step/resnet18/bf16", "step/resnet18/bf16+cl"}
 ONE_SHOT_FIGURES = {"phantom_dataset"}  # a whole dataset with every core, timed once
 QUICK_RATIOS = {
     "phantom_200_studies_target",
@@ -38,7 +47,10 @@ QUICK_RATIOS = {
     "grid_cost/mobilenetv3_small_100/groupnorm_vs_batchnorm",
     "loader_vs_fastest_training",
     "loader_workers0_vs_fastest_training",
+    "step_vs_plain_fp32/resnet18/fp32+cl",
 }
+# Every section but `sweep`, which starts three `lit-spine fit` processes (its own slow test).
+QUICK_SECTIONS = ",".join(s for s in bench.SECTIONS if s != "sweep")
 
 
 def test_summarize_median_min_max():
@@ -104,6 +116,10 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
     code = bench.main(
         [
             "--quick",
+            "--only",
+            QUICK_SECTIONS,
+            "--device",
+            "cpu",  # the code path `--device cuda` takes, with the device passed through
             "--out",
             str(tmp_path / "B.md"),
             "--json-out",
@@ -118,7 +134,19 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     names = {r["figure"] for r in records}
     expected = QUICK_FIGURES | ONE_SHOT_FIGURES | QUICK_RATIOS
+    if cpu_bf16_native():
+        expected |= BF16_FIGURES
     assert names >= expected, sorted(expected - names)
+    suite = bench.suite_variant(cuda=False).name
+    target = next(r for r in records if r["figure"] == f"step_vs_plain_fp32/resnet18/{suite}")
+    assert target["target"] == bench.STEP_TARGET and isinstance(target["meets"], bool)
+    for r in records:
+        if r["figure"].startswith("step/"):
+            # achieved FLOP/s = images/s x 3 x forward FLOPs; MFU divides by this run's peak
+            assert r["achieved_gflops"] == pytest.approx(
+                r["median"] * r["train_gflop_per_image"], rel=1e-3
+            )
+            assert r["mfu"] > 0 and r["threads"] >= 1, r
     for r in records:
         if r["figure"] in QUICK_FIGURES:
             assert r["n"] == 2 and r["min"] <= r["median"] <= r["max"], r
@@ -135,6 +163,8 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
         "metric_score_10k",
         "mobilenetv3_small_100",
         "No GPU was available",
+        "Training step: precision, memory format, MFU",
+        "peak_flops/fp32",
     ):
         assert name in md
     assert bench.CPU_BEGIN in md and bench.GPU_END in md
@@ -142,3 +172,53 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
     assert {f["figure"] for f in saved["figures"]} >= QUICK_FIGURES
     assert not list((tmp_path / "work").iterdir())  # the temporary phantom is cleaned up
     print(f"quick bench: {seconds:.0f} s")
+
+
+def test_training_flops_count_the_backward_as_twice_the_forward():
+    assert perf.train_flops_per_image(1e9) == pytest.approx(3e9)
+    assert perf.Variant("bf16-mixed", channels_last=True).name == "bf16+cl"
+    assert perf.Variant().dtype == torch.float32
+
+
+def test_the_bench_times_the_precision_the_sweep_preset_trains_with():
+    suite = bench.suite_variant(cuda=False)
+    assert suite.channels_last is True  # experiments/sweep_cpu.yaml
+    assert suite.precision == ("bf16-mixed" if cpu_bf16_native() else "32-true")
+    assert bench.suite_variant(cuda=True) == perf.Variant("bf16-mixed", channels_last=True)
+
+
+def test_a_sweep_worker_gets_its_share_of_intra_and_inter_op_threads():
+    code = (
+        "from lit_spine.hardware import set_cpu_threads; import torch; set_cpu_threads(1); "
+        "print(torch.get_num_threads(), torch.get_num_interop_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_sweep_prints_wall_time_and_images_per_s(tmp_path):
+    state = sweep.SweepState(
+        path=tmp_path / "state.json", sweep_file="s.yaml", name="s", hash="h", config={}
+    )
+    for i, (status, rate) in enumerate([("finished", 10.0), ("finished", 14.0), ("failed", 99)]):
+        run = sweep.PlannedRun(id=f"r{i}", params={}, command=[], run_dir=f"runs/r{i}")
+        run.status = status
+        (tmp_path / run.run_dir).mkdir(parents=True)
+        (tmp_path / run.run_dir / "summary.json").write_text(json.dumps({"images_per_s": rate}))
+        state.runs.append(run)
+    line = sweep.throughput_line(state, 125.0)
+    assert "wall time 2m05s" in line and "12.0 images/s per run" in line and "2 finished" in line
+
+
+@pytest.mark.slow
+def test_quick_sweep_section_times_the_old_and_the_new_preset(tmp_path, capsys):
+    code = bench.main(["--quick", "--only", "sweep", "--workdir", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    records = {json.loads(line)["figure"]: json.loads(line) for line in out.splitlines()
+               if line.startswith("{")}  # fmt: skip
+    for side in ("sweep_run/old_fp32", "sweep_run/new"):
+        assert records[side]["n"] == 1 and records[side]["median"] > 0
+        assert records[f"{side}/images_per_s"]["median"] > 0
+    speedup = records["sweep_run_speedup"]
+    assert speedup["target"] == bench.SWEEP_TARGET and isinstance(speedup["meets"], bool)

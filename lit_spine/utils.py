@@ -39,6 +39,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` for a one-line message: line breaks and other non-printable characters escaped
+    (a newline becomes ``\\n``), at most `limit` characters (cut with '…')."""
+    s = str(text)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
 def choose(name: str, options: Iterable[str], what: str) -> str:
     """Return `name` if it is one of `options`, else raise naming the closest valid choice."""
     options = list(options)

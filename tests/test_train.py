@@ -311,7 +311,7 @@ def test_overfit_preset_learns(tmp_path):
         "fit", "--config", str(EXPERIMENTS / "overfit.yaml"),
         f"--data.phantom_dir={tmp_path / 'phantom'}", f"--data.cache_dir={tmp_path / 'cache'}",
         f"--runs_root={tmp_path / 'runs'}", "--wandb=disabled",
-        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_progress_bar=false", "--diagnostics.enabled=false",
     ])  # fmt: skip
     run = _run_dirs(tmp_path, "overfit")[-1]
     rows = list(csv.DictReader((run / "metrics.csv").open()))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lit_spine.data.labels import POINT_INDEX, Vocabulary, get_vocabulary, point_type
-from lit_spine.utils import atomic_write_json
+from lit_spine.utils import atomic_write_json, one_line
 
 # DICOM Rows/Columns are 16-bit: no image is larger, so a coordinate beyond this is a unit or
 # format mistake (mm, normalised, swapped fields), not a point.
@@ -52,14 +52,6 @@ _short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdi
 def show(value: object) -> str:
     """A short, one-line repr of a value from a file (nested or huge values are abbreviated)."""
     return one_line(_short.repr(value))
-
-
-def one_line(text: object) -> str:
-    """`text` with line breaks and other control characters escaped, for one-line messages."""
-    s = str(text)
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 class AnnotationError(ValueError):

@@ -55,6 +55,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from tqdm.auto import tqdm
 
 from lit_spine.data.annotation import StudyAnnotation
+from lit_spine.utils import one_line
 
 HEADER_TAGS: tuple[str, ...] = (
     "StudyInstanceUID",
@@ -143,16 +144,9 @@ def show_path(path: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(path))
 
 
-def one_line(text: object, limit: int = 300) -> str:
-    """`text` on one line (newlines and control characters escaped), at most `limit` chars."""
-    s = str(text).strip()
-    s = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in s.replace("\n", " | "))
-    return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
 def _error_text(err: BaseException) -> str:
     """A plugin's exception as one line, with its type when the message alone says nothing."""
-    msg = one_line(err)
+    msg = one_line(str(err).strip())
     name = type(err).__name__
     return f"{name}: {msg}" if msg else name
 

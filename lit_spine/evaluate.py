@@ -462,7 +462,7 @@ def _radius_arg(option: str) -> Callable[[str], float]:
             value = None
         if value is None or radius_problem(value) is not None:
             raise argparse.ArgumentTypeError(
-                f"{option} takes a finite radius in mm > 0 (e.g. 8), got {one_line(text)!r}"
+                f"{option} takes a finite radius in mm > 0 (e.g. 8), got {one_line(text, 80)!r}"
             )
         return value
 
@@ -475,14 +475,14 @@ def _spacing_arg(text: str) -> tuple[float, float]:
         row, col = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected ROW,COL in mm (e.g. 0.7,0.7), got {one_line(text)!r}"
+            f"expected ROW,COL in mm (e.g. 0.7,0.7), got {one_line(text, 80)!r}"
         ) from None
     reason = spacing_problem(row, col)
     if reason is not None:
         lo, hi = SPACING_RANGE_MM
         raise argparse.ArgumentTypeError(
             f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
-            f"1:{MAX_SPACING_ASPECT:g} apart; {one_line(text)!r}: {reason}"
+            f"1:{MAX_SPACING_ASPECT:g} apart; {one_line(text, 80)!r}: {reason}"
         )
     return row, col
 
@@ -495,7 +495,7 @@ def _radii_arg(text: str) -> tuple[float, ...]:
     if not radii or any(radius_problem(r) for r in radii) or len(set(radii)) != len(radii):
         raise argparse.ArgumentTypeError(
             f"expected distinct comma-separated radii in mm, each finite and > 0 (e.g. 2,4,6,8), "
-            f"got {one_line(text)!r}"
+            f"got {one_line(text, 80)!r}"
         )
     return radii
 

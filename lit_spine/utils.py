@@ -39,13 +39,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def one_line(text: object, limit: int = 300) -> str:
+def one_line(text: object, limit: int | None = None) -> str:
     """`text` for a one-line message: line breaks and other non-printable characters escaped
-    (a newline becomes ``\\n``), at most `limit` characters (cut with '…')."""
+    (a newline becomes ``\\n``); cut to `limit` characters (ending in '…') when one is given.
+
+    A whole message is never cut (its remedy comes last); pass a limit for a value quoted
+    inside one, such as a user's option or a header field."""
     s = str(text)
     if not s.isprintable():
         s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
-    return s if len(s) <= limit else s[: limit - 1] + "…"
+    return s if limit is None or len(s) <= limit else s[: limit - 1] + "…"
 
 
 def choose(name: str, options: Iterable[str], what: str) -> str:

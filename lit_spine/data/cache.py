@@ -43,11 +43,10 @@ from lit_spine.data.dicom import (
     find_series_map,
     index_dataset,
     load_series_map,
-    show_path,
     unknown_annotation_studies,
 )
 from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, get_vocabulary
-from lit_spine.utils import atomic_write_json, file_lock
+from lit_spine.utils import atomic_write_json, file_lock, one_line
 
 CACHE_FORMAT_VERSION = 2  # 2: studies without a trustworthy spacing are left out
 CACHE_DIR_ENV = "LIT_SPINE_CACHE_DIR"
@@ -442,7 +441,7 @@ def _write_samples(
                 continue
             if choice.header.spacing_mm is None:
                 problems.append(
-                    f"{where}: study left out: its slice {show_path(choice.header.path)} has no usable "
+                    f"{where}: study left out: its slice {one_line(choice.header.path)} has no usable "
                     f"pixel spacing ({choice.header.spacing_problem}), so no distance in mm "
                     "could be computed for it"
                 )
@@ -452,7 +451,7 @@ def _write_samples(
                 centre = reader(choice.header)
             except DicomFileError as err:  # verified above; kept for a file changed meanwhile
                 problems.append(
-                    f"{where}: skipped {show_path(err.path)}: {err.reason}; study left out"
+                    f"{where}: skipped {one_line(err.path)}: {err.reason}; study left out"
                 )
                 reader.forget()
                 continue
@@ -462,13 +461,13 @@ def _write_samples(
                     arr = reader(h)
                 except DicomFileError as err:
                     problems.append(
-                        f"{where}: skipped {show_path(err.path)}: {err.reason}; "
+                        f"{where}: skipped {one_line(err.path)}: {err.reason}; "
                         "the annotated slice stands in"
                     )
                     arr = centre
                 if arr.shape != centre.shape:
                     problems.append(
-                        f"{where}: neighbour {show_path(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
+                        f"{where}: neighbour {one_line(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
                         f"not {centre.shape[1]}x{centre.shape[0]}; the annotated slice "
                         "stands in"
                     )
@@ -481,7 +480,7 @@ def _write_samples(
             image, scale, pad = letterbox(stack, size)
             if not np.isfinite(image).all():  # never train on NaN/inf (decoding checks too)
                 problems.append(
-                    f"{where}: study left out: {show_path(choice.header.path)} gives non-finite values "
+                    f"{where}: study left out: {one_line(choice.header.path)} gives non-finite values "
                     "after normalisation"
                 )
                 continue

@@ -132,16 +132,11 @@ class DicomFileError(ValueError):
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
         self.path = str(path)
         self.reason = one_line(reason)
-        super().__init__(f"{show_path(self.path)}: {self.reason}")
+        super().__init__(f"{one_line(self.path)}: {self.reason}")
 
 
 class SpacingError(DicomFileError):
     """A file's PixelSpacing is missing or not trustworthy (reason names the tag and value)."""
-
-
-def show_path(path: object) -> str:
-    """A file name as one printable line: a newline in it shows as \\n, as Python writes it."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(path))
 
 
 def _error_text(err: BaseException) -> str:
@@ -837,9 +832,9 @@ def _group_study(folder: Path, results: list[tuple[Path, SliceHeader | str]]) ->
     seen: set[str] = set()
     for path, res in results:
         if isinstance(res, str):
-            problems.append(f"skipped {show_path(path)}: {res}")
+            problems.append(f"skipped {one_line(path)}: {res}")
             continue
-        problems += [f"{show_path(path)}: pydicom warning: {w}" for w in res.warnings]
+        problems += [f"{one_line(path)}: pydicom warning: {w}" for w in res.warnings]
         if res.instance_uid in seen:
             problems.append(f"skipped {path}: duplicate SOPInstanceUID {res.instance_uid}")
         else:
@@ -879,7 +874,7 @@ def _group_study(folder: Path, results: list[tuple[Path, SliceHeader | str]]) ->
             # One line per series, naming a file: the same reason usually holds for all slices.
             problems.append(
                 f"series {s.uid} ({s.description!r}): {len(bad)} of {s.n_slices} slices have "
-                f"no usable PixelSpacing, e.g. {show_path(bad[0].path)}: {bad[0].spacing_problem}"
+                f"no usable PixelSpacing, e.g. {one_line(bad[0].path)}: {bad[0].spacing_problem}"
                 + (
                     ""
                     if bad[0].spacing_mm is not None
@@ -956,7 +951,7 @@ def index_dataset(
         loose = _loose_files(root)
         if loose:
             dataset_problems.append(
-                f"{len(loose)} files lie directly in {show_path(root)} beside the study folders "
+                f"{len(loose)} files lie directly in {one_line(root)} beside the study folders "
                 f"and are ignored (e.g. {one_line(loose[0].name)}); move each into its study folder"
             )
     all_files = [p for _, files in files_by_folder for p in files]
@@ -1177,7 +1172,7 @@ def _auto_series(
                 mean = float(reader(s.slices[s.middle_index]).mean())
             except DicomFileError as err:
                 if problems is not None:
-                    problems.append(f"skipped {show_path(err.path)}: {err.reason}")
+                    problems.append(f"skipped {one_line(err.path)}: {err.reason}")
                 continue
             if mean > best_mean:
                 best, best_mean = s, mean
@@ -1261,7 +1256,7 @@ def choose_slice(
             return True
         except DicomFileError as err:
             problems.append(
-                f"skipped {show_path(err.path)}: {err.reason}; the {choice.source} choice "
+                f"skipped {one_line(err.path)}: {err.reason}; the {choice.source} choice "
                 f"({choice.describe()}) cannot be used"
             )
             return False
@@ -1412,7 +1407,7 @@ def instance_spacing(
                 out[h.instance_uid] = (
                     h.spacing_mm
                     if h.spacing_mm is not None
-                    else f"{show_path(h.path)}: {h.spacing_problem}"
+                    else f"{one_line(h.path)}: {h.spacing_problem}"
                 )
     return out
 

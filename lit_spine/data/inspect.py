@@ -27,7 +27,6 @@ from lit_spine.data.dicom import (
     index_dataset,
     load_series_map,
     one_line,
-    show_path,
     unknown_annotation_studies,
 )
 
@@ -72,7 +71,7 @@ def inspect_study(
     problems = list(study.problems) + found
     if choice is not None and choice.header.spacing_mm is None:
         problems.append(
-            f"chosen slice {show_path(choice.header.path)} has no usable pixel spacing "
+            f"chosen slice {one_line(choice.header.path)} has no usable pixel spacing "
             f"({choice.header.spacing_problem}): training leaves this study out"
         )
     points = []

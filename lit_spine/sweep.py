@@ -949,7 +949,10 @@ def _run_offline(
         f"worker(s) x {runner.threads} thread(s) -> {sweep_dir}",
         flush=True,
     )
+    # SIGINT too: a sweep started in the background (`nohup`, `&`) inherits an ignored SIGINT,
+    # and `kill -INT` must still stop it gracefully.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         runner.run()
     except KeyboardInterrupt:
@@ -962,6 +965,7 @@ def _run_offline(
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     counts = state.counts()
     failed = [r for r in state.runs if r.status == "failed"]
     left = len(state.runs) - counts.get("finished", 0) - len(failed)

@@ -242,3 +242,44 @@ def load_runs(paths_or_root: str | os.PathLike | list) -> pd.DataFrame:
         row.update({f"summary.{k}": v for k, v in (read_summary(run_dir) or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- metrics.csv
+
+
+def csv_logger(run_dir: Path, version: str = ""):
+    """Lightning's CSVLogger writing `<run_dir>/<version>/metrics.csv`, except that a resumed
+    fit appends to the metrics.csv of the earlier pieces (Lightning's own writer deletes it
+    when its folder is not empty). Lightning is imported here, not at the top, so that
+    reading run folders (report, sweep) does not load it."""
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    class KeepingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            path = Path(self.metrics_file_path)
+            if not path.is_file():
+                return
+            rows = read_metrics(path.parent)
+            # Lightning appends rows under its sorted key list: give it the file's keys, and
+            # put the file in that order first so appended rows line up with its header.
+            keys = sorted(rows.columns)
+            if list(rows.columns) != keys:
+                atomic_write_text(path, rows[keys].to_csv(index=False))
+            self.metrics_keys = keys
+
+    class KeepingCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None and self.logger_rank_zero():
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = KeepingWriter(log_dir=self.log_dir)
+            return super().experiment
+
+        @staticmethod
+        def logger_rank_zero() -> bool:
+            from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+            return rank_zero_only.rank == 0
+
+    return KeepingCSVLogger(save_dir=str(run_dir), name="", version=version)

@@ -26,7 +26,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger
 
 from lit_spine import runs as run_folder
 from lit_spine.data.datamodule import SpineDataModule
@@ -340,7 +339,7 @@ class SpineCLI(LightningCLI):
 
     def _loggers(self, cfg) -> list:
         version = "" if self.subcommand == "fit" else self.subcommand
-        loggers: list = [CSVLogger(save_dir=str(self.run_dir), name="", version=version)]
+        loggers: list = [run_folder.csv_logger(self.run_dir, version)]
         mode = wandb_mode(cfg.get("wandb") or "auto")
         if mode != "disabled":
             from pytorch_lightning.loggers import WandbLogger

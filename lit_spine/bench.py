@@ -50,6 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lit_spine import runs as run_folder
 from lit_spine.utils import git_state
 
 SECTIONS = ("phantom", "io", "loader", "metric", "lightning", "grid", "precision", "sweep")
@@ -1300,7 +1301,9 @@ def bench_sweep(b: Bench) -> None:
     for r in range(b.cfg.sweep_repeats):
         for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
             seconds, run = _sweep_fit(b, sides[name], f"{name.split('/')[1]}-{r}")
-            summary = json.loads((run / "summary.json").read_text())
+            summary = run_folder.read_summary(run)
+            if summary is None:
+                raise RuntimeError(f"{run}: the fit left no readable summary.json; see its log")
             walls[name].append(seconds)
             ips[name].append(summary.get("images_per_s") or math.nan)
             per_epoch[name].append(summary["runtime_s"] / max(1, summary["epochs"]))

@@ -30,8 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
+import pandas as pd
 
+from lit_spine import runs as run_folder
 from lit_spine.utils import atomic_write_text
 
 # Only training seeds: a cell's replicates differ in these. (The phantom's seed defines the
@@ -52,26 +53,8 @@ PARAMS_KEYS = ("params", "num_params", "n_params", "parameters", "model/params")
 # ----------------------------------------------------------------------------- reading
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys (`{"model": {"lr": 1}}` -> `{"model.lr": 1}`)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return run_folder.read_json(path)
 
 
 @dataclass
@@ -100,24 +83,14 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read a run folder: config from meta.json's config_flat, else config.yaml; sweep params win."""
-    meta = _read_json(run_dir / "meta.json")
-    config = meta.get("config_flat")
-    if not isinstance(config, dict):
-        try:
-            config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        except (OSError, yaml.YAMLError):
-            config = {}
-    config = dict(config)
-    params_file = run_dir / "sweep_params.yaml"
-    if params_file.is_file():
-        params = yaml.safe_load(params_file.read_text()) or {}
-        config.update({k: v.get("value") if isinstance(v, dict) else v for k, v in params.items()})
-    summary = _read_json(run_dir / "summary.json")
-    for key in PARAMS_KEYS:  # parameter counts may live in meta.json
+    """Read a run folder through lit_spine.runs (config: meta.json's config_flat, else
+    config.yaml; sweep params win); parameter counts may live in meta.json."""
+    meta = run_folder.read_meta(run_dir)
+    summary = run_folder.read_summary(run_dir) or {}
+    for key in PARAMS_KEYS:
         if key not in summary and isinstance(meta.get(key), int | float):
             summary[key] = meta[key]
-    return Run(run_dir, config, summary)
+    return Run(run_dir, run_folder.read_config(run_dir), summary)
 
 
 @dataclass
@@ -142,13 +115,11 @@ def find_runs(paths: Iterable[str | Path]) -> Source:
             source.parameters = source.parameters or config.get("parameters") or {}
             source.names.append(state.get("name", path.name))
             source.run_dirs += [path / run["run_dir"] for run in state.get("runs", [])]
-        elif (path / "summary.json").is_file():
+        elif run_folder.is_run_dir(path):
             source.run_dirs.append(path)
             source.names.append(path.name)
         elif path.is_dir():
-            found = sorted(
-                {p.parent for p in path.glob("**/summary.json") if "attempts" not in p.parts}
-            )
+            found = run_folder.find_run_dirs(path)
             if not found:
                 raise ValueError(f"{path}: no run folders (summary.json) below it")
             source.run_dirs += found
@@ -562,28 +533,19 @@ def marginal_means(
 
 def read_curve(run_dir: Path, column: str) -> dict[int, float]:
     """epoch -> last logged value of `column` in metrics.csv (Lightning CSV rows are sparse)."""
-    curve: dict[int, float] = {}
-    try:
-        with open(run_dir / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    curve[int(float(row["epoch"]))] = float(row[column])
-                except (KeyError, ValueError, TypeError):
-                    continue
-    except OSError:
-        pass
-    return curve
+    rows = run_folder.read_metrics(run_dir)
+    if "epoch" not in rows or column not in rows:
+        return {}
+    rows = rows[["epoch", column]].apply(pd.to_numeric, errors="coerce").dropna()
+    last = rows.groupby(rows["epoch"].astype(int))[column].last()
+    return {int(epoch): float(value) for epoch, value in last.items()}
 
 
 def curve_column(runs: Sequence[Run], metric: str) -> str:
     """Plot the per-epoch metric (val/mAP) when the sweep metric is its running best."""
     base = metric[: -len("_best")] if metric.endswith("_best") else metric
     for run in runs:
-        try:
-            header = (run.dir / "metrics.csv").open().readline()
-        except OSError:
-            continue
-        if base in header.strip().split(","):
+        if base in run_folder.read_metrics(run.dir).columns:
             return base
     return metric
 

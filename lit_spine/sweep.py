@@ -30,8 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
+import pandas as pd
 import yaml
 
+from lit_spine import runs as run_folder
 from lit_spine.utils import atomic_write_json
 
 STATE_VERSION = 1
@@ -273,34 +276,21 @@ class SweepState:
         return counts
 
 
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run folder's summary.json, or None when missing or unreadable."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+read_summary = run_folder.read_summary  # the run folder's summary.json, None when missing
 
 
 def run_is_finished(run_dir: Path) -> bool:
     """A run counts as finished only when its folder says so (summary.json status finished)."""
-    summary = read_summary(run_dir)
-    return bool(summary) and summary.get("status") == "finished"
+    return run_folder.read_status(run_dir) == "finished"
 
 
 def _read_history(run_dir: Path, metric: str) -> list[dict[str, float]]:
     """Rows of metrics.csv that carry the metric, for the bayes planner."""
-    import csv
-
-    try:
-        with open(run_dir / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
+    rows = run_folder.read_metrics(run_dir)
+    if metric not in rows:
         return []
-    history = []
-    for row in rows:
-        with contextlib.suppress(KeyError, ValueError, TypeError):
-            history.append({metric: float(row[metric])})
-    return history
+    values = pd.to_numeric(rows[metric], errors="coerce").dropna()
+    return [{metric: float(v)} for v in values]
 
 
 # ----------------------------------------------------------------------------- planning
@@ -505,8 +495,7 @@ def run_env(state: SweepState, run: PlannedRun, threads: int, gpu: str | None) -
     env["WANDB_TAGS"] = f"sweep:{state.name}"
     env["WANDB_NAME"] = f"{state.name}/{run.id}"
     # As `wandb agent` does: wandb.init() reads the sweep parameters into run.config.
-    param_file = run_dir / "sweep_params.yaml"
-    param_file.write_text(yaml.safe_dump({k: {"value": v} for k, v in run.params.items()}))
+    param_file = run_folder.write_sweep_params(run_dir, run.params)
     env["WANDB_SWEEP_PARAM_PATH"] = str(param_file)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -604,9 +593,7 @@ class Runner:
             shutil.move(str(run_dir), str(attempts / f"{run.id}.{run.attempts}"))
         run_dir.mkdir(parents=True, exist_ok=True)
         if "${args_json_file}" in [str(c) for c in self.state.config.get("command", [])]:
-            (run_dir / "sweep_args.json").write_text(
-                json.dumps(run.params)  # wandb writes args_json there
-            )
+            run_folder.write_sweep_args(run_dir, run.params)
         gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
         env = run_env(self.state, run, self.threads, gpu)
         log = open(run_dir / "stdout.log", "a", buffering=1)  # noqa: SIM115
@@ -724,36 +711,13 @@ class Runner:
             raise
 
 
-class _Lock:
-    """`<sweep dir>/.lock` with our pid: two sweeps must not run the same folder."""
-
-    def __init__(self, sweep_dir: Path):
-        self.path = sweep_dir / ".lock"
-
-    def __enter__(self) -> _Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            with contextlib.suppress(ValueError, OSError):
-                pid = int(self.path.read_text().strip())
-                if pid != os.getpid():
-                    try:
-                        os.kill(pid, 0)
-                    except ProcessLookupError:
-                        pass
-                    except PermissionError:
-                        raise SweepError(
-                            f"{self.path}: sweep already running (pid {pid})"
-                        ) from None
-                    else:
-                        raise SweepError(
-                            f"{self.path}: another sweep (pid {pid}) is running this folder; "
-                            "wait for it or stop it first"
-                        )
-        self.path.write_text(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+def _sweep_lock(sweep_dir: Path) -> filelock.SoftFileLock:
+    """`<sweep dir>/.lock`: two sweeps must not run the same folder. filelock's SoftFileLock
+    records the holder's pid and host, removes the file on release and takes over a lock
+    whose holder has died (a killed sweep leaves no lock that blocks the rerun). Held at once
+    or not at all."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    return filelock.SoftFileLock(sweep_dir / ".lock", timeout=0)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -901,7 +865,14 @@ def main(argv: list[str] | None = None) -> int:
         sweep_dir = Path(args.out) / sweep_name(config, args.sweep_file)
         if args.dry_run:
             return _dry_run(config, args.sweep_file, sweep_dir, planner)
-        with _Lock(sweep_dir):
+        try:
+            lock = _sweep_lock(sweep_dir).acquire()
+        except filelock.Timeout:
+            raise SweepError(
+                f"{sweep_dir / '.lock'}: another sweep is running this folder; "
+                "wait for it or stop it first"
+            ) from None
+        with lock:
             return _run_offline(config, args, sweep_dir, planner)
     except SweepError as err:
         print(f"lit-spine sweep: {err}", file=sys.stderr)

@@ -12,7 +12,6 @@ of that run (`<run>/test/...`), never over the training run's files.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import secrets
@@ -27,8 +26,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger
 
+from lit_spine import runs as run_folder
 from lit_spine.data.datamodule import SpineDataModule
 from lit_spine.diagnostics import Diagnostics
 from lit_spine.hardware import resolve_precision, set_cpu_threads
@@ -79,23 +78,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts into dotted keys; lists become JSON strings."""
-    out: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    key = prefix[:-1]
-    if isinstance(obj, (list, tuple)):
-        out[key] = json.dumps(obj, default=str)
-    elif obj is None or isinstance(obj, (bool, int, float, str)):
-        out[key] = obj
-    else:
-        out[key] = str(obj)
-    return out
-
-
 def new_run_id() -> str:
     """A run id unique even for runs started in the same second."""
     return f"{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
@@ -135,7 +117,7 @@ class RunFolder(SaveConfigCallback):
         config = self.parser.dump(self.config, skip_none=False, format="yaml")
         import yaml
 
-        config_flat = flatten(yaml.safe_load(config))
+        config_flat = run_folder.flatten(yaml.safe_load(config))
         commit, dirty = git_state(Path.cwd())
         data = trainer.datamodule
         meta = {
@@ -159,7 +141,7 @@ class RunFolder(SaveConfigCallback):
             "config_flat": config_flat,
         }
         # Only rank 0 runs this: never touch trainer.log_dir here, it is a collective call.
-        atomic_write_json(Path(cli.log_dir) / "meta.json", meta)
+        run_folder.write_meta(Path(cli.log_dir), meta)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update(
@@ -169,17 +151,20 @@ class RunFolder(SaveConfigCallback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
+        # What earlier pieces of a resumed run measured (runs.SUMMARY_FIELDS): read once,
+        # before this piece writes its own "running" summary.
+        self._previous = run_folder.resumed_summary(Path(self.cli.log_dir))
+        self._summary(trainer, pl_module, "running")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._summary(trainer, pl_module, "running")
 
     def _summary(self, trainer, pl_module, status: str) -> None:
         if not trainer.is_global_zero:
             return
-        path = Path(self.cli.log_dir) / "summary.json"
-        previous = 0.0
-        if path.is_file():
-            try:
-                previous = float(json.loads(path.read_text()).get("runtime_s", 0.0))
-            except (ValueError, OSError):
-                previous = 0.0
+        previous = getattr(self, "_previous", None) or run_folder.resumed_summary(
+            Path(self.cli.log_dir)
+        )
         throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
         metrics = {
             k: float(v)
@@ -188,12 +173,20 @@ class RunFolder(SaveConfigCallback):
         }
         best = getattr(pl_module, "best_val_map", None)
         ckpt = trainer.checkpoint_callback
+        peak = peak_memory_mb(pl_module.device)
+        if previous["peak_mem_mb"] is not None:
+            peak = (
+                max(previous["peak_mem_mb"], peak) if peak is not None else previous["peak_mem_mb"]
+            )
         summary = {
             "status": status,
             "val/mAP_best": best if best is not None and best > -1 else None,
-            "runtime_s": previous + time.perf_counter() - getattr(self, "_t0", time.perf_counter()),
+            "runtime_s": previous["runtime_s"]
+            + time.perf_counter()
+            - getattr(self, "_t0", time.perf_counter()),
             "images_per_s": throughput.images_per_s if throughput else None,
-            "peak_mem_mb": peak_memory_mb(pl_module.device),
+            "peak_mem_mb": peak,
+            "resumes": previous["resumes"],
             "params": sum(p.numel() for p in pl_module.parameters()),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -201,7 +194,7 @@ class RunFolder(SaveConfigCallback):
             "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **metrics,
         }
-        atomic_write_json(path, summary)
+        run_folder.write_summary(Path(self.cli.log_dir), summary)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._summary(trainer, pl_module, "finished")
@@ -298,7 +291,7 @@ class SpineCLI(LightningCLI):
                 (p.parent.parent for p in root.glob("*/checkpoints/last.ckpt")),
                 key=lambda p: p.stat().st_mtime,
             )
-            unfinished = [p for p in candidates if _status(p) != "finished"]
+            unfinished = [p for p in candidates if run_folder.read_status(p) != "finished"]
             pick = (unfinished or candidates or [None])[-1]
             if pick is None:
                 raise SystemExit(
@@ -346,7 +339,7 @@ class SpineCLI(LightningCLI):
 
     def _loggers(self, cfg) -> list:
         version = "" if self.subcommand == "fit" else self.subcommand
-        loggers: list = [CSVLogger(save_dir=str(self.run_dir), name="", version=version)]
+        loggers: list = [run_folder.csv_logger(self.run_dir, version)]
         mode = wandb_mode(cfg.get("wandb") or "auto")
         if mode != "disabled":
             from pytorch_lightning.loggers import WandbLogger
@@ -397,13 +390,6 @@ class SpineCLI(LightningCLI):
                 cb.cli = self
             if isinstance(cb, Diagnostics):
                 cb.run_dir = self.run_dir
-
-
-def _status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
 
 
 def run_lightning_cli(argv: list[str]) -> SpineCLI:

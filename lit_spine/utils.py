@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never half."""
@@ -63,24 +65,15 @@ def choose(name: str, options: Iterable[str], what: str) -> str:
 
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (created if needed) across processes.
+    """Hold an exclusive lock on `path` across processes (the `filelock` package).
 
     Parallel sweep runs that need the same phantom or cache wait here for the first one to
-    build it instead of writing the same files at once. A no-op where `fcntl` is missing.
+    build it instead of writing the same files at once.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with filelock.FileLock(path):
+        yield
 
 
 def git_state(cwd: Path | None = None) -> tuple[str | None, bool | None]:

@@ -2,7 +2,7 @@
 
 As a program it reads LIT_SPINE_RUN_DIR and `--key=value` arguments (`--config FILE` pairs are
 ignored), then writes config.yaml, meta.json (with config_flat), metrics.csv,
-checkpoints/last.ckpt and summary.json. The metric is a deterministic function of the norm
+checkpoints/last.ckpt and summary.json, all through lit_spine.runs. The metric is a deterministic function of the norm
 and the seed. Report tests call `write_run` directly with the numbers they need.
 
 Environment knobs for tests:
@@ -23,9 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
+from lit_spine import runs as run_folder
+
 NORM_SCORE = {"batchnorm": 0.50, "groupnorm": 0.60, "layernorm": 0.40, "instancenorm": 0.30}
+METRIC_COLUMNS = ["epoch", "step", "train/loss", "val/mAP"]
 TRAIN_IMAGES = 96  # steps per epoch = ceil(TRAIN_IMAGES / batch size)
 
 
@@ -67,10 +71,10 @@ def _write_config(run_dir: Path, params: dict[str, object], epochs: int) -> None
         **params,
     }
     config = {"seed_everything": 0, "model": {"norm": "batchnorm"}, "data": {"batch_size": 8}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    (run_dir / "meta.json").write_text(json.dumps({"config_flat": flat, "params": 1234}))
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("fake")
+    run_folder.write_config(run_dir, config)
+    run_folder.write_meta(run_dir, {"config_flat": flat, "params": 1234})
+    (run_dir / run_folder.CHECKPOINTS).mkdir(exist_ok=True)
+    (run_dir / run_folder.CHECKPOINTS / "last.ckpt").write_text("fake")
 
 
 def write_run(
@@ -87,13 +91,15 @@ def write_run(
     batch = int(params.get("data.batch_size", 8))
     rise = max(1, math.ceil(plateau * epochs))
     steps = math.ceil(TRAIN_IMAGES / batch)
-    lines = ["epoch,step,train/loss,val/mAP"]
+    rows = []  # Lightning's sparse layout: a training row and a validation row per epoch
     for epoch in range(epochs):
         time.sleep(sleep)
         step = (epoch + 1) * steps
-        lines.append(f"{epoch},{step},{1.0 / (epoch + 1):.4f},")
-        lines.append(f"{epoch},{step},,{best * min(1.0, (epoch + 1) / rise):.6f}")
-    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+        rows.append({"epoch": epoch, "step": step, "train/loss": round(1.0 / (epoch + 1), 4)})
+        rows.append(
+            {"epoch": epoch, "step": step, "val/mAP": round(best * min(1.0, (epoch + 1) / rise), 6)}
+        )
+    run_folder.write_metrics(run_dir, pd.DataFrame(rows, columns=METRIC_COLUMNS))
     summary = {
         "status": "finished",
         "val/mAP_best": best,
@@ -103,7 +109,7 @@ def write_run(
         "epochs": epochs,
         "global_step": epochs * steps,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+    run_folder.write_summary(run_dir, summary)
     return run_dir
 
 
@@ -122,7 +128,7 @@ def main() -> int:
     fail = os.environ.get("FAKE_FIT_FAIL")
     if fail and any(f"{k}={v}" == fail for k, v in params.items()):
         _write_config(run_dir, params, int(os.environ.get("FAKE_FIT_EPOCHS", "3")))
-        (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
+        run_folder.write_summary(run_dir, {"status": "failed"})
         return 3
     write_run(
         run_dir,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lit_spine import bench, perf, sweep
+from lit_spine import runs as run_folder
 from lit_spine.bench import Figure, check_target, ratio_record, summarize
 from lit_spine.hardware import cpu_bf16_native
 
@@ -204,7 +205,7 @@ def test_sweep_prints_wall_time_and_images_per_s(tmp_path):
         run = sweep.PlannedRun(id=f"r{i}", params={}, command=[], run_dir=f"runs/r{i}")
         run.status = status
         (tmp_path / run.run_dir).mkdir(parents=True)
-        (tmp_path / run.run_dir / "summary.json").write_text(json.dumps({"images_per_s": rate}))
+        run_folder.write_summary(tmp_path / run.run_dir, {"status": status, "images_per_s": rate})
         state.runs.append(run)
     line = sweep.throughput_line(state, 125.0)
     assert "wall time 2m05s" in line and "12.0 images/s per run" in line and "2 finished" in line

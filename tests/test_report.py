@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from fake_fit import write_run
 from scipy import stats
 
 from lit_spine import report
+from lit_spine import runs as run_folder
 
 # metric per (norm, batch size, seed): groupnorm best, batchnorm hurt at batch 2.
 VALUES = {
@@ -39,18 +41,18 @@ def make_run(
         "run_dir": str(run),  # run-specific: never a factor
         "config": [f"/tmp/{name}.yaml"],
     }
-    (run / "meta.json").write_text(json.dumps({"config_flat": flat, "params": 11_000_000}))
+    run_folder.write_meta(run, {"config_flat": flat, "params": 11_000_000})
     summary = {
         "status": status,
         "val/mAP_best": value,
         "runtime_s": 100.0 + seed,
         "images_per_s": 50.0,
     }
-    (run / "summary.json").write_text(json.dumps(summary))
-    rows = ["epoch,step,val/mAP,train/loss"] + [
-        f"{e},{e},{value * (e + 1) / 4:.5f}," for e in range(4)
-    ]
-    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    run_folder.write_summary(run, summary)
+    rows = [{"epoch": e, "step": e, "val/mAP": round(value * (e + 1) / 4, 5)} for e in range(4)]
+    run_folder.write_metrics(
+        run, pd.DataFrame(rows, columns=["epoch", "step", "val/mAP", "train/loss"])
+    )
     return run
 
 

@@ -486,3 +486,27 @@ def test_real_fit_grid_with_test_models(tmp_path):
         summary = json.loads((out / "real" / run["run_dir"] / "summary.json").read_text())
         assert summary["status"] == "finished" and "val/mAP_best" in summary
     assert (out / "real" / "report" / "report.md").is_file()
+
+
+def test_sweep_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
+    """The sweep folder's .lock (filelock): a live holder blocks, a killed one does not."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from lit_spine import sweep\n"
+        "lock = sweep._sweep_lock(Path(sys.argv[1]))\n"
+        "lock.acquire()\n"
+        "os._exit(0)  # dies holding it, as a killed sweep would\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert (tmp_path / ".lock").is_file()
+    lock = sweep._sweep_lock(tmp_path)
+    lock.acquire()  # the dead holder's lock is taken over at once
+    try:
+        other = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+        )
+        assert other.returncode != 0 and "Timeout" in other.stderr
+    finally:
+        lock.release()
+    assert not (tmp_path / ".lock").exists()

@@ -49,4 +49,4 @@ class RsnaCanalLogLoss(Metric):
     def compute(self) -> torch.Tensor:
         probs = torch.cat(self.probs) if isinstance(self.probs, list) else self.probs
         grades = torch.cat(self.grades) if isinstance(self.grades, list) else self.grades
-        return torch.tensor(rsna_weighted_logloss(probs, grades))
+        return torch.tensor(rsna_weighted_logloss(probs, grades), dtype=torch.float64)

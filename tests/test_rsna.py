@@ -190,3 +190,16 @@ def test_task_vocabulary_mismatch_refused():
         SpineNet("resnet18", vocab="tianchi2020", task="rsna2024_canal")
     with pytest.raises(ValueError, match="unknown task 'rsna2024_cana'.*did you mean"):
         get_task("rsna2024_cana")
+
+
+def test_inspect_rsna2024_json(rsna_root, capsys):
+    import json
+
+    from lit_spine.data import inspect
+
+    assert inspect.main(["--format", "rsna2024", "--json", str(rsna_root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "rsna2024" and out["studies"] == 4 and out["points"] == 20
+    assert out["problems"] == []
+    assert inspect.main(["--format", "rsna2024", str(rsna_root / "nowhere")]) == 2
+    assert "train_series_descriptions.csv: file not found" in capsys.readouterr().err

@@ -199,7 +199,10 @@ def test_inspect_rsna2024_json(rsna_root, capsys):
 
     assert inspect.main(["--format", "rsna2024", "--json", str(rsna_root)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["format"] == "rsna2024" and out["studies"] == 4 and out["points"] == 20
+    assert out["format"] == "rsna2024" and out["num_studies"] == 4 and out["points"] == 20
+    assert [s["series_id"] for s in out["studies"]] == [
+        s * 10 + 2 for s in (4000000, 4000017, 4000034, 4000051)
+    ]
     assert out["problems"] == []
     assert inspect.main(["--format", "rsna2024", str(rsna_root / "nowhere")]) == 2
     assert "train_series_descriptions.csv: file not found" in capsys.readouterr().err

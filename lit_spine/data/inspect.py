@@ -333,7 +333,7 @@ def _inspect_rsna(root: str, as_json: bool) -> int:
     ]
     summary = data.summary()
     if as_json:
-        print(json.dumps(summary | {"studies": studies}, indent=1))
+        print(json.dumps(summary | {"num_studies": len(studies), "studies": studies}, indent=1))
         for p in data.problems:
             print(f"lit-spine inspect: {p}", file=sys.stderr)
         return 0

@@ -124,3 +124,98 @@ def get_vocabulary(name: str) -> Vocabulary:
         raise ValueError(
             f"unknown vocabulary {name!r}{hint}; choose one of: {', '.join(VOCABULARIES)}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a model learns: its points (names, order, kind), label vocabularies, series.
+
+    ``point_names`` fix the channel order of heatmaps and per-point arrays; ``point_kinds``
+    give each point's kind ('vertebra' or 'disc'); ``vocabularies`` name the label
+    vocabularies the task accepts (the first is its default); ``series`` says which series
+    of a study the points live on. See docs/datasets.md for the registered tasks and how to
+    add one.
+    """
+
+    name: str
+    point_names: tuple[str, ...]
+    point_kinds: tuple[str, ...]
+    vocabularies: tuple[str, ...]
+    series: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.point_names) != len(self.point_kinds):
+            raise ValueError(
+                f"task {self.name!r}: {len(self.point_names)} point names but "
+                f"{len(self.point_kinds)} point kinds"
+            )
+        bad = sorted(set(self.point_kinds) - {"vertebra", "disc"})
+        if bad:
+            raise ValueError(f"task {self.name!r}: unknown point kinds {bad}; use vertebra/disc")
+
+    @property
+    def num_points(self) -> int:
+        """Number of points (heatmap channels)."""
+        return len(self.point_names)
+
+    @property
+    def point_index(self) -> dict[str, int]:
+        """Point name -> channel index."""
+        return {n: i for i, n in enumerate(self.point_names)}
+
+    def points_of_kind(self, kind: str) -> tuple[int, ...]:
+        """Channel indices of the points of one kind, in order."""
+        return tuple(i for i, k in enumerate(self.point_kinds) if k == kind)
+
+    def vocabulary(self, name: str | None = None) -> Vocabulary:
+        """The task's vocabulary `name` (default: its first); a foreign one is refused."""
+        name = name or self.vocabularies[0]
+        if name not in self.vocabularies:
+            raise ValueError(
+                f"vocabulary {name!r} does not belong to task {self.name!r}; "
+                f"choose one of: {', '.join(self.vocabularies)}"
+            )
+        return get_vocabulary(name)
+
+
+# RSNA 2024 spinal canal stenosis severities, in the order of the competition's columns
+# (docs/datasets.md). The canal task has disc points only, so its vertebra vocabulary is empty.
+RSNA_SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
+VOCABULARIES["rsna2024_severity"] = Vocabulary(
+    name="rsna2024_severity",
+    vertebra={},
+    disc={"v1": "Normal/Mild", "v2": "Moderate", "v3": "Severe"},
+)
+RSNA_LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+
+TASKS: dict[str, Task] = {
+    "tianchi2020": Task(
+        name="tianchi2020",
+        point_names=POINT_NAMES,
+        point_kinds=tuple(point_type(n) for n in POINT_NAMES),
+        vocabularies=("tianchi2020", "seed7"),
+        series="sagittal T2 (mid-sagittal slice)",
+        description="2020 challenge: 6 vertebrae and 5 discs T12-L1 .. L5-S1",
+    ),
+    "rsna2024_canal": Task(
+        name="rsna2024_canal",
+        point_names=RSNA_LEVELS,
+        point_kinds=("disc",) * len(RSNA_LEVELS),
+        vocabularies=("rsna2024_severity",),
+        series="Sagittal T2/STIR",
+        description="RSNA 2024: spinal canal stenosis at the 5 disc levels L1/L2 .. L5/S1",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """Look up a registered task; a misspelling names the closest valid choice."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown task {name!r}{hint}; choose one of: {', '.join(TASKS)}"
+        ) from None

@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         "--vocab", default="tianchi2020", help="disease vocabulary (tianchi2020 or seed7)"
     )
     parser.add_argument(
+        "--format",
+        default="tianchi2020",
+        choices=["tianchi2020", "rsna2024"],
+        help="dataset layout (default %(default)s; rsna2024: ROOT holds the competition CSVs)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help='print {"studies": [one object per study], "problems": [dataset-level problems]}',
@@ -282,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         help="header-reading threads (1, the default, is fastest on a local disk)",
     )
     args = parser.parse_args(argv)
+    if args.format == "rsna2024":
+        return _inspect_rsna(args.root, args.json)
     try:
         reports, dataset_problems = inspect_dataset(
             args.root, args.annotation, args.series_map, args.vocab, args.workers
@@ -299,6 +307,46 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # `lit-spine inspect ROOT | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _inspect_rsna(root: str, as_json: bool) -> int:
+    """`lit-spine inspect --format rsna2024`: studies found, series chosen, every problem."""
+    from lit_spine.data.rsna import RsnaFormatError, read_rsna2024
+
+    try:
+        data = read_rsna2024(root)
+    except (RsnaFormatError, ValueError) as err:
+        print(f"lit-spine inspect: error: {err}", file=sys.stderr)
+        return 2
+    studies = [
+        {
+            "study_id": st.study_id,
+            "series_id": st.series_id,
+            "points": {
+                lv: {"instance_number": p.instance_number, "x": p.x, "y": p.y}
+                for lv, p in st.points.items()
+            },
+            "grades": dict(st.grades),
+        }
+        for st in data.studies
+    ]
+    summary = data.summary()
+    if as_json:
+        print(json.dumps(summary | {"num_studies": len(studies), "studies": studies}, indent=1))
+        for p in data.problems:
+            print(f"lit-spine inspect: {p}", file=sys.stderr)
+        return 0
+    print(
+        f"{summary['studies']} studies, series {summary['series']!r}, "
+        f"{summary['points']} points, {summary['grades']} grades (task {summary['task']})"
+    )
+    for st in studies:
+        levels = " ".join(f"{lv}@{p['instance_number']}" for lv, p in st["points"].items())
+        print(f"  study {st['study_id']} series {st['series_id']}: {levels}")
+    print(f"{len(data.problems)} problem(s)")
+    for p in data.problems:
+        print(f"  {p}")
     return 0
 
 

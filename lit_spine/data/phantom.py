@@ -935,6 +935,12 @@ def main(argv: list[str] | None = None) -> int:
         "--studies", type=int, default=120, help="studies in all splits (default %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--layout",
+        default="tianchi2020",
+        choices=["tianchi2020", "rsna2024"],
+        help="file layout to write (default %(default)s; rsna2024: docs/datasets.md)",
+    )
     parser.add_argument("--vocab", default="tianchi2020", choices=["tianchi2020", "seed7"])
     parser.add_argument(
         "--splits",
@@ -972,6 +978,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     root = Path(args.out)
+    if args.layout == "rsna2024":
+        from lit_spine.data.phantom_rsna import write_rsna2024_phantom
+
+        try:
+            write_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
+        except ValueError as err:
+            print(f"lit-spine phantom: error: {err}", file=sys.stderr)
+            return 2
+        print(f"phantom: {args.studies} studies in rsna2024 layout in {root}")
+        return 0
     try:
         marker = root / MARKER
         preview_only = (

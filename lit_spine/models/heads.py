@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from lit_spine.task import DISC_POINTS, NUM_POINTS, VERTEBRA_POINTS
+from lit_spine.task import get_task
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
@@ -113,17 +113,27 @@ class PointClassifier(nn.Module):
         num_vertebra_classes: int,
         num_disc_classes: int,
         dropout: float = 0.0,
+        task: str = "tianchi2020",
     ):
         super().__init__()
-        self.point_embedding = nn.Parameter(torch.zeros(NUM_POINTS, channels))
+        spec = get_task(task)
+        self.point_embedding = nn.Parameter(torch.zeros(spec.num_points, channels))
         nn.init.normal_(self.point_embedding, std=0.02)
         self.mlp = nn.Sequential(
             nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)
         )
         self.vertebra = nn.Linear(hidden, num_vertebra_classes)
         self.disc = nn.Linear(hidden, num_disc_classes)
-        self.register_buffer("vertebra_index", torch.tensor(VERTEBRA_POINTS), persistent=False)
-        self.register_buffer("disc_index", torch.tensor(DISC_POINTS), persistent=False)
+        self.register_buffer(
+            "vertebra_index",
+            torch.tensor(spec.points_of_kind("vertebra"), dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "disc_index",
+            torch.tensor(spec.points_of_kind("disc"), dtype=torch.long),
+            persistent=False,
+        )
 
     def forward(
         self, features: torch.Tensor, points: torch.Tensor, input_size: tuple[int, int]

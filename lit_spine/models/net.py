@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_spine.models import backbones, drops, heads, norms
-from lit_spine.task import NUM_POINTS, get_vocabulary
+from lit_spine.task import get_task, get_vocabulary
 from lit_spine.utils import choose
 
 
@@ -45,6 +45,9 @@ class SpineNet(nn.Module):
         heatmap_stride: input pixels per heatmap pixel, 1, 2, 4 or 8.
         class_features: hidden width of the classifier MLP.
         head_dropout: dropout inside the classifier MLP, independent of `drop` (default 0).
+        task: a registered `lit_spine.task.Task` (sets the heatmap channels and which points
+            each classifier reads); `vocab` must be one of the task's vocabularies
+            (rsna2024_canal: rsna2024_severity).
     """
 
     def __init__(
@@ -66,9 +69,12 @@ class SpineNet(nn.Module):
         heatmap_stride: int = 4,
         class_features: int = 128,
         head_dropout: float = 0.0,
+        task: str = "tianchi2020",
     ):
         super().__init__()
-        vocabulary = get_vocabulary(vocab)
+        spec = get_task(task)
+        get_vocabulary(vocab)  # an unknown name: the message with the closest valid choice
+        vocabulary = spec.vocabulary(vocab)  # a known one of another task: refused
         norm = choose(norm, norms.NORMS, "norm")
         drop = choose(drop, drops.DROPS, "drop method")
         head = choose(head, heads.HEADS, "head")
@@ -103,13 +109,14 @@ class SpineNet(nn.Module):
         channels: list[int] = list(info.channels())
         self.decoder = heads.HEADS[head](channels, self.reductions, heatmap_stride, head_channels)
         self.head_drop = drops.head_dropout(drop, drop_rate)
-        self.heatmap = nn.Conv2d(head_channels, NUM_POINTS, 1)
+        self.heatmap = nn.Conv2d(head_channels, spec.num_points, 1)
         self.classifier = heads.PointClassifier(
             head_channels,
             class_features,
             len(vocabulary.vertebra),
             len(vocabulary.disc),
             head_dropout,
+            task=task,
         )
         norms.swap_norms(self, norm, norm_groups, norm_group_size)
 
@@ -139,6 +146,7 @@ class SpineNet(nn.Module):
         self.in_chans = in_chans
         self.heatmap_stride = heatmap_stride
         self.vocabulary = vocabulary
+        self.task = spec
 
     def forward(
         self, images: torch.Tensor, points: torch.Tensor | None = None

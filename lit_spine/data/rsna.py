@@ -1,0 +1,228 @@
+"""Reader for the RSNA 2024 Lumbar Spine Degenerative Classification layout (`rsna2024`).
+
+The competition publishes (docs/datasets.md):
+
+    train_series_descriptions.csv  study_id, series_id, series_description
+    train_label_coordinates.csv    study_id, series_id, instance_number, condition, level, x, y
+    train.csv                      study_id, one column per condition-level, e.g.
+                                   spinal_canal_stenosis_l1_l2 in {Normal/Mild, Moderate, Severe}
+    train_images/<study_id>/<series_id>/<instance_number>.dcm
+
+`read_rsna2024` gives one `RsnaStudy` per study that has the task's series, with each level's
+point on the instance the coordinates name and its grade. Missing grades, missing coordinates,
+missing files and malformed rows are reported (file, row, column) and skipped, never invented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+
+from lit_spine.task import RSNA_SEVERITIES, Task, get_task
+
+SERIES_CSV = "train_series_descriptions.csv"
+COORDS_CSV = "train_label_coordinates.csv"
+GRADES_CSV = "train.csv"
+IMAGES_DIR = "train_images"
+SERIES_COLUMNS = ("study_id", "series_id", "series_description")
+COORDS_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
+CANAL_CONDITION = "Spinal Canal Stenosis"
+
+
+class RsnaFormatError(ValueError):
+    """A file of the layout is missing or lacks required columns."""
+
+
+def grade_column(condition: str, level: str) -> str:
+    """train.csv column of a condition at a level: ('Spinal Canal Stenosis', 'L1/L2') ->
+    'spinal_canal_stenosis_l1_l2'."""
+    return f"{condition.lower().replace(' ', '_')}_{level.lower().replace('/', '_')}"
+
+
+@dataclass
+class RsnaPoint:
+    """One level's annotation: the instance it lies on, pixel (x, y), grade index or None."""
+
+    level: str
+    instance_number: int
+    x: float
+    y: float
+    path: Path
+
+
+@dataclass
+class RsnaStudy:
+    study_id: int
+    series_id: int
+    points: dict[str, RsnaPoint] = field(default_factory=dict)
+    grades: dict[str, int] = field(default_factory=dict)  # level -> index in RSNA_SEVERITIES
+
+
+@dataclass
+class RsnaDataset:
+    root: Path
+    task: Task
+    studies: list[RsnaStudy]
+    problems: list[str]
+
+    def summary(self) -> dict:
+        """Counts for `lit-spine inspect`: studies, points, grades, problems."""
+        return {
+            "format": "rsna2024",
+            "task": self.task.name,
+            "series": self.task.series,
+            "studies": len(self.studies),
+            "points": sum(len(s.points) for s in self.studies),
+            "grades": sum(len(s.grades) for s in self.studies),
+            "problems": list(self.problems),
+        }
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise RsnaFormatError(
+            f"{path}: file not found; an rsna2024 root holds {SERIES_CSV}, {COORDS_CSV}, "
+            f"{GRADES_CSV} and {IMAGES_DIR}/ (docs/datasets.md)"
+        )
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise RsnaFormatError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
+        )
+    return frame
+
+
+def _int(text: str) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset:
+    """Read the layout under `root` for `task`; every skipped item is listed in `problems`."""
+    root = Path(root)
+    spec = get_task(task)
+    if task != "rsna2024_canal":
+        raise ValueError(f"task {task!r} has no rsna2024 reader; use rsna2024_canal")
+    problems: list[str] = []
+    series = _read_csv(root / SERIES_CSV, SERIES_COLUMNS)
+    coords = _read_csv(root / COORDS_CSV, COORDS_COLUMNS)
+    grades_path = root / GRADES_CSV
+    columns = {level: grade_column(CANAL_CONDITION, level) for level in spec.point_names}
+    grades = _read_csv(grades_path, ("study_id", *columns.values()))
+
+    # Series choice: the task's description; several such series in a study -> the first
+    # one with coordinates (reported), else the first listed.
+    chosen: dict[int, int] = {}
+    candidates: dict[int, list[int]] = {}
+    for row, rec in series.iterrows():
+        sid, ser = _int(rec["study_id"]), _int(rec["series_id"])
+        if sid is None or ser is None:
+            problems.append(
+                f"{root / SERIES_CSV} row {row + 2}: study_id {rec['study_id']!r} / series_id "
+                f"{rec['series_id']!r} is not an integer; row skipped"
+            )
+            continue
+        if rec["series_description"].strip() == spec.series:
+            candidates.setdefault(sid, []).append(ser)
+    canal = coords[coords["condition"] == CANAL_CONDITION]
+    with_coords = {(_int(a), _int(b)) for a, b in zip(canal["study_id"], canal["series_id"])}
+    for sid, sers in candidates.items():
+        labelled = [s for s in sers if (sid, s) in with_coords]
+        chosen[sid] = (labelled or sers)[0]
+        if len(sers) > 1:
+            problems.append(
+                f"{root / SERIES_CSV}: study {sid} has {len(sers)} {spec.series!r} series "
+                f"{sers}; using {chosen[sid]}"
+            )
+    studies = {sid: RsnaStudy(sid, ser) for sid, ser in sorted(chosen.items())}
+
+    for row, rec in canal.iterrows():
+        where = f"{root / COORDS_CSV} row {row + 2} (study {rec['study_id']})"
+        sid, ser = _int(rec["study_id"]), _int(rec["series_id"])
+        if sid not in studies:
+            problems.append(f"{where}: study has no {spec.series!r} series in {SERIES_CSV}")
+            continue
+        if ser != studies[sid].series_id:
+            problems.append(
+                f"{where}: series_id {rec['series_id']!r} is not the chosen {spec.series!r} "
+                f"series {studies[sid].series_id}; skipped"
+            )
+            continue
+        level = rec["level"].strip()
+        if level not in spec.point_names:
+            problems.append(
+                f"{where}: column level {rec['level']!r} is not one of {', '.join(spec.point_names)}"
+            )
+            continue
+        inst, x, y = _int(rec["instance_number"]), _float(rec["x"]), _float(rec["y"])
+        bad = [
+            f"{col} {rec[col]!r}"
+            for col, val in (("instance_number", inst), ("x", x), ("y", y))
+            if val is None
+        ]
+        if bad:
+            problems.append(f"{where}: column(s) {', '.join(bad)} not a valid number; skipped")
+            continue
+        if level in studies[sid].points:
+            problems.append(f"{where}: second {level} point for this study; the first is kept")
+            continue
+        path = root / IMAGES_DIR / str(sid) / str(ser) / f"{inst}.dcm"
+        if not path.is_file():
+            problems.append(f"{where}: image {path} not found; point skipped")
+            continue
+        studies[sid].points[level] = RsnaPoint(level, inst, x, y, path)
+
+    for row, rec in grades.iterrows():
+        sid = _int(rec["study_id"])
+        if sid not in studies:
+            continue
+        for level, col in columns.items():
+            text = rec[col].strip()
+            if not text:
+                problems.append(
+                    f"{grades_path} row {row + 2} (study {sid}): column {col} is empty; "
+                    "grade missing, level skipped"
+                )
+            elif text not in RSNA_SEVERITIES:
+                problems.append(
+                    f"{grades_path} row {row + 2} (study {sid}): column {col} value {text!r} "
+                    f"is not one of {', '.join(RSNA_SEVERITIES)}; level skipped"
+                )
+            else:
+                studies[sid].grades[level] = RSNA_SEVERITIES.index(text)
+
+    kept = []
+    for st in studies.values():
+        absent = [lv for lv in spec.point_names if lv not in st.points]
+        if absent:
+            problems.append(
+                f"study {st.study_id} series {st.series_id}: no coordinates for "
+                f"{', '.join(absent)}; those levels are not annotated"
+            )
+        if st.points:
+            kept.append(st)
+        else:
+            problems.append(f"study {st.study_id}: no usable point; study skipped")
+    return RsnaDataset(root, spec, kept, problems)
+
+
+def read_instance(path: str | Path) -> np.ndarray:
+    """The pixels of one instance as float32 (rows, columns)."""
+    return pydicom.dcmread(path).pixel_array.astype(np.float32)

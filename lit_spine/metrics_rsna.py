@@ -1,0 +1,52 @@
+"""The RSNA 2024 competition's sample-weighted log loss for one condition (docs/datasets.md).
+
+Per level, the three severity probabilities are normalised to sum 1 and clipped to
+[eps, 1 - eps]; each graded level contributes -log p(true grade) with weight 1 (Normal/Mild),
+2 (Moderate) or 4 (Severe); the score is the weighted mean. Levels without a grade (-1) are
+left out. Hand-written: a few numpy/torch lines (scikit-learn's log_loss is not a dependency).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+SEVERITY_WEIGHTS = (1.0, 2.0, 4.0)
+EPS = 1e-15
+
+
+def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float = EPS) -> float:
+    """probs (N, L, 3) non-negative, grades (N, L) int in {0, 1, 2} or -1 (ungraded)."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    grades = torch.as_tensor(grades, dtype=torch.long)
+    if probs.shape[:-1] != grades.shape or probs.shape[-1] != len(SEVERITY_WEIGHTS):
+        raise ValueError(f"probs {tuple(probs.shape)} and grades {tuple(grades.shape)} differ")
+    keep = grades >= 0
+    if not keep.any():
+        raise ValueError("no graded level: the log loss is undefined")
+    p = probs[keep]
+    y = grades[keep]
+    p = (p / p.sum(-1, keepdim=True)).clamp(eps, 1 - eps)
+    w = torch.tensor(SEVERITY_WEIGHTS, dtype=torch.float64)[y]
+    nll = -torch.log(p.gather(-1, y[:, None]).squeeze(-1))
+    return float((w * nll).sum() / w.sum())
+
+
+class RsnaCanalLogLoss(Metric):
+    """Accumulates softmax probabilities and grades; logged as `val/rsna_canal_logloss`."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("grades", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, grades: torch.Tensor) -> None:
+        self.probs.append(probs.detach().double())
+        self.grades.append(grades.detach().long())
+
+    def compute(self) -> torch.Tensor:
+        probs = torch.cat(self.probs) if isinstance(self.probs, list) else self.probs
+        grades = torch.cat(self.grades) if isinstance(self.grades, list) else self.grades
+        return torch.tensor(rsna_weighted_logloss(probs, grades), dtype=torch.float64)

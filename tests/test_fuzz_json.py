@@ -512,6 +512,57 @@ def test_fuzz_any_node_replaced_is_scored_or_a_one_line_error(work, target, node
         assert_error(result, path_of(target, gt_path, pred_path))
 
 
+def dumps_with_repeated_key(obj, path: tuple, value) -> str:
+    """JSON text of `obj` in which the object at `path` gives its first key a second time."""
+    if isinstance(obj, list):
+        return (
+            "["
+            + ",".join(
+                dumps_with_repeated_key(v, path[1:], value)
+                if path and path[0] == i
+                else json.dumps(v)
+                for i, v in enumerate(obj)
+            )
+            + "]"
+        )
+    if isinstance(obj, dict):
+        pairs = [
+            f"{json.dumps(k)}:"
+            + (
+                dumps_with_repeated_key(v, path[1:], value)
+                if path and path[0] == k
+                else json.dumps(v)
+            )
+            for k, v in obj.items()
+        ]
+        if not path:
+            pairs.append(f"{json.dumps(next(iter(obj)))}:{json.dumps(value)}")
+        return "{" + ",".join(pairs) + "}"
+    raise AssertionError(f"no object at {path}")
+
+
+@pytest.mark.timeout(120)
+@fuzz(30)
+@given(target=targets, data=st.data(), same=st.booleans())
+def test_fuzz_a_key_given_twice_in_one_object_is_an_error(work, target, data, same):
+    """JSON readers keep one of two equal keys silently: the suite names the key instead."""
+    gt, pred, edit = mutated(target)
+    objects = []
+    for node in _nodes(edit):
+        obj = edit
+        for key in node:
+            obj = obj[key]
+        if isinstance(obj, dict) and obj:
+            objects.append((node, obj))
+    node, obj = data.draw(st.sampled_from(objects))
+    first = next(iter(obj))
+    value = obj[first] if same else data.draw(json_values)
+    text = dumps_with_repeated_key(edit, node, value).encode()
+    files = (text, pred) if target == "gt" else (gt, text)
+    result, gt_path, pred_path = evaluate(work, *files)
+    assert_error(result, path_of(target, gt_path, pred_path), f"key '{first}' appears twice")
+
+
 # ---------------------------------------------------------------------------- bytes of the file
 ENCODINGS = ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1", "utf-8-sig", "cp1252"]
 

@@ -405,6 +405,22 @@ def check_against_images(
     return out
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str, first: object, second: object) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads` object hook: a key given twice in one object is an error, not "last wins"."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key, out[key], value)
+        out[key] = value
+    return out
+
+
 def read_json_file(path: str | Path, what: str = "annotation") -> object:
     """Load a JSON file; any unreadable file raises `AnnotationError` with a one-line reason.
 
@@ -438,7 +454,13 @@ def read_json_file(path: str | Path, what: str = "annotation") -> object:
             "save it as UTF-8"
         ) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise AnnotationError(
+            f"{name}: key {show(err.key)} appears twice in one JSON object (values "
+            f"{show(err.first)} and {show(err.second)}); a JSON reader keeps only one of them "
+            "silently, so keep the one that is right and delete the other"
+        ) from None
     except json.JSONDecodeError as err:
         raise AnnotationError(
             f"{name}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"

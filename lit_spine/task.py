@@ -11,8 +11,9 @@ every per-point array in the suite. A "class" is a (point type, disease code) pa
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
+
+from lit_spine.utils import choose
 
 POINT_NAMES: tuple[str, ...] = (
     "T12-L1",
@@ -116,14 +117,7 @@ VOCABULARIES: dict[str, Vocabulary] = {
 
 def get_vocabulary(name: str) -> Vocabulary:
     """Look up a vocabulary by name; a misspelling names the closest valid choice."""
-    try:
-        return VOCABULARIES[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, VOCABULARIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown vocabulary {name!r}{hint}; choose one of: {', '.join(VOCABULARIES)}"
-        ) from None
+    return VOCABULARIES[choose(name, VOCABULARIES, "vocabulary")]
 
 
 @dataclass(frozen=True)
@@ -211,11 +205,4 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     """Look up a registered task; a misspelling names the closest valid choice."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, TASKS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown task {name!r}{hint}; choose one of: {', '.join(TASKS)}"
-        ) from None
+    return TASKS[choose(name, TASKS, "task")]

@@ -12,7 +12,6 @@ import test_train
 import yaml
 
 from lit_spine import runs
-from lit_spine.train_cli import run_lightning_cli
 
 CONFIG = {
     "seed_everything": 3,
@@ -110,17 +109,7 @@ def test_resumed_fit_accumulates_and_keeps_metrics_csv(phantom_root, tmp_path):
     assert first["status"] == "finished" and first["resumes"] == 0 and first["runtime_s"] > 0
     assert sorted(first_metrics["epoch"].unique()) == [0, 1]
 
-    run_lightning_cli(
-        [
-            "fit",
-            "--config",
-            str(run / "config.yaml"),
-            f"--runs_root={tmp_path / 'runs'}",
-            "--wandb=disabled",
-            "--ckpt_path=last",
-            "--trainer.max_epochs=3",
-        ]
-    )
+    test_train._resume(run, tmp_path, epochs=3)
     resumed = runs.read_summary(run)
     assert resumed["status"] == "finished" and resumed["epochs"] == 3
     assert resumed["resumes"] == 1

@@ -92,6 +92,21 @@ def _run_dirs(tmp_path: Path, experiment: str) -> list[Path]:
     return sorted((tmp_path / "runs" / experiment).iterdir())
 
 
+def _resume(run: Path, tmp_path, epochs: int) -> None:
+    """Continue a finished or interrupted run in its own folder from last.ckpt to `epochs`."""
+    run_lightning_cli(
+        [
+            "fit",
+            "--config",
+            str(run / "config.yaml"),
+            f"--runs_root={tmp_path / 'runs'}",
+            "--wandb=disabled",
+            "--ckpt_path=last",
+            f"--trainer.max_epochs={epochs}",
+        ]
+    )
+
+
 def _tiny_fit(phantom_root, tmp_path, *more: str) -> Path:
     run_lightning_cli(
         [
@@ -144,17 +159,7 @@ def test_fit_writes_run_folder_then_resume_test_predict_evaluate(phantom_root, t
             assert group["lr"] == pytest.approx(expected, rel=1e-9)
 
     # Resume the same run folder for a third epoch: it continues from the last step.
-    run_lightning_cli(
-        [
-            "fit",
-            "--config",
-            str(run / "config.yaml"),
-            f"--runs_root={tmp_path / 'runs'}",
-            "--wandb=disabled",
-            "--ckpt_path=last",
-            "--trainer.max_epochs=3",
-        ]
-    )
+    _resume(run, tmp_path, epochs=3)
     assert _run_dirs(tmp_path, "tiny") == [run]
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["epochs"] == 3

@@ -30,8 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from lit_spine import runs as run_folder
 from lit_spine.utils import atomic_write_text
 
@@ -531,16 +529,6 @@ def marginal_means(
 # ----------------------------------------------------------------------------- curves and plots
 
 
-def read_curve(run_dir: Path, column: str) -> dict[int, float]:
-    """epoch -> last logged value of `column` in metrics.csv (Lightning CSV rows are sparse)."""
-    rows = run_folder.read_metrics(run_dir)
-    if "epoch" not in rows or column not in rows:
-        return {}
-    rows = rows[["epoch", column]].apply(pd.to_numeric, errors="coerce").dropna()
-    last = rows.groupby(rows["epoch"].astype(int))[column].last()
-    return {int(epoch): float(value) for epoch, value in last.items()}
-
-
 def curve_column(runs: Sequence[Run], metric: str) -> str:
     """Plot the per-epoch metric (val/mAP) when the sweep metric is its running best."""
     base = metric[: -len("_best")] if metric.endswith("_best") else metric
@@ -596,7 +584,7 @@ def plot_curves(cells: list[Cell], names: dict[str, str], column: str, path: Pat
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = False
     for cell in cells:
-        curves = [read_curve(r.dir, column) for r in cell.runs]
+        curves = [run_folder.read_curve(r.dir, column) for r in cell.runs]
         epochs = sorted({e for c in curves for e in c})
         if not epochs:
             continue
@@ -1085,7 +1073,7 @@ def build_report(
         )
     column = curve_column(runs, metric)
     for run in runs:
-        run.convergence = convergence(read_curve(run.dir, column), goal)
+        run.convergence = convergence(run_folder.read_curve(run.dir, column), goal)
     factors = factor_keys(runs, seed_keys)
     order = list(source.parameters)  # the sweep file's order first
     factors.sort(key=lambda k: order.index(k) if k in order else len(order))

@@ -206,6 +206,17 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def read_curve(run_dir: Path, column: str) -> dict[int, float]:
+    """epoch -> last logged value of `column` in metrics.csv. Lightning's rows are sparse, and
+    a resumed fit can log the epoch it resumed at a second time: the last value counts."""
+    rows = read_metrics(run_dir)
+    if "epoch" not in rows or column not in rows:
+        return {}
+    rows = rows[["epoch", column]].apply(pd.to_numeric, errors="coerce").dropna()
+    last = rows.groupby(rows["epoch"].astype(int))[column].last()
+    return {int(epoch): float(value) for epoch, value in sorted(last.items())}
+
+
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file()
 

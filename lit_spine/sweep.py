@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import pandas as pd
 import yaml
 
 from lit_spine import runs as run_folder
@@ -285,12 +284,8 @@ def run_is_finished(run_dir: Path) -> bool:
 
 
 def _read_history(run_dir: Path, metric: str) -> list[dict[str, float]]:
-    """Rows of metrics.csv that carry the metric, for the bayes planner."""
-    rows = run_folder.read_metrics(run_dir)
-    if metric not in rows:
-        return []
-    values = pd.to_numeric(rows[metric], errors="coerce").dropna()
-    return [{metric: float(v)} for v in values]
+    """The metric once per epoch, in epoch order, for the bayes planner."""
+    return [{metric: v} for v in run_folder.read_curve(run_dir, metric).values()]
 
 
 # ----------------------------------------------------------------------------- planning

@@ -146,3 +146,17 @@ def test_interrupted_fit_leaves_a_truthful_summary(phantom_root, tmp_path, monke
     assert seen[0]["resumes"] == 0 and seen[0]["val/mAP_best"] is not None
     summary = runs.read_summary(run)
     assert summary["status"] == "failed" and summary["epochs"] == 1
+
+
+def test_read_curve_takes_each_epoch_once_in_order(tmp_path):
+    """Sparse Lightning rows and an epoch logged twice by a resume give one value per epoch."""
+    from lit_spine.sweep import _read_history
+
+    (tmp_path / runs.METRICS).write_text(
+        "epoch,step,train/loss,val/mAP\n"
+        "0,9,1.5,\n0,9,,0.10\n1,19,,0.20\n"  # first piece
+        "1,19,,0.25\n2,29,1.1,\n2,29,,0.30\n"  # resumed at epoch 1: logged again
+    )
+    assert runs.read_curve(tmp_path, "val/mAP") == {0: 0.10, 1: 0.25, 2: 0.30}
+    assert _read_history(tmp_path, "val/mAP") == [{"val/mAP": v} for v in (0.10, 0.25, 0.30)]
+    assert runs.read_curve(tmp_path, "val/absent") == {}

@@ -165,12 +165,13 @@ class Task:
     def vocabulary(self, name: str | None = None) -> Vocabulary:
         """The task's vocabulary `name` (default: its first); a foreign one is refused."""
         name = name or self.vocabularies[0]
+        vocabulary = get_vocabulary(name)  # an unknown name: "did you mean" the closest one
         if name not in self.vocabularies:
             raise ValueError(
                 f"vocabulary {name!r} does not belong to task {self.name!r}; "
                 f"choose one of: {', '.join(self.vocabularies)}"
             )
-        return get_vocabulary(name)
+        return vocabulary
 
 
 # RSNA 2024 spinal canal stenosis severities, in the order of the competition's columns

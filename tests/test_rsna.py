@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from lit_spine.data import phantom
+from lit_spine.data.dicom import decode_pixels
 from lit_spine.data.rsna import (
     COORDS_CSV,
     GRADES_CSV,
     SERIES_CSV,
     RsnaFormatError,
-    read_instance,
     read_rsna2024,
 )
 from lit_spine.metrics_rsna import RsnaCanalLogLoss, rsna_weighted_logloss
@@ -70,7 +70,7 @@ def test_phantom_layout_read_back(rsna_root):
             assert pt.instance_number == rec.instance_number
             assert pt.path.name == f"{rec.instance_number}.dcm"
             assert (pt.x, pt.y) == pytest.approx((rec.x, rec.y))
-            img = read_instance(pt.path)
+            img = decode_pixels(pt.path)
             assert img.shape == (64, 64)
     # Not every point is on the middle instance (7 slices: mid is 4).
     instances = {p.instance_number for st in data.studies for p in st.points.values()}
@@ -147,7 +147,7 @@ def _batch(data, size=64):
     images, points, present, grades = [], [], [], []
     for st in data.studies:
         inst = st.points["L3/L4"].instance_number
-        images.append(read_instance(st.points["L3/L4"].path))
+        images.append(decode_pixels(st.points["L3/L4"].path))
         pts = [st.points[lv] for lv in RSNA_LEVELS]
         points.append([[p.x, p.y] for p in pts])
         present.append([p.instance_number == inst for p in pts])

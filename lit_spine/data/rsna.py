@@ -19,9 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pydicom
 
 from lit_spine.task import RSNA_SEVERITIES, Task, get_task
 
@@ -221,8 +219,3 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
         else:
             problems.append(f"study {st.study_id}: no usable point; study skipped")
     return RsnaDataset(root, spec, kept, problems)
-
-
-def read_instance(path: str | Path) -> np.ndarray:
-    """The pixels of one instance as float32 (rows, columns)."""
-    return pydicom.dcmread(path).pixel_array.astype(np.float32)

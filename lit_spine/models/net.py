@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lit_spine.models import backbones, drops, heads, norms
-from lit_spine.task import get_task, get_vocabulary
+from lit_spine.task import get_task
 from lit_spine.utils import choose
 
 
@@ -73,8 +73,7 @@ class SpineNet(nn.Module):
     ):
         super().__init__()
         spec = get_task(task)
-        get_vocabulary(vocab)  # an unknown name: the message with the closest valid choice
-        vocabulary = spec.vocabulary(vocab)  # a known one of another task: refused
+        vocabulary = spec.vocabulary(vocab)  # unknown, or of another task: refused
         norm = choose(norm, norms.NORMS, "norm")
         drop = choose(drop, drops.DROPS, "drop method")
         head = choose(head, heads.HEADS, "head")

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from lit_spine.report_stats import mean_ci
+
 SECTIONS = (
     "Localisation vs classification",
     "Per level",
@@ -31,8 +33,6 @@ INTERVAL_NOTE = "mean [95% t-interval over the cell's seeds]; n = runs with diag
 
 def interval(values: Sequence[float | None]) -> dict[str, float]:
     """n, mean, std and a 95% interval of the finite values (the report's mean_ci)."""
-    from lit_spine.report import mean_ci
-
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return mean_ci(finite) if finite else {"n": 0, "mean": math.nan, "std": math.nan,
                                            "ci_low": math.nan, "ci_high": math.nan}  # fmt: skip

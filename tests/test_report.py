@@ -16,7 +16,7 @@ import pytest
 from fake_fit import write_run
 from scipy import stats
 
-from lit_spine import report
+from lit_spine import report, report_stats
 from lit_spine import runs as run_folder
 
 # metric per (norm, batch size, seed): groupnorm best, batchnorm hurt at batch 2.
@@ -197,53 +197,60 @@ def test_cell_label_and_short_names():
 def test_bootstrap_interval_methods_and_small_n():
     # n = 3: each all-same resample has probability 1/27 = 3.7% > 2.5%, so the percentile
     # interval of the mean is exactly [min, max].
-    assert report.bootstrap_ci([[1.0, 2.0, 4.0]], report._mean, method="percentile") == (
+    assert report_stats.bootstrap_ci(
+        [[1.0, 2.0, 4.0]], report_stats.mean_statistic, method="percentile"
+    ) == (
         1.0,
         4.0,
         "percentile",
     )
-    low, high, method = report.bootstrap_ci([[0.1, 0.5]], report._mean)
+    low, high, method = report_stats.bootstrap_ci([[0.1, 0.5]], report_stats.mean_statistic)
     assert method == "n too small" and np.isnan(low) and np.isnan(high)
-    assert report.bootstrap_ci([[0.3, 0.3, 0.3]], report._mean) == (0.3, 0.3, "none (no variation)")
+    assert report_stats.bootstrap_ci([[0.3, 0.3, 0.3]], report_stats.mean_statistic) == (
+        0.3,
+        0.3,
+        "none (no variation)",
+    )
     # A always beats B although both vary: every resample gives P = 1, BCa is degenerate and
     # the percentile interval is used.
-    assert report.bootstrap_ci(
-        [[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]], report._prob_paired, paired=True
+    assert report_stats.bootstrap_ci(
+        [[1.0, 2.0, 3.0], [0.0, 1.0, 2.0]], report_stats.p_better_paired, paired=True
     ) == (1.0, 1.0, "percentile")
-    small = report.mean_ci([0.4, 0.5])
+    small = report_stats.mean_ci([0.4, 0.5])
     assert small["boot_method"] == "n too small" and small["n"] == 2
 
 
 def test_probability_of_improvement_by_hand():
     # paired: 3>1 wins, 1<2 loses, 2=2 ties (1/2) -> 1.5 / 3
-    assert report.probability_of_improvement([3, 1, 2], [1, 2, 2], paired=True) == 0.5
+    assert report_stats.probability_of_improvement([3, 1, 2], [1, 2, 2], paired=True) == 0.5
     # unpaired, all 6 pairs: 1>0, 1<2, 2>0, 2=2 (1/2), 3>0, 3>2 -> 4.5 / 6
     a, b = [1, 2, 3], [0, 2]
-    assert report.probability_of_improvement(a, b, paired=False) == 0.75
+    assert report_stats.probability_of_improvement(a, b, paired=False) == 0.75
     u = stats.mannwhitneyu(a, b).statistic  # U counts ties as 1/2 too
-    assert report.probability_of_improvement(a, b, paired=False) == pytest.approx(u / 6)
+    assert report_stats.probability_of_improvement(a, b, paired=False) == pytest.approx(u / 6)
 
 
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06
-    adjusted = report.holm([0.01, 0.04, 0.03, float("nan")])
+    adjusted = report_stats.holm([0.01, 0.04, 0.03, float("nan")])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[3])
-    assert report.holm([0.005, 0.2]) == pytest.approx([0.01, 0.2])
-    assert report.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])  # 3 x 0.3 carries up
-    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert report_stats.holm([0.005, 0.2]) == pytest.approx([0.01, 0.2])
+    # 3 x 0.3 carries up
+    assert report_stats.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])
+    assert report_stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_seeds_to_separate_matches_power_tables():
     # Cohen's tables for a two-sided one-sample/paired t-test, alpha 0.05, power 0.8:
     # effect size 1.0 -> 10 pairs, 0.5 -> 34 pairs.
-    assert report.seeds_to_separate(0.02, 0.02) == 10
-    assert report.seeds_to_separate(-0.01, 0.02) == 34
-    assert report.paired_t_power(10, 1.0) >= 0.8 > report.paired_t_power(9, 1.0)
+    assert report_stats.seeds_to_separate(0.02, 0.02) == 10
+    assert report_stats.seeds_to_separate(-0.01, 0.02) == 34
+    assert report_stats.paired_t_power(10, 1.0) >= 0.8 > report_stats.paired_t_power(9, 1.0)
     # For many seeds it approaches ((z_0.975 + z_0.8) * sd / delta)^2 = (2.8016 / 0.1)^2 = 785.
-    n = report.seeds_to_separate(0.001, 0.01)
+    n = report_stats.seeds_to_separate(0.001, 0.01)
     assert 785 <= n <= 790
-    assert report.seeds_to_separate(0.0, 0.01) is None
-    assert report.seeds_to_separate(0.01, float("nan")) is None
+    assert report_stats.seeds_to_separate(0.0, 0.01) is None
+    assert report_stats.seeds_to_separate(0.01, float("nan")) is None
 
 
 def test_differences_have_p_better_intervals_and_holm(sweep_dir):
@@ -276,19 +283,19 @@ def test_convergence_rule_on_constructed_curves():
     def curve(values):
         return dict(enumerate(values))
 
-    plateau = report.convergence(curve([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]))
+    plateau = report_stats.convergence(curve([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]))
     assert plateau["status"] == "converged" and plateau["gain"] == pytest.approx(0.0)
     # 8 epochs, last quarter = 2: best 0.8 vs 0.6 before, tolerance 5% of 0.7 = 0.035.
-    rising = report.convergence(curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
+    rising = report_stats.convergence(curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]))
     assert rising["status"] == "not converged"
     assert rising["gain"] == pytest.approx(0.2) and rising["tol"] == pytest.approx(0.035)
     # A last-quarter wiggle of 0.01 is under 5% of the 0.51 range: converged.
-    noisy = report.convergence(curve([0.1, 0.5, 0.6, 0.6, 0.6, 0.6, 0.61, 0.6]))
+    noisy = report_stats.convergence(curve([0.1, 0.5, 0.6, 0.6, 0.6, 0.6, 0.61, 0.6]))
     assert noisy["status"] == "converged"
-    assert report.convergence(curve([0.1, 0.2, 0.3]))["status"] == "too short"
+    assert report_stats.convergence(curve([0.1, 0.2, 0.3]))["status"] == "too short"
     falling_loss = curve([5, 4, 3, 2, 1, 0.5, 0.2, 0.1])
-    assert report.convergence(falling_loss, goal="minimize")["status"] == "not converged"
-    assert report.convergence(falling_loss, goal="maximize")["status"] == "converged"
+    assert report_stats.convergence(falling_loss, goal="minimize")["status"] == "not converged"
+    assert report_stats.convergence(falling_loss, goal="maximize")["status"] == "converged"
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -369,7 +376,7 @@ def test_verdict_indistinguishable_pair_and_seeds_to_separate(tmp_path):
     gn = np.array(cells[("groupnorm",)])
     bn = np.array(cells[("batchnorm",)])
     d = bn - gn
-    need = report.seeds_to_separate(d.mean(), d.std(ddof=1))
+    need = report_stats.seeds_to_separate(d.mean(), d.std(ddof=1))
     assert need > 3
     assert (
         f"{need} seeds per cell ({need - 3} more) would separate norm=groupnorm from norm=batchnorm"

@@ -7,6 +7,13 @@ run folders; read through lit_spine.runs), groups them into cells, ranks them, c
 cell with a reference cell (paired by seed, Holm over the family), pools per factor, and runs
 the norm-vs-batch-size analysis. The numbers come from lit_spine.report_stats; the words
 about them are lit_spine.report_verdict's.
+
+Runs are `Run` objects (a folder, its flat config and summary as lit_spine.runs reads them)
+rather than rows of `runs.load_runs`' DataFrame, and cells are grouped by a dict rather than
+`DataFrame.groupby`: a factor's value must keep its JSON type in labels and report.csv, and a
+DataFrame column does not keep it (an int key missing from one run becomes a float column,
+3 -> 3.0, and a list value, such as a drop schedule, cannot be a groupby key);
+report_diagnostics and the plots read each run by its folder.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def test_interrupted_fit_leaves_a_truthful_summary(phantom_root, tmp_path, monke
 
 def test_read_curve_takes_each_epoch_once_in_order(tmp_path):
     """Sparse Lightning rows and an epoch logged twice by a resume give one value per epoch."""
-    from lit_spine.sweep import _read_history
+    from lit_spine.sweep_plan import _read_history
 
     (tmp_path / runs.METRICS).write_text(
         "epoch,step,train/loss,val/mAP\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_spine import sweep
+from lit_spine import sweep, sweep_proc
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_FIT = Path(__file__).with_name("fake_fit.py")
@@ -510,3 +510,34 @@ def test_sweep_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path)
     finally:
         lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the signal back with prctl")
+def test_children_get_their_own_group_and_the_parent_death_signal_on_linux_only(monkeypatch):
+    """A child started the sweep's way leads its own process group and, on Linux, has SIGTERM
+    as its parent-death signal (read back with PR_GET_PDEATHSIG); with the lookup made as on
+    another system there is no such signal and the child still starts."""
+    child = (
+        "import ctypes, os\n"
+        "sig = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
+        "print(os.getpgid(0) == os.getpid(), sig.value)\n"
+    )
+
+    def start() -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", child],
+            preexec_fn=sweep_proc._detach_child,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return run.stdout.strip()
+
+    assert start() == f"True {int(signal.SIGTERM)}"
+    assert sweep_proc.parent_death_signal("darwin") is None
+    assert sweep_proc.parent_death_signal("win32") is None
+    monkeypatch.setattr(
+        sweep_proc, "_SET_PARENT_DEATH_SIGNAL", sweep_proc.parent_death_signal("darwin")
+    )
+    assert start() == "True 0"

@@ -1,0 +1,318 @@
+"""A sweep's processes: up to `--workers` child runs at once, their environment and signals.
+
+`Runner` starts the planned runs as child processes (one folder, log and share of CPU
+threads, and of the GPUs where there are several, per run), records each start and end in
+the state, and on Ctrl-C or SIGTERM stops the children once, gracefully (SIGINT: Lightning
+saves last.ckpt), then harder. Each child gets its own process group, and on Linux the
+kernel's parent-death signal (prctl PR_SET_PDEATHSIG), so that no run outlives a killed
+sweep; elsewhere that last guard is missing and everything else works the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lit_spine import runs as run_folder
+from lit_spine.sweep_plan import Planner, add_run, resolve_executable
+from lit_spine.sweep_state import PlannedRun, SweepState, read_summary, run_is_finished, utc_now
+
+KILL_GRACE_S = 30.0  # for a run to stop after SIGINT (Lightning saves last.ckpt)
+POLL_S = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def parent_death_signal(platform: str = sys.platform) -> Callable[[], Any] | None:
+    """Linux: a call that makes the calling process receive SIGTERM when its parent dies
+    (prctl PR_SET_PDEATHSIG, through ctypes: the standard library has no wrapper). None on
+    other systems, or where the C library has no prctl."""
+    if not platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # the C library already loaded
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# Looked up once, in the sweep: the child between fork and exec only makes the call.
+_SET_PARENT_DEATH_SIGNAL = parent_death_signal()
+
+
+def _detach_child() -> None:
+    """In the child before exec: own process group, so a terminal Ctrl-C reaches only the sweep
+    (which then stops each run once, gracefully); on Linux, SIGTERM when the sweep dies, even
+    from SIGKILL, so no run outlives it unwatched."""
+    os.setpgid(0, 0)
+    # A sweep started in the background (`make sweep &`, nohup) inherits an ignored SIGINT;
+    # the run must still stop gracefully (and save last.ckpt) on the SIGINT the sweep sends.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if _SET_PARENT_DEATH_SIGNAL is not None:
+        _SET_PARENT_DEATH_SIGNAL()
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids a worker may be pinned to (respects CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def cpu_count() -> int:
+    """CPUs this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_env(state: SweepState, run: PlannedRun, threads: int, gpu: str | None) -> dict[str, str]:
+    """Environment of one run: its folder, its share of CPU threads and GPUs, W&B settings."""
+    from lit_spine.report import cell_label
+
+    run_dir = (state.dir / run.run_dir).resolve()
+    env = dict(os.environ)
+    env["LIT_SPINE_RUN_DIR"] = str(run_dir)
+    env["LIT_SPINE_SWEEP_DIR"] = str(state.dir.resolve())
+    env["LIT_SPINE_SWEEP_RUN_ID"] = run.id
+    for var in ("LIT_SPINE_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("WANDB_DIR", str(run_dir))
+    env["WANDB_RUN_GROUP"] = f"{state.name}/{cell_label(run.params)}"
+    env["WANDB_JOB_TYPE"] = "sweep"
+    env["WANDB_TAGS"] = f"sweep:{state.name}"
+    env["WANDB_NAME"] = f"{state.name}/{run.id}"
+    # As `wandb agent` does: wandb.init() reads the sweep parameters into run.config.
+    param_file = run_folder.write_sweep_params(run_dir, run.params)
+    env["WANDB_SWEEP_PARAM_PATH"] = str(param_file)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Active:
+    """A run in progress."""
+
+    run: PlannedRun
+    proc: subprocess.Popen
+    slot: int
+    t0: float
+    log: Any
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Runner:
+    """Runs the planned runs with up to `workers` child processes and keeps the state current."""
+
+    def __init__(self, state: SweepState, planner: Planner, workers: int, limit: int | None):
+        self.state = state
+        self.planner = planner
+        self.workers = max(1, workers)
+        self.limit = limit  # most runs to start in this invocation (None: all)
+        self.threads = max(1, cpu_count() // self.workers)
+        gpus = visible_gpus()
+        self.gpus = gpus if len(gpus) > 1 else []  # one GPU: every worker sees it
+        self.active: dict[int, Active] = {}
+        self.t_start = time.monotonic()
+        self.started = 0
+        self.failed_here: set[str] = set()
+
+    # -- progress
+    def _progress(self, event: str) -> None:
+        counts = self.state.counts()
+        done = counts.get("finished", 0)
+        total = len(self.state.runs)
+        if not self.planner.plans_ahead:
+            total = max(total, self.planner.count or 0)
+        durations = [
+            r.duration_s for r in self.state.runs if r.status == "finished" and r.duration_s
+        ]
+        remaining = total - done
+        eta = None
+        if durations:
+            eta = sum(durations) / len(durations) * remaining / self.workers
+        print(
+            f"[sweep {self.state.name}] {done}/{total} done, {len(self.active)} running, "
+            f"{counts.get('failed', 0)} failed | elapsed {fmt_seconds(time.monotonic() - self.t_start)}"
+            f" | ETA {fmt_seconds(eta) if remaining else '0s'} | {event}",
+            flush=True,
+        )
+
+    # -- choosing work
+    def _next_run(self) -> PlannedRun | None:
+        if self.limit is not None and self.started >= self.limit:
+            return None
+        busy = {a.run.id for a in self.active.values()}
+        for run in self.state.runs:
+            # A run that failed in this invocation is retried by the next one, not now.
+            if (
+                run.status in ("pending", "failed", "interrupted")
+                and run.id not in busy | self.failed_here
+            ):
+                return run
+        nxt = self.planner.next_params(self.state)
+        if nxt is None:
+            return None
+        run = add_run(self.state, *nxt)
+        self.state.save()
+        return run
+
+    # -- starting and finishing
+    def _start(self, run: PlannedRun, slot: int) -> None:
+        run_dir = self.state.dir / run.run_dir
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        command = list(run.command)
+        run.resumed_from = None
+        if run.status == "interrupted" and ckpt.is_file():
+            command.append(f"--ckpt_path={ckpt.resolve()}")
+            run.resumed_from = str(ckpt)
+        elif run_dir.exists() and any(run_dir.iterdir()):
+            # A previous attempt left files: keep them for post-mortem, start clean.
+            attempts = self.state.dir / "attempts"
+            attempts.mkdir(exist_ok=True)
+            shutil.move(str(run_dir), str(attempts / f"{run.id}.{run.attempts}"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if "${args_json_file}" in [str(c) for c in self.state.config.get("command", [])]:
+            run_folder.write_sweep_args(run_dir, run.params)
+        gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
+        env = run_env(self.state, run, self.threads, gpu)
+        log = open(run_dir / "stdout.log", "a", buffering=1)  # noqa: SIM115
+        log.write(f"# {utc_now()} attempt {run.attempts + 1}: {' '.join(command)}\n")
+        argv = resolve_executable(command)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_detach_child if os.name == "posix" else None,
+            )
+        except OSError as err:
+            log.close()
+            run.status, run.error = "failed", f"could not start {argv[0]!r}: {err}"
+            self.failed_here.add(run.id)
+            self.state.save()
+            self._progress(f"FAILED to start {run.id}: {err}")
+            return
+        run.status, run.started, run.ended = "running", utc_now(), None
+        run.attempts += 1
+        run.returncode = run.error = None
+        self.active[slot] = Active(run, proc, slot, time.monotonic(), log)
+        self.started += 1
+        self.state.save()
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        resumed = " (resuming from last.ckpt)" if run.resumed_from else ""
+        self._progress(f"started {run.id}{where}{resumed}")
+
+    def _finish(self, active: Active, returncode: int) -> None:
+        run = active.run
+        active.log.close()
+        run.ended = utc_now()
+        run.duration_s = round(time.monotonic() - active.t0, 2)
+        run.returncode = returncode
+        run_dir = self.state.dir / run.run_dir
+        summary = read_summary(run_dir) or {}
+        metric_name = self.planner.metric["name"]
+        value = summary.get(metric_name)
+        run.metric = float(value) if isinstance(value, int | float) else None
+        if returncode == 0 and summary.get("status") == "finished":
+            run.status = "finished"
+            shown = f"{metric_name}={run.metric:.4f}" if run.metric is not None else "no metric"
+            event = f"finished {run.id} ({shown}, {fmt_seconds(run.duration_s)})"
+        else:
+            run.status = "failed"
+            self.failed_here.add(run.id)
+            run.error = (
+                f"exit code {returncode}"
+                if returncode != 0
+                else "exit code 0 but summary.json does not say status: finished"
+            )
+            event = f"FAILED {run.id}: {run.error}; log: {run_dir / 'stdout.log'}"
+        del self.active[active.slot]
+        self.state.save()
+        self._progress(event)
+
+    def _stop_all(self) -> None:
+        """Stop running children: SIGINT (Lightning saves last.ckpt and exits), then SIGTERM,
+        then SIGKILL, each after a grace period."""
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: kill at once
+            for sig, grace in ((signal.SIGINT, KILL_GRACE_S), (signal.SIGTERM, 5.0)):
+                alive = [a for a in self.active.values() if a.proc.poll() is None]
+                for active in alive:
+                    with contextlib.suppress(ProcessLookupError):
+                        active.proc.send_signal(sig)
+                deadline = time.monotonic() + grace
+                for active in alive:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        active.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for active in self.active.values():
+            if active.proc.poll() is None:
+                active.proc.kill()
+                active.proc.wait()
+        for active in list(self.active.values()):
+            active.log.close()
+            run = active.run
+            run.ended, run.returncode = utc_now(), active.proc.returncode
+            run.duration_s = round(time.monotonic() - active.t0, 2)
+            run.status = (
+                "finished" if run_is_finished(self.state.dir / run.run_dir) else "interrupted"
+            )
+        self.active.clear()
+        self.state.save()
+
+    def run(self) -> None:
+        """Start runs while slots are free; return when nothing is left to start or running."""
+        try:
+            while True:
+                for slot in range(self.workers):
+                    if slot not in self.active:
+                        run = self._next_run()
+                        if run is None:
+                            break
+                        self._start(run, slot)
+                if not self.active:
+                    if self._next_run() is None:
+                        return
+                    continue
+                time.sleep(POLL_S)
+                for active in list(self.active.values()):
+                    code = active.proc.poll()
+                    if code is not None:
+                        self._finish(active, code)
+        except KeyboardInterrupt:
+            n = len(self.active)
+            print(
+                f"\n[sweep {self.state.name}] interrupted: stopping {n} running run(s) "
+                "(they save last.ckpt; Ctrl-C again to kill them now)...",
+                flush=True,
+            )
+            self._stop_all()
+            raise

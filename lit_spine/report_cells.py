@@ -136,6 +136,7 @@ def latest_sweep(root: str | Path = "sweep_runs") -> Path:
 
 
 def hashable(value: Any) -> Any:
+    """A value usable as a dict key or set member: lists and dicts as sorted JSON text."""
     return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
 
 
@@ -406,6 +407,7 @@ class Report:
 
 
 def distinct_values(runs: Sequence[Run], key: str, summary: bool = False) -> list[Any]:
+    """The distinct non-None values of a config (or summary) key over `runs`, first seen first."""
     values: list[Any] = []
     for run in runs:
         value = (run.summary if summary else run.config).get(key)
@@ -420,6 +422,7 @@ def better(report: Report, d: dict) -> float:
 
 
 def significant(d: dict) -> bool:
+    """Whether a comparison's Holm-adjusted p-value is below ALPHA."""
     return math.isfinite(d.get("p_holm", math.nan)) and d["p_holm"] < ALPHA
 
 

@@ -67,24 +67,28 @@ def bootstrap_ci(
 
 
 def mean_statistic(x: Any, axis: int = -1) -> Any:
+    """The mean along `axis` (a vectorized statistic for `bootstrap_ci`)."""
     import numpy as np
 
     return np.mean(x, axis=axis)
 
 
 def mean_difference_statistic(a: Any, b: Any, axis: int = -1) -> Any:
+    """mean(a) - mean(b) along `axis` (a vectorized statistic for `bootstrap_ci`)."""
     import numpy as np
 
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
 def p_better_paired(a: Any, b: Any, axis: int = -1) -> Any:
+    """P(A>B) over seed pairs (a_i, b_i), ties counting 1/2; vectorized along `axis`."""
     import numpy as np
 
     return np.mean(a > b, axis=axis) + 0.5 * np.mean(a == b, axis=axis)
 
 
 def p_better_unpaired(a: Any, b: Any, axis: int = -1) -> Any:
+    """P(A>B) over all pairs (a_i, b_j), ties counting 1/2; vectorized along `axis`."""
     import numpy as np
 
     a, b = np.moveaxis(a, axis, -1)[..., :, None], np.moveaxis(b, axis, -1)[..., None, :]

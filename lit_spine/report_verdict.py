@@ -28,6 +28,7 @@ from lit_spine.report_stats import (
 
 
 def fmt_number(x: float, digits: int = 4) -> str:
+    """`x` with `digits` decimals, or '-' when missing."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -39,6 +40,7 @@ def fmt_interval(low: float, high: float, digits: int = 3) -> str:
 
 
 def fmt_p(x: float) -> str:
+    """A p-value as text: '<0.001', three decimals, or '-' when missing."""
     if x is None or math.isnan(x):
         return "-"
     return "<0.001" if x < 0.001 else f"{x:.3f}"

@@ -120,6 +120,7 @@ class Active:
 
 
 def fmt_seconds(seconds: float | None) -> str:
+    """Seconds as `1h02m03s`, `2m03s` or `3s`; '?' when unknown."""
     if seconds is None:
         return "?"
     seconds = int(round(seconds))

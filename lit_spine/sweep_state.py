@@ -35,6 +35,7 @@ def metric_of(config: dict[str, Any]) -> dict[str, str]:
 
 
 def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

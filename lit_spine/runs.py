@@ -64,6 +64,7 @@ SUMMARY_FIELDS = {
     "global_step": "optimizer steps",
     "best_checkpoint": "path of best.ckpt, None before one is saved",
     "ended": "UTC time of the latest write (ISO 8601)",
+    "error": "why the run failed or stopped, when its sweep wrote the status (sweep_state)",
 }
 STATUSES = ("running", "finished", "failed", "interrupted")
 

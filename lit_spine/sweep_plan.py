@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from lit_spine import runs as run_folder
-from lit_spine.sweep_state import PlannedRun, SweepError, SweepState, metric_of
+from lit_spine.sweep_state import PlannedRun, SweepError, SweepState, metric_of, run_is_finished
 
 # wandb's default when a sweep file has no `command` (wandb/sdk/launch/sweeps/utils.py).
 WANDB_DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -267,7 +267,7 @@ def open_state(
         while (nxt := planner.next_params(fresh)) is not None:
             add_run(fresh, *nxt)
         new_keys = {(r.key, json.dumps(r.command)) for r in fresh.runs}
-    done = [r for r in state.runs if r.status == "finished"]
+    done = [r for r in state.runs if run_is_finished(sweep_dir / r.run_dir)]  # folders decide
     missing = [
         r for r in done if new_keys is None or (r.key, json.dumps(r.command)) not in new_keys
     ]

@@ -23,7 +23,14 @@ from typing import Any
 
 from lit_spine import runs as run_folder
 from lit_spine.sweep_plan import Planner, add_run, resolve_executable
-from lit_spine.sweep_state import PlannedRun, SweepState, read_summary, run_is_finished, utc_now
+from lit_spine.sweep_state import (
+    PlannedRun,
+    SweepState,
+    read_summary,
+    record_status,
+    run_is_finished,
+    utc_now,
+)
 
 KILL_GRACE_S = 30.0  # for a run to stop after SIGINT (Lightning saves last.ckpt)
 POLL_S = 0.2
@@ -219,6 +226,7 @@ class Runner:
         except OSError as err:
             log.close()
             run.status, run.error = "failed", f"could not start {argv[0]!r}: {err}"
+            record_status(run_dir, "failed", run.error)
             self.failed_here.add(run.id)
             self.state.save()
             self._progress(f"FAILED to start {run.id}: {err}")
@@ -256,6 +264,8 @@ class Runner:
                 if returncode != 0
                 else "exit code 0 but summary.json does not say status: finished"
             )
+            if summary.get("status") != "finished":  # a finished result is never overwritten
+                record_status(run_dir, "failed", run.error)
             event = f"FAILED {run.id}: {run.error}; log: {run_dir / 'stdout.log'}"
         del self.active[active.slot]
         self.state.save()
@@ -283,9 +293,10 @@ class Runner:
             run = active.run
             run.ended, run.returncode = utc_now(), active.proc.returncode
             run.duration_s = round(time.monotonic() - active.t0, 2)
-            run.status = (
-                "finished" if run_is_finished(self.state.dir / run.run_dir) else "interrupted"
-            )
+            run_dir = self.state.dir / run.run_dir
+            run.status = "finished" if run_is_finished(run_dir) else "interrupted"
+            if run.status == "interrupted":
+                record_status(run_dir, "interrupted")
         self.active.clear()
         self.state.save()
 

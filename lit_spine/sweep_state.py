@@ -1,11 +1,12 @@
 """A sweep's state: the planned runs and their progress, kept in `<sweep dir>/state.json`.
 
 `SweepState` is the plan (the sweep file's config and hash, one `PlannedRun` per run with
-its parameters, command and folder) plus what the runner records about each run (status,
-attempts, times, exit code, metric). It is rewritten atomically after every change, so a
-rerun after Ctrl-C or a crash continues from it. A run's folder is the authority on whether
-it finished (lit_spine.runs, summary.json): `reconcile` brings the recorded statuses in line
-with the folders when a sweep starts.
+its parameters, command and folder) plus what the runner records about each attempt (times,
+exit code, metric). It is rewritten atomically after every change, so a rerun after Ctrl-C
+or a crash continues from it. A run's status is its folder's (summary.json, through
+lit_spine.runs; `folder_status`): when a child ends without saying how, the sweep writes the
+status into the folder (`record_status`), and every start takes each status from the folders
+(`reconcile`): the statuses state.json shows are never read back as the truth.
 """
 
 from __future__ import annotations
@@ -128,16 +129,36 @@ def run_is_finished(run_dir: Path) -> bool:
     return run_folder.read_status(run_dir) == "finished"
 
 
+def folder_status(run_dir: Path) -> str:
+    """A run's status as its folder says it: summary.json's status, where "running" means the
+    fit stopped without saying so (interrupted); without a summary, pending for a folder never
+    started and interrupted for one that was (a killed sweep leaves no summary behind)."""
+    status = run_folder.read_status(run_dir)
+    if status is None:
+        started = run_dir.is_dir() and any(run_dir.iterdir())
+        return "interrupted" if started else "pending"
+    return "interrupted" if status == "running" else status
+
+
+def record_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """Write `status` into the run folder's summary.json, keeping its other fields: for a run
+    whose process ended without writing that status itself (it crashed, could not start, or
+    was stopped by the sweep)."""
+    summary = read_summary(run_dir) or {}
+    summary.update(status=status, ended=utc_now())
+    if error is not None:
+        summary["error"] = error
+    run_folder.write_summary(run_dir, summary)
+
+
 def reconcile(state: SweepState) -> list[str]:
-    """Bring statuses in line with the run folders after a crash or a deletion; return notes."""
+    """Take every run's status from its folder (`folder_status`), after a crash, a deletion or
+    a run that finished unwatched; return notes where a run recorded as finished is not."""
     notes = []
     for run in state.runs:
         run_dir = state.dir / run.run_dir
-        if run.status == "finished" and not run_is_finished(run_dir):
+        status = folder_status(run_dir)
+        if run.status == "finished" and status != "finished":
             notes.append(f"{run.id}: marked finished but {run_dir}/summary.json is not; redoing")
-            run.status = "pending"
-        elif run.status == "running":
-            run.status = "interrupted"  # the sweep that ran it died
-        elif run.status in ("pending", "failed", "interrupted") and run_is_finished(run_dir):
-            run.status = "finished"  # it finished after the sweep stopped watching
+        run.status = status
     return notes

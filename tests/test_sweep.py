@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_spine import sweep, sweep_proc
+from lit_spine import runs as run_folder
+from lit_spine import sweep, sweep_proc, sweep_state
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_FIT = Path(__file__).with_name("fake_fit.py")
@@ -541,3 +542,48 @@ def test_children_get_their_own_group_and_the_parent_death_signal_on_linux_only(
         sweep_proc, "_SET_PARENT_DEATH_SIGNAL", sweep_proc.parent_death_signal("darwin")
     )
     assert start() == "True 0"
+
+
+def test_statuses_come_from_the_run_folders(tmp_path):
+    """state.json's statuses are a copy: reconcile takes each from its folder, and the sweep
+    writes into the folder the status of a run that ended without saying it."""
+    state = sweep.SweepState(
+        path=tmp_path / "state.json", sweep_file="s.yaml", name="s", hash="h", config={}
+    )
+    recorded = {
+        "never-started": "failed",  # no folder
+        "killed": "running",  # folder with a log, no summary
+        "stopped": "pending",  # summary still says running
+        "crashed": "interrupted",  # summary says failed
+        "lost": "finished",  # summary says failed: redone, with a note
+        "done": "failed",  # summary says finished
+    }
+    for run_id, status in recorded.items():
+        state.runs.append(
+            sweep.PlannedRun(
+                id=run_id, params={}, command=[], run_dir=f"runs/{run_id}", status=status
+            )
+        )
+    (tmp_path / "runs" / "killed").mkdir(parents=True)
+    (tmp_path / "runs" / "killed" / "stdout.log").write_text("started\n")
+    run_folder.write_summary(tmp_path / "runs" / "stopped", {"status": "running", "epochs": 1})
+    for run_id in ("crashed", "lost"):
+        run_folder.write_summary(tmp_path / "runs" / run_id, {"status": "failed"})
+    run_folder.write_summary(tmp_path / "runs" / "done", {"status": "finished"})
+
+    notes = sweep_state.reconcile(state)
+    assert {r.id: r.status for r in state.runs} == {
+        "never-started": "pending",
+        "killed": "interrupted",
+        "stopped": "interrupted",
+        "crashed": "failed",
+        "lost": "failed",
+        "done": "finished",
+    }
+    assert len(notes) == 1 and notes[0].startswith("lost: marked finished")
+
+    sweep_state.record_status(tmp_path / "runs" / "stopped", "failed", "exit code 3")
+    summary = run_folder.read_summary(tmp_path / "runs" / "stopped")
+    assert summary["status"] == "failed" and summary["error"] == "exit code 3"
+    assert summary["epochs"] == 1  # the run's own fields are kept
+    assert sweep_state.folder_status(tmp_path / "runs" / "stopped") == "failed"

@@ -8,7 +8,8 @@ W&B). The computations are plain functions on tensors/arrays, testable without a
   localisation, docs/metric.md), the class mAP at the decoded points beside the class mAP
   with the classifier reading the ground-truth points (classification given perfect
   localisation; `SpineNet.forward(images, points)`).
-- Per level: per point of the task (`Task.point_names`, tianchi2020's 11 by default), radial error, hit rate within the radius, AP, and
+- Per level: per point of the task (`Task.point_names`, tianchi2020's 11 by default),
+  radial error, hit rate within the radius, AP, and
   the off-by-one rate: a prediction that misses its own point but lands within the radius
   of the neighbouring level of the same type (the disc or vertebra above or below), the
   level-shift failure the RSNA 2024 lumbar-spine solutions report.

@@ -5,8 +5,8 @@ pixel focal loss (Zhou et al. 2019, https://arxiv.org/abs/1904.07850) on sigmoid
 alpha = 2, beta = 4, normalised by the number of peaks.
 
 Classes: a point carries a multi-hot set of its type's codes (batch["labels"], (B, P, K) for
-the P points of the task, 11 for tianchi2020; vertebra rows use the first Kv columns). Disc codes are mostly exclusive but some co-occur
-(tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
+the P points of the task, 11 for tianchi2020; vertebra rows use the first Kv columns). Disc
+codes are mostly exclusive but some co-occur (tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
 so the default is multi-label: a sigmoid per code with binary cross-entropy ("ce"/"bce")
 or the sigmoid focal loss of RetinaNet (Lin et al. 2017, https://arxiv.org/abs/1708.02002;
 gamma 2, alpha 0.25). With ``multi_label=False`` the codes share a softmax and the target is

@@ -786,23 +786,23 @@ def random_case(
     labels), anisotropic spacing. Used by the benchmark and the tests."""
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
     spec = get_task("tianchi2020")
-    NUM_POINTS, DISC_POINTS = spec.num_points, spec.points_of_kind("disc")  # noqa: N806
+    n_points, disc_points = spec.num_points, spec.points_of_kind("disc")
     rng = np.random.default_rng(seed)
     n_vert, n_classes = len(vocab.vertebra), vocab.num_classes
     spacing = rng.uniform(0.55, 1.0, size=(n_studies, 2))
     # Anatomy-like layout: points stacked top to bottom, 18 px apart, jittered per study.
     base = np.stack(
         [
-            rng.uniform(100, 160, (n_studies, NUM_POINTS)),
-            60.0 + np.arange(NUM_POINTS) * 18.0 + rng.normal(0, 3, (n_studies, NUM_POINTS)),
+            rng.uniform(100, 160, (n_studies, n_points)),
+            60.0 + np.arange(n_points) * 18.0 + rng.normal(0, 3, (n_studies, n_points)),
         ],
         axis=-1,
     )
-    study = np.repeat(np.arange(n_studies), NUM_POINTS)
-    point = np.tile(np.arange(NUM_POINTS), n_studies)
+    study = np.repeat(np.arange(n_studies), n_points)
+    point = np.tile(np.arange(n_points), n_studies)
     keep = rng.random(len(study)) > 0.03
     study, point = study[keep], point[keep]
-    is_disc = np.isin(point, DISC_POINTS)
+    is_disc = np.isin(point, disc_points)
     lo, hi = np.where(is_disc, n_vert, 0), np.where(is_disc, n_classes, n_vert)
     labels = np.zeros((len(point), n_classes), dtype=bool)
     labels[np.arange(len(point)), rng.integers(lo, hi)] = True
@@ -812,8 +812,8 @@ def random_case(
 
     n_pred = rng.integers(11, 21, size=n_studies)
     p_study = np.repeat(np.arange(n_studies), n_pred)
-    p_point = rng.integers(0, NUM_POINTS, size=len(p_study))
-    p_disc = np.isin(p_point, DISC_POINTS)
+    p_point = rng.integers(0, n_points, size=len(p_study))
+    p_disc = np.isin(p_point, disc_points)
     p_cls = rng.integers(np.where(p_disc, n_vert, 0), np.where(p_disc, n_classes, n_vert))
     p_xy = base[p_study, p_point] + rng.normal(0, 5, (len(p_study), 2))
     score = np.round(rng.random(len(p_point)), 3)

@@ -385,3 +385,42 @@ def test_fit_through_cli_logs_rsna_logloss(tmp_path):
     diagnostics = json.loads((run / "diagnostics.json").read_text())
     assert diagnostics["task"] == "rsna2024_canal"
     assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(RSNA_LEVELS)
+
+
+def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from lit_spine.report_diagnostics import SECTIONS, render_sections
+    from lit_spine.task import POINT_NAMES
+
+    def cell(name: str, levels: tuple[str, ...]):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [
+            {"name": n, "n": 2, "mre_mm": 1.0 + k, "hit_rate": 0.5, "ap": 0.25,
+             "off_by_one_rate": 0.0}
+            for k, n in enumerate(levels)
+        ]  # fmt: skip
+        diag = {
+            "radius_mm": 8.0,
+            "norm": "groupnorm",
+            "localisation_vs_classification": {"mre_mm": 2.0, "sdr": {"8": 0.9},
+                "map_decoded": 0.2, "map_true_points": 0.6, "map_gap": 0.4},
+            "per_level": {"levels": rows, "hit_rate": 0.5, "off_by_one_rate": 0.0},
+            "batchnorm": {"has_batchnorm": False, "map_eval": 0.2, "map_batch_stats": 0.2,
+                "map_gap": 0.0, "mean_shift_sd": None, "log_var_ratio": None},
+            "calibration": {"ece": 0.1, "n": 4, "kind": "k",
+                "bins": [{"n": 4, "confidence": 0.5, "accuracy": 0.4}]},
+            "erf": {"theoretical_px": [99, 99], "init": {"r50_px": 5.0}, "trained": {"r50_px": 7.0}},
+        }  # fmt: skip
+        (d / "diagnostics.json").write_text(json.dumps(diag))
+        return SimpleNamespace(name=name, runs=[SimpleNamespace(dir=d)])
+
+    rsna, tianchi = cell("rsna", RSNA_LEVELS), cell("tianchi", POINT_NAMES)
+    md = render_sections([rsna], lambda c: c.name, tmp_path / "one")
+    assert "| L1/L2 | 1.00" in md and "| L5/S1 | 5.00" in md and "L5-S1" not in md
+    mixed = render_sections([rsna, tianchi], lambda c: c.name, tmp_path / "mixed")
+    assert all(f"## {name}" in mixed for name in SECTIONS)
+    assert "Skipped: the runs have different levels" in mixed
+    assert "| L5-S1 |" not in mixed and "| L5/S1 |" not in mixed

@@ -424,3 +424,15 @@ def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
     assert all(f"## {name}" in mixed for name in SECTIONS)
     assert "Skipped: the runs have different levels" in mixed
     assert "| L5-S1 |" not in mixed and "| L5/S1 |" not in mixed
+
+
+def test_predict_writer_refuses_a_task_without_a_writer(tmp_path):
+    from types import SimpleNamespace
+
+    from lit_spine.predict import PredictionWriter
+
+    writer = PredictionWriter(tmp_path)
+    with pytest.raises(ValueError, match="task 'rsna2024_canal' has no prediction writer yet"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("rsna2024_canal")))
+    writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("tianchi2020")))
+    assert writer.batches == []

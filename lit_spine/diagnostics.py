@@ -8,7 +8,8 @@ W&B). The computations are plain functions on tensors/arrays, testable without a
   localisation, docs/metric.md), the class mAP at the decoded points beside the class mAP
   with the classifier reading the ground-truth points (classification given perfect
   localisation; `SpineNet.forward(images, points)`).
-- Per level: per point of `POINT_NAMES`, radial error, hit rate within the radius, AP, and
+- Per level: per point of the task (`Task.point_names`, tianchi2020's 11 by default),
+  radial error, hit rate within the radius, AP, and
   the off-by-one rate: a prediction that misses its own point but lands within the radius
   of the neighbouring level of the same type (the disc or vertebra above or below), the
   level-shift failure the RSNA 2024 lumbar-spine solutions report.
@@ -46,10 +47,16 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lit_spine.data.labels import DISC_POINTS, POINT_NAMES, VERTEBRA_POINTS, Vocabulary
+from lit_spine.data.labels import POINT_NAMES, Vocabulary
 from lit_spine.losses import SpineLoss, class_probabilities
 from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
+from lit_spine.task import Task, get_task
 from lit_spine.utils import atomic_write_bytes, atomic_write_json
+
+
+def _task(task: str | Task) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
 
 MASS_SHARES = (0.5, 0.9)
 
@@ -70,9 +77,17 @@ def radial_errors_mm(
     return np.where(np.asarray(present, bool), dist, np.nan)
 
 
-def neighbour_levels(names: Sequence[str] = POINT_NAMES) -> list[tuple[int, ...]]:
-    """For each point, the same-type points directly above and below it (a one-level shift)."""
-    kinds = ["disc" if "-" in n else "vertebra" for n in names]
+def neighbour_levels(
+    names: Sequence[str] = POINT_NAMES, kinds: Sequence[str] | None = None
+) -> list[tuple[int, ...]]:
+    """For each point, the same-type points directly above and below it (a one-level shift).
+
+    `kinds` gives each point's kind (a task's `point_kinds`); without it a name holding '-'
+    is a disc (the tianchi2020 names)."""
+    if kinds is None:
+        kinds = ["disc" if "-" in n else "vertebra" for n in names]
+    if len(kinds) != len(names):
+        raise ValueError(f"{len(names)} point names but {len(kinds)} point kinds")
     out = []
     for k, kind in enumerate(kinds):
         same = [j for j, other in enumerate(kinds) if other == kind]
@@ -88,6 +103,7 @@ def per_level_localisation(
     spacing_mm: np.ndarray,
     radius_mm: float,
     names: Sequence[str] = POINT_NAMES,
+    kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Per level: n, mean radial error, hit rate (d < R) and off-by-one rate; plus overall rates.
 
@@ -97,9 +113,11 @@ def per_level_localisation(
     """
     pred_xy, gt_xy = np.asarray(pred_xy, np.float64), np.asarray(gt_xy, np.float64)
     present = np.asarray(present, bool)
+    if present.shape[-1] != len(names):
+        raise ValueError(f"{present.shape[-1]} points per item but {len(names)} level names")
     own = radial_errors_mm(pred_xy, gt_xy, spacing_mm, present)
     shifted = np.zeros_like(present)
-    for k, neighbours in enumerate(neighbour_levels(names)):
+    for k, neighbours in enumerate(neighbour_levels(names, kinds)):
         for j in neighbours:
             d = radial_errors_mm(
                 pred_xy[:, [k]], gt_xy[:, [j]], spacing_mm, present[:, [j]] & present[:, [k]]
@@ -200,8 +218,9 @@ def score(
     multi_label_threshold: float = 0.5,
     true_points: bool = False,
     level: int | None = None,
+    task: str | Task = "tianchi2020",
 ):
-    """The suite's metric (`SpineDetectionMetric`) on collected arrays.
+    """The suite's metric (`SpineDetectionMetric`) on collected arrays of `task`'s points.
 
     `true_points`: prediction rows at the true points (score = class probability alone),
     i.e. classification given perfect localisation. `level`: only that point's ground truth
@@ -222,6 +241,7 @@ def score(
         torch.from_numpy(data[f"{prefix}disc_probs"]),
         vocab,
         multi_label_threshold=multi_label_threshold,
+        task=task,
     )
     valid, gt_present = rows.valid, present
     if level is not None:
@@ -229,7 +249,7 @@ def score(
         gt_present = present & (torch.arange(present.shape[1]) == level)
     metric = SpineDetectionMetric(
         vocab=vocab, radius_mm=radius_mm, baseline_radius_mm=baseline_radius_mm,
-        sync_on_compute=False,
+        sync_on_compute=False, task=task,
     )  # fmt: skip
     metric.update(
         rows.points, rows.point_index, rows.cls, rows.score, valid,
@@ -241,16 +261,23 @@ def score(
 
 
 # ---------------------------------------------------------------------------- calibration
-def calibration_pairs(data: dict[str, Any], multi_label: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, outcome) pairs over present points: every code's probability and whether
-    the point has that code (sigmoid head), or the top probability and whether the top code
-    is one of the point's codes (softmax head)."""
+def calibration_pairs(
+    data: dict[str, Any], multi_label: bool, task: str | Task = "tianchi2020"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, outcome) pairs over present points with a label: every code's
+    probability and whether the point has that code (sigmoid head), or the top probability
+    and whether the top code is one of the point's codes (softmax head). A point without a
+    label (an RSNA level without a grade) has no outcome and is left out."""
+    spec = _task(task)
     conf, hit = [], []
-    for kind, index in (("vertebra", VERTEBRA_POINTS), ("disc", DISC_POINTS)):
+    for kind in ("vertebra", "disc"):
+        index = spec.points_of_kind(kind)
         probs = data[f"{kind}_probs"]  # (N, P, K)
         k = probs.shape[-1]
+        if not index or not k:
+            continue
         labels = data["labels"][:, list(index), :k]
-        present = data["present"][:, list(index)]
+        present = data["present"][:, list(index)] & labels.any(-1)
         probs, labels = probs[present], labels[present]
         if multi_label:
             conf.append(probs.reshape(-1))
@@ -259,6 +286,8 @@ def calibration_pairs(data: dict[str, Any], multi_label: bool) -> tuple[np.ndarr
             top = probs.argmax(-1)
             conf.append(probs.max(-1))
             hit.append(labels[np.arange(len(top)), top])
+    if not conf:
+        return np.zeros(0, np.float64), np.zeros(0, bool)
     return np.concatenate(conf).astype(np.float64), np.concatenate(hit).astype(bool)
 
 
@@ -533,13 +562,16 @@ def plot_erf(
     return _save(fig, path)
 
 
-def overlay_figure(image: np.ndarray, gt_xy, present, pred_xy, title: str):
-    """A matplotlib figure of one slice with true (green o) and predicted (red x) points."""
+def overlay_figure(
+    image: np.ndarray, gt_xy, present, pred_xy, title: str, names: Sequence[str] = POINT_NAMES
+):
+    """A matplotlib figure of one slice with true (green o) and predicted (red x) points,
+    each labelled by its point name (`names`, the task's point_names)."""
     plt = _plt()
     lo, hi = float(np.min(image)), float(np.max(image))
     fig, ax = plt.subplots(figsize=(4, 4), dpi=90)
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-    for k, name in enumerate(POINT_NAMES):
+    for k, name in enumerate(names):
         if present[k]:
             ax.plot(*gt_xy[k], "o", ms=6, mfc="none", mec="lime")
             ax.plot(
@@ -561,10 +593,12 @@ def figure_to_array(fig) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- one run
-def _level_ap(data, vocab, radius_mm, baseline_radius_mm, threshold) -> list[float | None]:
+def _level_ap(
+    data, vocab, radius_mm, baseline_radius_mm, threshold, task: Task
+) -> list[float | None]:
     return [
-        score(data, vocab, radius_mm, baseline_radius_mm, threshold, level=k).map
-        for k in range(len(POINT_NAMES))
+        score(data, vocab, radius_mm, baseline_radius_mm, threshold, level=k, task=task).map
+        for k in range(task.num_points)
     ]
 
 
@@ -584,14 +618,19 @@ def run_diagnostics(
     erf_images: int = 4,
     n_bins: int = 15,
     init_erf: np.ndarray | None = None,
+    task: str | Task | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All diagnostics of one network on its validation (and a training) loader.
 
     Returns the JSON-ready result and the arrays behind the plots (ERF maps).
     `init_erf` is the ERF map of the same network at initialisation (computed at fit start).
+    `task` (default: the net's `task`, else tianchi2020) names the levels of the per-level
+    table.
     """
+    spec = _task(task or getattr(net, "task", None) or "tianchi2020")
     net = copy.deepcopy(net).to(device).eval()
     args = dict(vocab=vocab, radius_mm=radius_mm, baseline_radius_mm=baseline_radius_mm)
+    args["task"] = spec
     args["multi_label_threshold"] = multi_label_threshold
     has_bn = bool(batchnorm_layers(net))
     seconds: dict[str, float] = {}
@@ -608,7 +647,7 @@ def run_diagnostics(
     val_report = score(val, **args)
     true_report = score(val, **args, true_points=True)
     loc = val_report.localisation["all"]
-    result: dict[str, Any] = {"n_val_studies": int(len(val["present"]))}
+    result: dict[str, Any] = {"n_val_studies": int(len(val["present"])), "task": spec.name}
     result["localisation_vs_classification"] = {
         "mre_mm": _finite(loc.mre_mm),
         "median_re_mm": _finite(loc.median_re_mm),
@@ -618,11 +657,12 @@ def run_diagnostics(
         "map_gap": _diff(true_report.map, val_report.map),
     }
     levels = per_level_localisation(
-        val["points"], val["gt_points"], val["present"], val["spacing_mm"], radius_mm
-    )
+        val["points"], val["gt_points"], val["present"], val["spacing_mm"], radius_mm,
+        names=spec.point_names, kinds=spec.point_kinds,
+    )  # fmt: skip
     for row, ap in zip(
         levels["levels"],
-        _level_ap(val, vocab, radius_mm, baseline_radius_mm, multi_label_threshold),
+        _level_ap(val, vocab, radius_mm, baseline_radius_mm, multi_label_threshold, spec),
         strict=True,
     ):
         row["ap"] = ap
@@ -692,7 +732,7 @@ def run_diagnostics(
         }
 
     lap("batchnorm")
-    conf, outcome = calibration_pairs(val, multi_label)
+    conf, outcome = calibration_pairs(val, multi_label, spec)
     cal = calibration(conf, outcome, n_bins)
     cal["kind"] = (
         "every code's sigmoid probability vs its label"
@@ -708,7 +748,11 @@ def run_diagnostics(
     if init_erf is not None:
         maps["init"] = init_erf
     mean_spacing = spacing.mean(0).tolist()
-    erf = {"n_images": int(len(images)), "spacing_mm": mean_spacing, "points": list(POINT_NAMES)}
+    erf = {
+        "n_images": int(len(images)),
+        "spacing_mm": mean_spacing,
+        "points": list(spec.point_names),
+    }
     for key, m in maps.items():
         erf[key] = erf_size(m, mean_spacing)
     try:
@@ -883,6 +927,7 @@ class Diagnostics(pl.Callback):
                 batch["present"][i].numpy(),
                 points[i],
                 title + ": true (green o) vs predicted (red x)",
+                names=pl_module.task.point_names,
             )
             images.append(figure_to_array(fig))
             captions.append(title)
@@ -923,6 +968,7 @@ class Diagnostics(pl.Callback):
             erf_images=self.erf_images,
             n_bins=self.n_bins,
             init_erf=self.init_erf,
+            task=pl_module.task,
         )
         result = {
             "weights": weights,

@@ -4,16 +4,18 @@ Heatmap: "mse" (SimpleBaseline targets; squared error summed per heatmap) on raw
 pixel focal loss (Zhou et al. 2019, https://arxiv.org/abs/1904.07850) on sigmoid outputs,
 alpha = 2, beta = 4, normalised by the number of peaks.
 
-Classes: a point carries a multi-hot set of its type's codes (batch["labels"], (B, 11, K);
-vertebra rows use the first Kv columns). Disc codes are mostly exclusive but some co-occur
-(tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
+Classes: a point carries a multi-hot set of its type's codes (batch["labels"], (B, P, K) for
+the P points of the task, 11 for tianchi2020; vertebra rows use the first Kv columns). Disc
+codes are mostly exclusive but some co-occur (tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
 so the default is multi-label: a sigmoid per code with binary cross-entropy ("ce"/"bce")
 or the sigmoid focal loss of RetinaNet (Lin et al. 2017, https://arxiv.org/abs/1708.02002;
 gamma 2, alpha 0.25). With ``multi_label=False`` the codes share a softmax and the target is
 the multi-hot row normalised to sum 1 ("ce", or "focal" with the softmax focal term).
 Label smoothing (Szegedy et al. 2016) moves targets toward 1/2 per code (sigmoid) or
 toward 1/K (softmax). `class_probabilities` applies the matching sigmoid or softmax.
-Absent points (batch["present"] False) count in neither loss.
+Absent points (batch["present"] False) count in neither loss; a present point whose grade
+is missing (batch["graded"] False, RSNA 2024 items only) counts in the heatmap loss but not
+in the class loss, so no label is invented for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lit_spine.task import DISC_POINTS, VERTEBRA_POINTS
+from lit_spine.task import Task, get_task
 from lit_spine.utils import choose
 
 HEATMAP_LOSSES = ("mse", "focal")
@@ -95,7 +97,9 @@ class SpineLoss:
         focal_gamma: float = 2.0,
         focal_alpha: float | None = 0.25,
         multi_label: bool = True,
+        task: str | Task = "tianchi2020",
     ):
+        self.task = get_task(task) if isinstance(task, str) else task
         self.heatmap_loss = choose(heatmap_loss, HEATMAP_LOSSES, "heatmap_loss")
         self.class_loss = choose(class_loss, CLASS_LOSSES, "class_loss")
         if class_loss == "bce" and not multi_label:
@@ -140,10 +144,17 @@ class SpineLoss:
         )
         labels = batch["labels"]
         vertebra, disc = outputs["vertebra_logits"], outputs["disc_logits"]
-        v_idx, d_idx = list(VERTEBRA_POINTS), list(DISC_POINTS)
-        cls = self.classification(
-            vertebra, labels[:, v_idx, : vertebra.shape[-1]], present[:, v_idx]
-        )
-        cls = cls + self.classification(disc, labels[:, d_idx, : disc.shape[-1]], present[:, d_idx])
+        v_idx = list(self.task.points_of_kind("vertebra"))
+        d_idx = list(self.task.points_of_kind("disc"))
+        graded = present & batch["graded"].bool() if "graded" in batch else present
+        cls = vertebra.new_zeros(())
+        if v_idx:
+            cls = self.classification(
+                vertebra, labels[:, v_idx, : vertebra.shape[-1]], graded[:, v_idx]
+            )
+        if d_idx:
+            cls = cls + self.classification(
+                disc, labels[:, d_idx, : disc.shape[-1]], graded[:, d_idx]
+            )
         loss = self.heatmap_weight * heatmap + self.class_weight * cls
         return {"loss": loss, "heatmap": heatmap, "cls": cls}

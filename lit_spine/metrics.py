@@ -57,13 +57,11 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_spine.data.targets import heatmap_to_input_coords
-from lit_spine.task import (
-    DISC_POINTS,
-    NUM_POINTS,
-    VERTEBRA_POINTS,
-    Vocabulary,
-    get_vocabulary,
-)
+from lit_spine.task import Task, Vocabulary, get_task, get_vocabulary
+
+
+def _task(task: str | Task) -> Task:
+    return get_task(task) if isinstance(task, str) else task
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -115,7 +113,7 @@ class PredictionRows(NamedTuple):
     `SpineDetectionMetric.update`."""
 
     points: torch.Tensor  # (B, P, 2) float, [x, y] input pixels
-    point_index: torch.Tensor  # (B, P) long, index into POINT_NAMES
+    point_index: torch.Tensor  # (B, P) long, index into the task's point_names
     cls: torch.Tensor  # (B, P) long, index into vocab.classes
     score: torch.Tensor  # (B, P) float in [0, 1]
     valid: torch.Tensor  # (B, P) bool
@@ -128,25 +126,29 @@ def select_predictions(
     disc_probs: torch.Tensor,
     vocab: str | Vocabulary = "tianchi2020",
     multi_label_threshold: float = 0.5,
+    task: str | Task = "tianchi2020",
 ) -> PredictionRows:
     """One prediction row per point and label: the top label, plus every other label with
     probability >= `multi_label_threshold`; score = point score x label probability.
 
-    `points` (B, 11, 2), `point_scores` (B, 11); `vertebra_probs` (B, 5, Kv) and `disc_probs`
-    (B, 6, Kd) are probabilities (softmax or sigmoid) over the vocabulary's codes. Row order
-    (the metric's input order) is the one `lit_spine.predict` writes: vertebra points, then
-    disc points, each top to bottom, top label first, then other labels in code order.
+    `points` (B, P, 2), `point_scores` (B, P) for the P points of `task`; `vertebra_probs`
+    (B, Pv, Kv) and `disc_probs` (B, Pd, Kd) are probabilities (softmax or sigmoid) over the
+    vocabulary's codes (tianchi2020: P = 11, Pv = 5, Pd = 6). Row order (the metric's input
+    order) is the one `lit_spine.predict` writes: vertebra points, then disc points, each top
+    to bottom, top label first, then other labels in code order.
     """
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
+    spec = _task(task)
+    vertebra_points, disc_points = spec.points_of_kind("vertebra"), spec.points_of_kind("disc")
     n_vert, n_disc = len(vocab.vertebra), len(vocab.disc)
     b = points.shape[0]
-    if vertebra_probs.shape[1:] != (len(VERTEBRA_POINTS), n_vert) or disc_probs.shape[1:] != (
-        len(DISC_POINTS),
+    if vertebra_probs.shape[1:] != (len(vertebra_points), n_vert) or disc_probs.shape[1:] != (
+        len(disc_points),
         n_disc,
     ):
         raise ValueError(
-            f"class probabilities must be (B, {len(VERTEBRA_POINTS)}, {n_vert}) and "
-            f"(B, {len(DISC_POINTS)}, {n_disc}) for vocabulary {vocab.name!r}, got "
+            f"class probabilities must be (B, {len(vertebra_points)}, {n_vert}) and "
+            f"(B, {len(disc_points)}, {n_disc}) for vocabulary {vocab.name!r}, got "
             f"{tuple(vertebra_probs.shape)} and {tuple(disc_probs.shape)}"
         )
     k_max = max(n_vert, n_disc)
@@ -157,10 +159,10 @@ def select_predictions(
             F.pad(disc_probs.float(), (0, k_max - n_disc), value=-1.0),
         ],
         dim=1,
-    )  # (B, 11, k_max) in emission point order; -1 marks codes the type lacks
-    point_order = torch.tensor(VERTEBRA_POINTS + DISC_POINTS, device=device)
+    )  # (B, P, k_max) in emission point order; -1 marks codes the type lacks
+    point_order = torch.tensor(vertebra_points + disc_points, dtype=torch.long, device=device)
     class_offset = torch.tensor(
-        [0] * len(VERTEBRA_POINTS) + [n_vert] * len(DISC_POINTS), device=device
+        [0] * len(vertebra_points) + [n_vert] * len(disc_points), dtype=torch.long, device=device
     )
     top = probs.argmax(-1, keepdim=True)
     code = torch.arange(k_max, device=device).expand_as(probs)
@@ -188,7 +190,7 @@ class GroundTruthArrays:
     """Ground-truth points of many studies, one row per annotated point."""
 
     study: np.ndarray  # (N,) int64, index into the spacing array
-    point: np.ndarray  # (N,) int64, index into POINT_NAMES
+    point: np.ndarray  # (N,) int64, index into the task's point_names
     xy: np.ndarray  # (N, 2) float64, [x = column, y = row] in pixels of the study's image
     labels: np.ndarray  # (N, C) bool, multi-hot over vocab.classes
 
@@ -385,12 +387,15 @@ def check_radii(radius_mm: float, baseline_radius_mm: float, sdr_radii_mm: Seque
 
 
 def _validate(
-    gt: GroundTruthArrays, pred: PredictionArrays, spacing: np.ndarray, vocab: Vocabulary
+    gt: GroundTruthArrays,
+    pred: PredictionArrays,
+    spacing: np.ndarray,
+    vocab: Vocabulary,
+    spec: Task,
 ):
-    n_classes = vocab.num_classes
+    n_classes, n_points = vocab.num_classes, spec.num_points
     class_is_disc = np.arange(n_classes) >= len(vocab.vertebra)
-    point_is_disc = np.zeros(NUM_POINTS, dtype=bool)
-    point_is_disc[list(DISC_POINTS)] = True
+    point_is_disc = np.array([k == "disc" for k in spec.point_kinds], dtype=bool)
     n_studies = len(spacing)
     if (
         spacing.ndim != 2
@@ -403,8 +408,8 @@ def _validate(
     for name, arr in (("gt", gt), ("prediction", pred)):
         if len(arr.study) and (arr.study.min() < 0 or arr.study.max() >= n_studies):
             raise ValueError(f"{name} study index outside [0, {n_studies})")
-        if len(arr.point) and (arr.point.min() < 0 or arr.point.max() >= NUM_POINTS):
-            raise ValueError(f"{name} point index outside [0, {NUM_POINTS})")
+        if len(arr.point) and (arr.point.min() < 0 or arr.point.max() >= n_points):
+            raise ValueError(f"{name} point index outside [0, {n_points}) of task {spec.name!r}")
         if not np.all(np.isfinite(arr.xy)):
             raise ValueError(f"{name} coordinates must be finite")
     if len(pred.cls):
@@ -426,13 +431,17 @@ def score_detections(
     radius_mm: float = 8.0,
     baseline_radius_mm: float = 6.0,
     sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
+    task: str | Task = "tianchi2020",
 ) -> DetectionReport:
     """Score flat predictions against flat ground truth (docs/metric.md, rules in the module doc).
 
     `spacing_mm` (S, 2) holds [row, col] spacing per study index; studies without ground truth
-    only contribute false positives, studies without predictions only false negatives.
+    only contribute false positives, studies without predictions only false negatives. Point
+    indices refer to `task`'s points.
     """
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
+    spec = _task(task)
+    n_points = spec.num_points
     spacing = np.asarray(spacing_mm, dtype=np.float64).reshape(-1, 2)
     gt = GroundTruthArrays(
         np.asarray(gt.study, dtype=np.int64),
@@ -448,7 +457,7 @@ def score_detections(
         np.asarray(pred.score, dtype=np.float64),
     )
     check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
-    _validate(gt, pred, spacing, vocab)
+    _validate(gt, pred, spacing, vocab, spec)
     n_classes, n_studies, m = vocab.num_classes, len(spacing), len(pred.study)
 
     # Ground-truth instances: one per (point, label), grouped by study.
@@ -506,16 +515,16 @@ def score_detections(
     p_all, r_all = float(_ratio(tp_all, tp_all + fp_all)), float(_ratio(tp_all, tp_all + fn_all))
 
     # ---- 2./3. one prediction per (study, identification): highest score, first on ties.
-    key = pred.study * NUM_POINTS + pred.point
+    key = pred.study * n_points + pred.point
     order = np.lexsort((np.arange(m), -pred.score, key))
     chosen = order[_first_per_group(key[order])]
-    best = np.full(n_studies * NUM_POINTS, -1, dtype=np.int64)
+    best = np.full(n_studies * n_points, -1, dtype=np.int64)
     best[key[chosen]] = chosen
-    label_set = np.zeros((n_studies * NUM_POINTS, n_classes), dtype=bool)
+    label_set = np.zeros((n_studies * n_points, n_classes), dtype=bool)
     if m:
         same_xy = np.all(pred.xy == pred.xy[best[key]], axis=1)
         label_set[key[same_xy], pred.cls[same_xy]] = True
-    gt_key = gt.study * NUM_POINTS + gt.point
+    gt_key = gt.study * n_points + gt.point
     sel = best[gt_key]
     has = sel >= 0
     d_point = np.full(len(gt_key), np.nan)
@@ -541,8 +550,7 @@ def score_detections(
     b_wrong = np.bincount(inst_cls[inst_wrong], minlength=n_classes)
     b_not_hit = np.bincount(inst_cls[inst_not_hit], minlength=n_classes)
 
-    point_is_disc = np.zeros(NUM_POINTS, dtype=bool)
-    point_is_disc[list(DISC_POINTS)] = True
+    point_is_disc = np.array([k == "disc" for k in spec.point_kinds], dtype=bool)
     gt_is_disc = point_is_disc[gt.point]
     localisation = {}
     for group, mask in (
@@ -624,11 +632,13 @@ class SpineDetectionMetric(Metric):
         radius_mm: float = 8.0,
         baseline_radius_mm: float = 6.0,
         sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
+        task: str | Task = "tianchi2020",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_radii(radius_mm, baseline_radius_mm, sdr_radii_mm)
         self.vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
+        self.task = _task(task)
         self.radius_mm = float(radius_mm)
         self.baseline_radius_mm = float(baseline_radius_mm)
         self.sdr_radii_mm = tuple(float(r) for r in sdr_radii_mm)
@@ -661,7 +671,7 @@ class SpineDetectionMetric(Metric):
         spacing_mm: torch.Tensor,
     ) -> None:
         """Add a batch: prediction rows (B, P, ...) as from `select_predictions`, ground truth
-        `gt_points` (B, 11, 2) [x, y], `gt_present` (B, 11), `gt_labels` (B, 11, K) multi-hot
+        `gt_points` (B, P, 2) [x, y], `gt_present` (B, P), `gt_labels` (B, P, K) multi-hot
         over the point's own type codes (K = max code count) or over all vocab classes
         (K = vocab.num_classes), and `spacing_mm` (B, 2) [row, col] in the same pixels."""
         b = gt_points.shape[0]
@@ -691,7 +701,7 @@ class SpineDetectionMetric(Metric):
         self.pred_score.append(pred_score.detach()[bi, ri].to(torch.float64))
 
     def _global_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, 11, K) per-type multi-hot -> (B, 11, C) multi-hot over vocab.classes."""
+        """(B, P, K) per-type multi-hot -> (B, P, C) multi-hot over vocab.classes."""
         labels = labels.bool()
         n_vert, n_disc = len(self.vocab.vertebra), len(self.vocab.disc)
         n_classes = n_vert + n_disc
@@ -699,12 +709,13 @@ class SpineDetectionMetric(Metric):
             return labels
         if labels.shape[-1] != max(n_vert, n_disc):
             raise ValueError(
-                f"gt_labels must be (B, 11, {max(n_vert, n_disc)}) per-type or (B, 11, "
+                f"gt_labels must be (B, P, {max(n_vert, n_disc)}) per-type or (B, P, "
                 f"{n_classes}) global multi-hot for vocabulary {self.vocab.name!r}, "
                 f"got {tuple(labels.shape)}"
             )
         out = labels.new_zeros(*labels.shape[:2], n_classes)
-        vert, disc = list(VERTEBRA_POINTS), list(DISC_POINTS)
+        vert = list(self.task.points_of_kind("vertebra"))
+        disc = list(self.task.points_of_kind("disc"))
         out[:, vert, :n_vert] = labels[:, vert, :n_vert]
         out[:, disc, n_vert:] = labels[:, disc, :n_disc]
         return out
@@ -752,6 +763,7 @@ class SpineDetectionMetric(Metric):
             self.radius_mm,
             self.baseline_radius_mm,
             self.sdr_radii_mm,
+            task=self.task,
         )
         return self._last_report.flat()
 
@@ -769,26 +781,28 @@ class SpineDetectionMetric(Metric):
 def random_case(
     n_studies: int, seed: int = 0, vocab: str | Vocabulary = "tianchi2020"
 ) -> tuple[GroundTruthArrays, PredictionArrays, np.ndarray]:
-    """A random but realistic evaluation set: 11 GT points per study (a few missing, some
-    multi-label), 11-20 noisy predictions per study (duplicates, extra labels), anisotropic
-    spacing. Used by the benchmark and the tests."""
+    """A random but realistic evaluation set of the tianchi2020 task: 11 GT points per study
+    (a few missing, some multi-label), 11-20 noisy predictions per study (duplicates, extra
+    labels), anisotropic spacing. Used by the benchmark and the tests."""
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
+    spec = get_task("tianchi2020")
+    n_points, disc_points = spec.num_points, spec.points_of_kind("disc")
     rng = np.random.default_rng(seed)
     n_vert, n_classes = len(vocab.vertebra), vocab.num_classes
     spacing = rng.uniform(0.55, 1.0, size=(n_studies, 2))
     # Anatomy-like layout: points stacked top to bottom, 18 px apart, jittered per study.
     base = np.stack(
         [
-            rng.uniform(100, 160, (n_studies, NUM_POINTS)),
-            60.0 + np.arange(NUM_POINTS) * 18.0 + rng.normal(0, 3, (n_studies, NUM_POINTS)),
+            rng.uniform(100, 160, (n_studies, n_points)),
+            60.0 + np.arange(n_points) * 18.0 + rng.normal(0, 3, (n_studies, n_points)),
         ],
         axis=-1,
     )
-    study = np.repeat(np.arange(n_studies), NUM_POINTS)
-    point = np.tile(np.arange(NUM_POINTS), n_studies)
+    study = np.repeat(np.arange(n_studies), n_points)
+    point = np.tile(np.arange(n_points), n_studies)
     keep = rng.random(len(study)) > 0.03
     study, point = study[keep], point[keep]
-    is_disc = np.isin(point, DISC_POINTS)
+    is_disc = np.isin(point, disc_points)
     lo, hi = np.where(is_disc, n_vert, 0), np.where(is_disc, n_classes, n_vert)
     labels = np.zeros((len(point), n_classes), dtype=bool)
     labels[np.arange(len(point)), rng.integers(lo, hi)] = True
@@ -798,8 +812,8 @@ def random_case(
 
     n_pred = rng.integers(11, 21, size=n_studies)
     p_study = np.repeat(np.arange(n_studies), n_pred)
-    p_point = rng.integers(0, NUM_POINTS, size=len(p_study))
-    p_disc = np.isin(p_point, DISC_POINTS)
+    p_point = rng.integers(0, n_points, size=len(p_study))
+    p_disc = np.isin(p_point, disc_points)
     p_cls = rng.integers(np.where(p_disc, n_vert, 0), np.where(p_disc, n_classes, n_vert))
     p_xy = base[p_study, p_point] + rng.normal(0, 5, (len(p_study), 2))
     score = np.round(rng.random(len(p_point)), 3)

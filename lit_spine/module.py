@@ -22,6 +22,8 @@ from torchmetrics import MaxMetric
 
 from lit_spine.losses import SpineLoss, class_probabilities
 from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
+from lit_spine.metrics_rsna import RsnaCanalLogLoss
+from lit_spine.task import get_task
 from lit_spine.utils import choose
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -48,6 +50,10 @@ def scaled_lr(lr: float, rule: str, batch: int, reference_batch: int) -> float:
 
 class SpineModule(pl.LightningModule):
     """Trains and evaluates a `SpineNet` on heatmap + per-point class targets.
+
+    The points, vocabulary and so the losses and metrics follow the net's task (`net.task`,
+    linked from `data.task`). On the rsna2024_canal task validation also logs the
+    competition's sample-weighted log loss as `val/rsna_canal_logloss` (docs/datasets.md).
 
     Args:
         net: the network (backbone + heads), built from its own config section.
@@ -124,6 +130,7 @@ class SpineModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.vocab = net.vocabulary
+        self.task = getattr(net, "task", None) or get_task("tianchi2020")
         self.loss_fn = SpineLoss(
             heatmap_loss=heatmap_loss,
             heatmap_weight=heatmap_weight,
@@ -133,14 +140,20 @@ class SpineModule(pl.LightningModule):
             focal_gamma=focal_gamma,
             focal_alpha=focal_alpha,
             multi_label=multi_label,
+            task=self.task,
         )
         metric_args = dict(
-            vocab=self.vocab.name, radius_mm=radius_mm, baseline_radius_mm=baseline_radius_mm
+            vocab=self.vocab.name,
+            radius_mm=radius_mm,
+            baseline_radius_mm=baseline_radius_mm,
+            task=self.task,
         )
         self.val_metric = SpineDetectionMetric(**metric_args)
         self.test_metric = SpineDetectionMetric(**metric_args)
         # The running best of val/mAP over epochs (its own metric object: it must never be reset).
         self.val_map_best = MaxMetric()
+        # The competition's own score, for the task it was defined for only.
+        self.val_rsna_logloss = RsnaCanalLogLoss() if self.task.name == "rsna2024_canal" else None
         self._compiled = False
         self.lr_effective: float | None = None  # set by configure_optimizers
 
@@ -232,7 +245,10 @@ class SpineModule(pl.LightningModule):
             pred["disc_probs"],
             self.vocab,
             multi_label_threshold=self.hparams.multi_label_threshold,
+            task=self.task,
         )
+        if stage == "val" and self.val_rsna_logloss is not None:
+            self._update_rsna_logloss(pred["disc_probs"], batch)
         metric.update(
             *rows,
             gt_points=batch["points"],
@@ -240,6 +256,17 @@ class SpineModule(pl.LightningModule):
             gt_labels=batch["labels"],
             spacing_mm=batch["spacing_mm"],
         )
+
+    def _update_rsna_logloss(self, disc_probs: torch.Tensor, batch: dict) -> None:
+        """Add the graded disc levels of a batch: probabilities at the decoded points, and the
+        true severity index (-1 where the level is absent from the item or has no grade)."""
+        disc = list(self.task.points_of_kind("disc"))
+        labels = batch["labels"][:, disc, : disc_probs.shape[-1]].bool()
+        graded = batch["present"][:, disc].bool() & labels.any(-1)
+        grades = torch.where(
+            graded, labels.int().argmax(-1), torch.full_like(graded, -1, dtype=torch.long)
+        )
+        self.val_rsna_logloss.update(disc_probs, grades)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metric, "val")
@@ -263,6 +290,14 @@ class SpineModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         logged = self._log_metric(self.val_metric, "val")
+        if self.val_rsna_logloss is not None and self.val_rsna_logloss.update_count:
+            try:
+                value = self.val_rsna_logloss.compute().float()
+            except ValueError as err:  # no graded level in this split: undefined, not 0
+                rank_zero_warn(f"val: val/rsna_canal_logloss not logged: {err}")
+            else:
+                self.log("val/rsna_canal_logloss", value, sync_dist=True)
+            self.val_rsna_logloss.reset()
         if self.trainer.sanity_checking:
             return
         current = logged["val/mAP"]

@@ -53,6 +53,13 @@ class PredictionWriter(pl.Callback):
         self.batches: list[dict] = []
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        task = getattr(pl_module, "task", None)
+        if task is not None and task.name != "tianchi2020":
+            # The file written here is the 2020 annotation schema (11 named points).
+            raise ValueError(
+                f"lit-spine predict: task {task.name!r} has no prediction writer yet; the "
+                "prediction file is the tianchi2020 annotation schema (docs/datasets.md, Status)"
+            )
         self.batches = []
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):

@@ -152,6 +152,15 @@ def _localisation(groups) -> str:
 
 def _per_level(groups, out: Path) -> str:
     names = [lv["name"] for lv in groups[0][1][0]["per_level"]["levels"]]
+    others = {
+        tuple(lv["name"] for lv in d["per_level"]["levels"]) for _, ds, _ in groups for d in ds
+    }
+    if len(others) > 1:  # runs of different tasks: a shared level table would mislabel levels
+        return (
+            f"## {SECTIONS[1]}\n\nSkipped: the runs have different levels (tasks: "
+            + "; ".join(", ".join(n) for n in sorted(others))
+            + "); compare per-level results within one task.\n"
+        )
     summary_rows = []
     blocks = []
     for name, ds, _ in groups:

@@ -64,6 +64,7 @@ GROUP_KEYS = {
     "batch_size": "data.batch_size",
     "image_size": "data.image_size",
     "seed": "seed_everything",
+    "task": "data.task",
 }
 
 
@@ -275,6 +276,8 @@ class SpineCLI(LightningCLI):
         parser.add_lightning_class_args(Diagnostics, "diagnostics")
         parser.link_arguments("data.slices", "model.net.init_args.in_chans", apply_on="parse")
         parser.link_arguments("data.vocab", "model.net.init_args.vocab", apply_on="parse")
+        # The task sizes the heatmap channels, classifiers, losses and metrics (lit_spine.task).
+        parser.link_arguments("data.task", "model.net.init_args.task", apply_on="parse")
         parser.link_arguments("model.net.init_args.heatmap_stride", "data.stride", apply_on="parse")
 
     # ------------------------------------------------------------------ run folder

@@ -206,3 +206,233 @@ def test_inspect_rsna2024_json(rsna_root, capsys):
     assert out["problems"] == []
     assert inspect.main(["--format", "rsna2024", str(rsna_root / "nowhere")]) == 2
     assert "train_series_descriptions.csv: file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- training path
+def _rsna_dm(tmp_path, **kw):
+    from lit_spine.data.datamodule import SpineDataModule
+
+    args = dict(
+        format="rsna2024",
+        task="rsna2024_canal",
+        vocab="rsna2024_severity",
+        phantom_dir=str(tmp_path / "phantom"),
+        phantom_studies=6,
+        cache_dir=str(tmp_path / "cache"),
+        folds=2,
+        image_size=64,
+        slices=3,
+        batch_size=4,
+        num_workers=0,
+    )
+    return SpineDataModule(**(args | kw))
+
+
+def test_datamodule_rsna2024_phantom_batches(tmp_path):
+    dm = _rsna_dm(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    root = tmp_path / "phantom" / "rsna2024"
+    assert dm.root == root and (root / "train.csv").is_file()
+    assert dm.num_points == 5 and dm.num_disc_classes == 3 and dm.num_vertebra_classes == 0
+    cache = dm.train_dataset.cache
+    train_studies = {cache.records[r]["study"] for r in dm.train_dataset.indices}
+    val_studies = {cache.records[r]["study"] for r in dm.val_dataset.indices}
+    assert train_studies and val_studies and not train_studies & val_studies
+    assert len(train_studies | val_studies) == 6
+
+    batch = next(iter(dm.train_dataloader()))
+    b = batch["image"].shape[0]
+    assert batch["image"].shape == (b, 3, 64, 64)
+    assert batch["heatmap"].shape == (b, 5, 16, 16)
+    assert batch["points"].shape == (b, 5, 2)
+    assert batch["present"].shape == (b, 5) and batch["graded"].shape == (b, 5)
+    assert batch["labels"].shape == (b, 5, 3)
+
+    # Each level is present in exactly one row of its study: the row of the instance the
+    # coordinates name, with the grade of train.csv (nothing moved to another slice).
+    data = read_rsna2024(root)
+    coords = pd.read_csv(root / COORDS_CSV)
+    canal = coords[coords.condition == "Spinal Canal Stenosis"]
+    seen = set()
+    for row, rec in enumerate(cache.records):
+        st = next(s for s in data.studies if s.study_id == rec["study_id"])
+        present = [lv for k, lv in enumerate(RSNA_LEVELS) if cache.present[row, k]]
+        assert present == rec["levels"]
+        for lv in present:
+            (inst,) = canal[(canal.study_id == st.study_id) & (canal.level == lv)].instance_number
+            assert rec["instance_number"] == inst
+            k = RSNA_LEVELS.index(lv)
+            assert np.flatnonzero(cache.labels[row, k]).tolist() == [st.grades[lv]]
+            assert (st.study_id, lv) not in seen
+            seen.add((st.study_id, lv))
+    assert len(seen) == 6 * 5
+
+    # A second data module reuses the phantom and its cache (no rewrite, same key).
+    again = _rsna_dm(tmp_path)
+    again.prepare_data()
+    assert again.cache_hashes == dm.cache_hashes
+
+
+def test_format_task_mismatch_and_rsna_settings_refused(tmp_path):
+    from lit_spine.data.datamodule import SpineDataModule
+
+    with pytest.raises(ValueError, match=r"data.task 'tianchi2020' does not fit data.format "
+                       r"'rsna2024'.*rsna2024: rsna2024_canal"):  # fmt: skip
+        SpineDataModule(format="rsna2024")
+    with pytest.raises(ValueError, match=r"data.task 'rsna2024_canal' does not fit data.format "
+                       r"'tianchi2020'.*tianchi2020: tianchi2020"):  # fmt: skip
+        SpineDataModule(task="rsna2024_canal", vocab="rsna2024_severity")
+    with pytest.raises(ValueError, match="did you mean"):
+        SpineDataModule(format="rsna", task="rsna2024_canal")
+    with pytest.raises(ValueError, match="does not belong to task 'rsna2024_canal'"):
+        SpineDataModule(format="rsna2024", task="rsna2024_canal", folds=5)
+    with pytest.raises(ValueError, match="data.folds >= 2"):
+        SpineDataModule(format="rsna2024", task="rsna2024_canal", vocab="rsna2024_severity")
+
+
+def test_bad_study_reported_and_skipped(rsna_root, tmp_path):
+    from lit_spine.data.cache import CacheSettings
+    from lit_spine.data.rsna_cache import build_rsna2024_cache
+
+    root = _copy(rsna_root, tmp_path)
+    data = read_rsna2024(root)
+    bad = data.studies[1]
+    broken = {p.path for p in bad.points.values()}
+    for path in broken:
+        path.write_bytes(b"not a DICOM file")
+    cache = build_rsna2024_cache(root, CacheSettings(image_size=64), tmp_path / "cache")
+    kept = {r["study_id"] for r in cache.records}
+    assert kept == {s.study_id for s in data.studies}  - {bad.study_id}  # fmt: skip
+    text = "\n".join(cache.problems)
+    for path in broken:
+        assert str(path) in text
+    assert f"study {bad.study_id} series {bad.series_id}" in text
+
+
+def test_module_one_training_step_on_rsna_batch(tmp_path):
+    from lit_spine.module import SpineModule
+
+    dm = _rsna_dm(tmp_path, slices=1, augment=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    net = SpineNet("resnet18", vocab="rsna2024_severity", task="rsna2024_canal", head_channels=32)
+    module = SpineModule(net, class_loss="ce", multi_label=False)
+    assert module.task.name == "rsna2024_canal" and module.val_rsna_logloss is not None
+    opt = torch.optim.SGD(module.parameters(), lr=0.01)
+    out = module(batch["image"], batch["points"])
+    losses = module.loss_fn(out, batch)
+    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
+    before = net.classifier.disc.weight.detach().clone()
+    opt.zero_grad()
+    losses["loss"].backward()
+    opt.step()
+    assert not torch.equal(before, net.classifier.disc.weight)
+    # The competition log loss sees each graded level of the batch once.
+    with torch.no_grad():
+        pred = module._predict(batch["image"])
+    module._update_rsna_logloss(pred["disc_probs"], batch)
+    (grades,) = module.val_rsna_logloss.grades
+    assert int((grades >= 0).sum()) == int(batch["graded"].sum()) > 0
+    assert math.isfinite(float(module.val_rsna_logloss.compute()))
+    # The 2020 module has no such metric.
+    assert SpineModule(SpineNet("resnet18", head_channels=32)).val_rsna_logloss is None
+
+
+def test_fit_through_cli_logs_rsna_logloss(tmp_path):
+    import csv
+    import json
+    from pathlib import Path
+
+    from lit_spine.train_cli import run_lightning_cli
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    run_lightning_cli(
+        [
+            "fit",
+            "--config", str(experiments / "base.yaml"),
+            "--config", str(experiments / "smoke.yaml"),
+            "--config", str(experiments / "data" / "rsna2024.yaml"),
+            "--data.data_root=null",
+            f"--data.phantom_dir={tmp_path / 'phantom'}",
+            "--data.phantom_studies=6",
+            "--data.folds=2",
+            "--data.image_size=64",
+            "--data.batch_size=4",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--model.net.init_args.backbone=test_resnet",
+            "--model.net.init_args.norm_groups=8",
+            "--trainer.max_epochs=2",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--experiment=rsna",
+            f"--runs_root={tmp_path / 'runs'}",
+            "--wandb=disabled",
+        ]
+    )  # fmt: skip
+    (run,) = (tmp_path / "runs" / "rsna").iterdir()
+    config = json.loads((run / "meta.json").read_text())["config_flat"]
+    assert config["data.task"] == "rsna2024_canal" and config["data.format"] == "rsna2024"
+    # data.task is linked to the net: 5 heatmap channels, 3 severity logits, no vertebra head.
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["net.heatmap.weight"].shape[0] == 5
+    assert state["net.classifier.disc.weight"].shape[0] == 3
+    assert state["net.classifier.vertebra.weight"].shape[0] == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    values = [float(r["val/rsna_canal_logloss"]) for r in rows if r.get("val/rsna_canal_logloss")]
+    assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values)
+    assert any(r.get("val/mAP") for r in rows)
+    diagnostics = json.loads((run / "diagnostics.json").read_text())
+    assert diagnostics["task"] == "rsna2024_canal"
+    assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(RSNA_LEVELS)
+
+
+def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from lit_spine.report_diagnostics import SECTIONS, render_sections
+    from lit_spine.task import POINT_NAMES
+
+    def cell(name: str, levels: tuple[str, ...]):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [
+            {"name": n, "n": 2, "mre_mm": 1.0 + k, "hit_rate": 0.5, "ap": 0.25,
+             "off_by_one_rate": 0.0}
+            for k, n in enumerate(levels)
+        ]  # fmt: skip
+        diag = {
+            "radius_mm": 8.0,
+            "norm": "groupnorm",
+            "localisation_vs_classification": {"mre_mm": 2.0, "sdr": {"8": 0.9},
+                "map_decoded": 0.2, "map_true_points": 0.6, "map_gap": 0.4},
+            "per_level": {"levels": rows, "hit_rate": 0.5, "off_by_one_rate": 0.0},
+            "batchnorm": {"has_batchnorm": False, "map_eval": 0.2, "map_batch_stats": 0.2,
+                "map_gap": 0.0, "mean_shift_sd": None, "log_var_ratio": None},
+            "calibration": {"ece": 0.1, "n": 4, "kind": "k",
+                "bins": [{"n": 4, "confidence": 0.5, "accuracy": 0.4}]},
+            "erf": {"theoretical_px": [99, 99], "init": {"r50_px": 5.0}, "trained": {"r50_px": 7.0}},
+        }  # fmt: skip
+        (d / "diagnostics.json").write_text(json.dumps(diag))
+        return SimpleNamespace(name=name, runs=[SimpleNamespace(dir=d)])
+
+    rsna, tianchi = cell("rsna", RSNA_LEVELS), cell("tianchi", POINT_NAMES)
+    md = render_sections([rsna], lambda c: c.name, tmp_path / "one")
+    assert "| L1/L2 | 1.00" in md and "| L5/S1 | 5.00" in md and "L5-S1" not in md
+    mixed = render_sections([rsna, tianchi], lambda c: c.name, tmp_path / "mixed")
+    assert all(f"## {name}" in mixed for name in SECTIONS)
+    assert "Skipped: the runs have different levels" in mixed
+    assert "| L5-S1 |" not in mixed and "| L5/S1 |" not in mixed
+
+
+def test_predict_writer_refuses_a_task_without_a_writer(tmp_path):
+    from types import SimpleNamespace
+
+    from lit_spine.predict import PredictionWriter
+
+    writer = PredictionWriter(tmp_path)
+    with pytest.raises(ValueError, match="task 'rsna2024_canal' has no prediction writer yet"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("rsna2024_canal")))
+    writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("tianchi2020")))
+    assert writer.batches == []

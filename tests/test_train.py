@@ -61,6 +61,14 @@ def test_experiment_overlay_fast_dev_run(overlay, phantom_root, tmp_path):
         extra = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
     if overlay == "data/challenge2020.yaml":
         extra = ["--data.predict_split=test"]
+    if overlay == "data/rsna2024.yaml":
+        # Its own layout: the rsna2024 phantom, split in two folds.
+        extra = [
+            "--data.data_root=null",
+            f"--data.phantom_dir={tmp_path.parent / 'phantom_rsna_overlay'}",
+            "--data.phantom_studies=4",
+            "--data.folds=2",
+        ]
     run_lightning_cli(
         [
             "fit",

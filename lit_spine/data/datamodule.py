@@ -2,14 +2,19 @@
 
 The data module resolves a dataset root (or generates the phantom on first use), builds the
 caches in `prepare_data` (once per node, before any DDP rank reads them) and opens them in
-`setup`. Items are dicts:
+`setup`. It reads two layouts (`format`, docs/datasets.md): `tianchi2020` (split folders plus
+annotation files, `data/cache.py`) and `rsna2024` (the competition's CSVs and DICOM tree,
+`data/rsna_cache.py`, one row per labelled instance, k-fold by study). Items are dicts, P
+being the number of points of the task (11 for tianchi2020, 5 for rsna2024_canal):
 
     image       float32 (slices, S, S)  the annotated slice and its neighbours, about [0, 1]
-    heatmap     float32 (11, S / stride, S / stride)  Gaussian targets (`targets.py`)
-    points      float32 (11, 2)  [x, y] input pixels; 0 where not present
-    present     bool    (11,)    annotated and inside the (augmented) image
-    labels      bool    (11, max(Kv, Kd))  multi-hot over the point's own type's codes
+    heatmap     float32 (P, S / stride, S / stride)  Gaussian targets (`targets.py`)
+    points      float32 (P, 2)   [x, y] input pixels; 0 where not present
+    present     bool    (P,)     annotated and inside the (augmented) image
+    labels      bool    (P, max(Kv, Kd))  multi-hot over the point's own type's codes
                                  (`targets.per_type_labels`; absent points all False)
+    graded      bool    (P,)     rsna2024 only: present and with a grade (a missing grade is
+                                 not invented: such a point counts in no class loss)
     spacing_mm  float32 (2,)     [row, col] mm per input pixel (after any scale augmentation)
     index       int              row of the item in `dataset.cache` (records, `to_original`);
                                  int64 (B,) once batched
@@ -36,9 +41,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lit_spine.data.labels import NUM_POINTS, Vocabulary, get_vocabulary
+from lit_spine.data.labels import Vocabulary, get_vocabulary
 from lit_spine.data.targets import gaussian_heatmaps, heatmap_size, per_type_labels
 from lit_spine.data.transforms import AugmentConfig, SpineAugment
+from lit_spine.task import Task, get_task
+from lit_spine.utils import choose
+
+# The layouts the data module reads and the tasks each one can feed (docs/datasets.md).
+FORMAT_TASKS: dict[str, tuple[str, ...]] = {
+    "tianchi2020": ("tianchi2020",),
+    "rsna2024": ("rsna2024_canal",),
+}
 
 STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -189,8 +202,12 @@ class SpineDataset(Dataset):
         heatmap_sigma: float = 2.0,
         augment: SpineAugment | None = None,
         seed: int = 0,
+        task: str | Task = "tianchi2020",
+        graded: bool = False,
     ) -> None:
         self.cache = cache
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.graded = bool(graded)
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices, np.int64)
         # Never train on NaN/inf: the cache builder rejects such images, this guards caches
         # written by anything else (rows are dropped and listed in `skipped_rows`).
@@ -211,9 +228,9 @@ class SpineDataset(Dataset):
         self.epoch = 0
         self.image_size = tuple(int(s) for s in cache.images.shape[-2:])
         heatmap_size(self.image_size, self.stride)  # fail now, not in a worker
-        # Small (N, 11, K) bool: convert every row once instead of per item.
+        # Small (N, P, K) bool: convert every row once instead of per item.
         self.labels = per_type_labels(
-            np.asarray(cache.labels, dtype=bool), get_vocabulary(cache.vocab)
+            np.asarray(cache.labels, dtype=bool), get_vocabulary(cache.vocab), self.task
         )
 
     def __len__(self) -> int:
@@ -245,15 +262,19 @@ class SpineDataset(Dataset):
         heatmap = gaussian_heatmaps(
             points, present, self.image_size, self.stride, self.heatmap_sigma
         )
-        return {
+        labels = self.labels[row] & present[:, None]
+        item = {
             "image": image,
             "heatmap": torch.from_numpy(heatmap),
             "points": torch.from_numpy(points),
             "present": torch.from_numpy(present.copy()),
-            "labels": torch.from_numpy(self.labels[row] & present[:, None]),
+            "labels": torch.from_numpy(labels),
             "spacing_mm": torch.from_numpy(np.array(spacing, dtype=np.float32)),
             "index": row,
         }
+        if self.graded:
+            item["graded"] = torch.from_numpy(labels.any(-1))
+        return item
 
 
 class EpochSampler(DistributedSampler):
@@ -301,10 +322,15 @@ class EpochSampler(DistributedSampler):
 
 # ---------------------------------------------------------------------------- data module
 class SpineDataModule(pl.LightningDataModule):
-    """Lumbar-spine MRI keypoints: phantom or challenge-layout data, cached, augmented, batched.
+    """Lumbar-spine MRI keypoints: phantom, 2020-layout or RSNA 2024 data, cached, augmented, batched.
 
     Args:
-        data_root: folder holding `<split>/study*/` and `<split>_annotation.json`; None uses the phantom.
+        data_root: tianchi2020: folder holding `<split>/study*/` and `<split>_annotation.json`;
+            rsna2024: the competition folder (train.csv, train_label_coordinates.csv,
+            train_series_descriptions.csv, train_images/); None uses the phantom.
+        format: dataset layout, "tianchi2020" or "rsna2024" (docs/datasets.md).
+        task: what is learned (`lit_spine.task`): "tianchi2020" for the 2020 layout,
+            "rsna2024_canal" for rsna2024; linked to the model so its heads follow the task.
         train_split: training split name(s) under the root; a comma-separated list concatenates splits.
         val_split: validation split name.
         test_split: test split name.
@@ -312,7 +338,8 @@ class SpineDataModule(pl.LightningDataModule):
         train_annotation: annotation file of the training split (default `<root>/<split>_annotation.json`).
         val_annotation: annotation file of the validation split (same default).
         test_annotation: annotation file of the test split (same default).
-        vocab: disease-label vocabulary: "tianchi2020" (released data) or "seed7".
+        vocab: disease-label vocabulary, one of the task's: "tianchi2020" (released data) or
+            "seed7" for tianchi2020, "rsna2024_severity" for rsna2024_canal.
         image_size: side of the square network input in pixels (letterboxed).
         slices: neighbouring sagittal slices stacked as channels (odd: 1, 3, 5, ...).
         stride: heatmap stride of the model (input pixels per heatmap pixel).
@@ -321,10 +348,13 @@ class SpineDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0 loads in the main process).
         pin_memory: pin host memory for faster GPU copies; None pins when CUDA is available.
         cache_dir: folder of preprocessing caches; None: $LIT_SPINE_CACHE_DIR or ./cache.
-        phantom_dir: where the phantom is generated when data_root is None.
+        phantom_dir: where the phantom is generated when data_root is None (rsna2024: in
+            `<phantom_dir>/rsna2024`).
         phantom_studies: number of phantom studies (all splits together).
         phantom_seed: seed of the phantom generator.
-        folds: k-fold cross-validation by study over train + val studies; 1 uses the splits as given.
+        folds: k-fold cross-validation by study over train + val studies; 1 uses the splits as
+            given (rsna2024 has one labelled set: folds >= 2, its validation fold also serves
+            test and predict).
         fold: which fold (0-based) validates when folds > 1.
         split_seed: seed of the study permutation that defines the folds.
         seed: seed of augmentation and shuffling; None takes the run's seed (seed_everything) or 0.
@@ -353,6 +383,8 @@ class SpineDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_root: str | None = None,
+        format: str = "tianchi2020",
+        task: str = "tianchi2020",
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
@@ -399,7 +431,22 @@ class SpineDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.vocab_obj: Vocabulary = get_vocabulary(vocab)
+        choose(format, FORMAT_TASKS, "data.format")
+        if task not in FORMAT_TASKS[format]:
+            raise ValueError(
+                f"data.task {task!r} does not fit data.format {format!r}: format "
+                f"{format!r} feeds task {', '.join(FORMAT_TASKS[format])} "
+                f"(valid pairs: "
+                + "; ".join(f"{f}: {', '.join(t)}" for f, t in FORMAT_TASKS.items())
+                + ")"
+            )
+        self.task: Task = get_task(task)
+        self.vocab_obj: Vocabulary = self.task.vocabulary(vocab)
+        if format == "rsna2024" and folds < 2:
+            raise ValueError(
+                f"data.format rsna2024 has one labelled set, split by study into folds: set "
+                f"data.folds >= 2 (got {folds}) and data.fold to the validation fold"
+            )
         if slices < 1 or slices % 2 == 0:
             raise ValueError(
                 f"slices must be odd and >= 1 (the annotated slice in the middle), got {slices}"
@@ -440,7 +487,7 @@ class SpineDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ facts for the model
     @property
     def num_points(self) -> int:
-        return NUM_POINTS
+        return self.task.num_points
 
     @property
     def in_chans(self) -> int:
@@ -478,9 +525,13 @@ class SpineDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ where the data is
     @property
     def root(self) -> Path:
-        """The dataset root: `data_root`, or the phantom folder."""
+        """The dataset root: `data_root`, or the phantom folder (`<phantom_dir>/rsna2024` for
+        the rsna2024 layout)."""
         hp = self.hparams
-        return Path(hp.data_root if hp.data_root is not None else hp.phantom_dir).expanduser()
+        if hp.data_root is not None:
+            return Path(hp.data_root).expanduser()
+        phantom = Path(hp.phantom_dir).expanduser()
+        return phantom / "rsna2024" if hp.format == "rsna2024" else phantom
 
     @property
     def cache_dir(self) -> Path:
@@ -554,6 +605,13 @@ class SpineDataModule(pl.LightningDataModule):
         from lit_spine.data.dicom import DatasetError
 
         hp = self.hparams
+        if hp.format == "rsna2024":
+            if hp.data_root is None:
+                from lit_spine.data.phantom_rsna import ensure_rsna2024_phantom
+
+                ensure_rsna2024_phantom(self.root, hp.phantom_studies, hp.phantom_seed)
+            self._rsna_cache()
+            return
         if hp.data_root is None:
             from lit_spine.data.phantom import generate_phantom
 
@@ -567,10 +625,37 @@ class SpineDataModule(pl.LightningDataModule):
         """Open the caches the stage needs and make its datasets (k-fold splits included)."""
         if self.hparams.data_root is None and not self.root.is_dir():
             self.prepare_data()  # used without a Trainer: nobody called prepare_data
+        if self.hparams.format == "rsna2024":
+            self._setup_rsna(stage)
+            return
         for role in self._roles(stage):
             self._datasets[role] = self._make_dataset(role, self._role_cache(role))
         if self.hparams.folds > 1 and {"train", "val"} & set(self._datasets):
             self._make_folds()
+
+    def _rsna_cache(self):
+        """The rsna2024 cache of the whole labelled set, built or opened once."""
+        if "rsna2024" not in self._caches:
+            from lit_spine.data.cache import CacheSettings
+            from lit_spine.data.rsna_cache import build_rsna2024_cache
+
+            hp = self.hparams
+            settings = CacheSettings(image_size=hp.image_size, neighbors=(hp.slices - 1) // 2)
+            cache = build_rsna2024_cache(
+                self.root, settings, self.cache_dir, task=hp.task, vocab=hp.vocab
+            )
+            report_cache_problems("rsna2024", cache)
+            self._caches["rsna2024"] = cache
+        return self._caches["rsna2024"]
+
+    def _setup_rsna(self, stage: str | None) -> None:
+        """k-fold by study over the one labelled set; the validation fold serves test/predict."""
+        hp = self.hparams
+        cache = self._rsna_cache()
+        train_rows, val_rows = kfold_indices(cache.records, hp.folds, hp.fold, hp.split_seed)
+        self._datasets["train"] = self._make_dataset("train", cache, train_rows)
+        for role in ("val", "test", "predict"):
+            self._datasets[role] = self._make_dataset(role, cache, val_rows)
 
     def _role_cache(self, role: str):
         """The (possibly concatenated) cache of a role's splits, built or opened once."""
@@ -604,6 +689,8 @@ class SpineDataModule(pl.LightningDataModule):
             heatmap_sigma=hp.heatmap_sigma,
             augment=augment,
             seed=self._seed(),
+            task=self.task,
+            graded=hp.format == "rsna2024",
         )
 
     def _make_folds(self) -> None:

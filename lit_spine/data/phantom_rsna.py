@@ -203,3 +203,41 @@ def write_rsna2024_phantom(
     ):
         atomic_write_text(root / name, pd.DataFrame(rows).to_csv(index=False))
     return root
+
+
+MARKER = "phantom_rsna2024.json"
+
+
+def ensure_rsna2024_phantom(
+    root: str | Path, studies: int = 8, seed: int = 0, size: int = 64
+) -> Path:
+    """The rsna2024 phantom under `root`, written once: a complete one with the same
+    parameters is returned as it is (its files, and so the cache key, stay unchanged).
+
+    Parallel processes build it in turn (a file lock); a folder written with other
+    parameters is replaced, a non-empty folder that is no phantom is refused.
+    """
+    import json
+    import shutil
+
+    from lit_spine.utils import atomic_write_json, file_lock
+
+    root = Path(root).expanduser()
+    params = {"studies": int(studies), "seed": int(seed), "size": int(size)}
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(root.parent / f".{root.name}.lock"):
+        marker = root / MARKER
+        if marker.is_file():
+            if json.loads(marker.read_text()) == {"params": params, "complete": True}:
+                return root
+            shutil.rmtree(root / IMAGES_DIR, ignore_errors=True)
+        elif root.is_dir() and any(root.iterdir()):
+            raise FileExistsError(
+                f"{root}: not empty and not an rsna2024 phantom (no {MARKER}); choose another "
+                "data.phantom_dir or remove the folder"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(marker, {"params": params, "complete": False})
+        write_rsna2024_phantom(root, studies, seed, size)
+        atomic_write_json(marker, {"params": params, "complete": True})
+    return root

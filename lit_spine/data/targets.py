@@ -16,7 +16,8 @@ point that is not present.
 
 Class targets: the cache stores labels multi-hot over `Vocabulary.classes` (vertebra codes,
 then disc codes); the model, loss and metric read them per point type,
-(11, max(Kv, Kd)) with column j = code j of the point's own type (`per_type_labels`).
+(P, max(Kv, Kd)) for the task's P points (11 for tianchi2020) with column j = code j of the
+point's own type (`per_type_labels`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lit_spine.data.labels import DISC_POINTS, VERTEBRA_POINTS, Vocabulary
+from lit_spine.data.labels import Vocabulary
+from lit_spine.task import Task, get_task
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -71,8 +73,12 @@ def gaussian_heatmaps(
     return gy[:, :, None] * gx[:, None, :]
 
 
-def per_type_labels(labels: np.ndarray, vocab: Vocabulary) -> np.ndarray:
-    """(..., 11, num_classes) multi-hot over `vocab.classes` -> (..., 11, max(Kv, Kd)) per type."""
+def per_type_labels(
+    labels: np.ndarray, vocab: Vocabulary, task: str | Task = "tianchi2020"
+) -> np.ndarray:
+    """(..., P, num_classes) multi-hot over `vocab.classes` -> (..., P, max(Kv, Kd)) per type,
+    for the P points of `task`."""
+    spec = get_task(task) if isinstance(task, str) else task
     n_vert, n_disc = len(vocab.vertebra), len(vocab.disc)
     if labels.shape[-1] != n_vert + n_disc:
         raise ValueError(
@@ -80,7 +86,11 @@ def per_type_labels(labels: np.ndarray, vocab: Vocabulary) -> np.ndarray:
             f"has {n_vert + n_disc} classes"
         )
     out = np.zeros((*labels.shape[:-1], max(n_vert, n_disc)), dtype=labels.dtype)
-    vert, disc = list(VERTEBRA_POINTS), list(DISC_POINTS)
+    if labels.shape[-2] != spec.num_points:
+        raise ValueError(
+            f"labels have {labels.shape[-2]} points; task {spec.name!r} has {spec.num_points}"
+        )
+    vert, disc = list(spec.points_of_kind("vertebra")), list(spec.points_of_kind("disc"))
     out[..., vert, :n_vert] = labels[..., vert, :n_vert]
     out[..., disc, :n_disc] = labels[..., disc, n_vert:]
     return out

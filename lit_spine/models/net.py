@@ -19,7 +19,8 @@ from lit_spine.utils import choose
 
 
 class SpineNet(nn.Module):
-    """Backbone + heatmap decoder + per-point classifier for the 11 lumbar keypoints.
+    """Backbone + heatmap decoder + per-point classifier for the points of a task (the 11
+    lumbar keypoints of tianchi2020 by default).
 
     Args:
         backbone: timm model name from a supported family (`backbones.FAMILIES`).
@@ -150,8 +151,9 @@ class SpineNet(nn.Module):
     def forward(
         self, images: torch.Tensor, points: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """images (B, in_chans, H, W); points (B, 11, 2) input-pixel (x, y) for the classifier.
+        """images (B, in_chans, H, W); points (B, P, 2) input-pixel (x, y) for the classifier.
 
+        P is the task's number of points (11 for tianchi2020, whose counts are shown below).
         Returns heatmaps (B, 11, H / stride, W / stride), vertebra_logits (B, 5, Kv),
         disc_logits (B, 6, Kd) and the points the classifier read (decoded from the
         heatmaps by argmax when `points` is None).

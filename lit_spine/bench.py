@@ -28,7 +28,6 @@ by skipping the remaining grid cells (reported as skipped) when time runs short.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -364,7 +363,7 @@ class BenchConfig:
     sweep_phantom_dir: str | None = None  # None: a phantom built in the work folder
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, cuda: bool) -> BenchConfig:
+    def from_args(cls, args: Any, cuda: bool) -> BenchConfig:
         """Defaults for the device, overridden by the command line."""
         quick = args.quick
         backbones = args.backbones or (
@@ -1634,68 +1633,7 @@ def write_markdown(path: Path, body: str, gpu_run: bool) -> None:
     atomic_write_text(path, text)
 
 
-# ---------------------------------------------------------------------------- CLI
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `lit-spine bench`."""
-    p = argparse.ArgumentParser(
-        prog="lit-spine bench",
-        description="Time training, data, metric and phantom against the obvious "
-        "alternatives; print one JSON line per figure and a summary; write BENCHMARKS.md.",
-    )
-    p.add_argument("--out", type=Path, help="write the Markdown report here (e.g. BENCHMARKS.md)")
-    p.add_argument("--json-out", type=Path, help="write every figure and ratio as JSON here")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (tests, smoke checks)")
-    p.add_argument("--repeats", type=int, help="repeats per figure (default 5; 2 with --quick)")
-    p.add_argument("--only", type=_csv, help=f"comma-separated sections: {', '.join(SECTIONS)}")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        help="parent folder for the phantom and caches the bench builds "
-        "(default: a temporary folder, removed afterwards)",
-    )
-    p.add_argument("--keep-workdir", action="store_true", help="keep the built phantom/caches")
-    p.add_argument("--backbones", type=_csv, help="grid backbones (comma-separated timm names)")
-    p.add_argument("--norms", type=_csv, help="grid norms (comma-separated)")
-    p.add_argument("--image-size", type=int, help="network input side in px (default 256)")
-    p.add_argument("--batch-size", type=int, help="batch of the loader and Lightning sections")
-    p.add_argument("--grid-batch", type=int, help="batch of the backbone x norm grid")
-    p.add_argument(
-        "--loop-backbone",
-        help="backbone of the Lightning-vs-plain and validation figures "
-        "(default mobilenetv3_small_100: the fastest, so overheads show most)",
-    )
-    p.add_argument(
-        "--step-backbones",
-        type=_csv,
-        help="backbones of the precision/MFU section (default resnet18, mobilenetv3_large_100, "
-        "convnext_atto; resnet18 with --quick)",
-    )
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also time the suite's step under torch.compile (default: on CUDA only; on the "
-        "CPU compiling takes minutes)",
-    )
-    p.add_argument(
-        "--sweep-epochs",
-        type=int,
-        help="epochs of the sweep section's runs (default: the preset's own)",
-    )
-    p.add_argument(
-        "--max-minutes",
-        type=float,
-        default=9.0,
-        help="time budget: remaining grid cells are skipped when it runs short",
-    )
-    return p
-
-
+# ---------------------------------------------------------------------------- entry
 def _resolve_device(name: str):
     import torch
 
@@ -1706,44 +1644,16 @@ def _resolve_device(name: str):
     return torch.device(name)
 
 
-def _validate(args: argparse.Namespace) -> list[str]:
-    sections = list(args.only or SECTIONS)
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        from lit_spine.utils import choose
+def run_bench(args: Any, sections: Sequence[str]) -> int:
+    """Run `sections`; print JSON lines and a summary; write the reports; 1 if one failed.
 
-        choose(unknown[0], SECTIONS, "section")  # raises with the closest name
-    for name in ("repeats", "image_size", "batch_size", "grid_batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.image_size is not None and args.image_size % 32:
-        raise ValueError(
-            f"--image-size must be a multiple of 32 (backbone stride), got {args.image_size}"
-        )
-    if args.norms:
-        from lit_spine.models import norms
-        from lit_spine.utils import choose
-
-        for n in args.norms:
-            choose(n, norms.NORMS, "norm")
-    return sections
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the selected benchmarks; print JSON lines and a summary; write the reports."""
-    args = build_parser().parse_args(argv)
-    try:
-        sections = _validate(args)
-    except ValueError as err:
-        print(f"lit-spine bench: {err}", file=sys.stderr)
-        return 2
+    `args`: the checked options of `lit-spine bench` (lit_spine.commands.bench)."""
     start = time.perf_counter()
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = _resolve_device(args.device)
     cfg = BenchConfig.from_args(args, device.type == "cuda")
     if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lit-spine-bench-", dir=args.workdir))
     rec = Recorder()
     bench = Bench(cfg, device, workdir, rec, deadline=start + 60 * args.max_minutes)
@@ -1779,10 +1689,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     if args.out:
-        write_markdown(args.out, run_markdown(rec, info, seconds, cfg), device.type == "cuda")
+        write_markdown(Path(args.out), run_markdown(rec, info, seconds, cfg), device.type == "cuda")
         print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

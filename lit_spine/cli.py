@@ -1,8 +1,9 @@
 """`lit-spine` (alias `lightning`): LightningCLI subcommands plus the suite's own tools.
 
 `fit`, `validate`, `test` and `predict` go to LightningCLI; the suite's commands
-(`phantom`, `inspect`, `evaluate`, `describe`, `sweep`, `report`, `bench`) are plain
-argparse programs, imported only when called so that `--help` stays fast.
+(`phantom`, `inspect`, `evaluate`, `describe`, `sweep`, `report`, `bench`) live in
+`lit_spine.commands` (jsonargparse, one module each, the conventions in
+`lit_spine.commands.common`), imported only when called so that `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, one-line description); each module has `main(argv: list[str]) -> int`.
-SUITE_COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("lit_spine.data.phantom", "write synthetic lumbar-spine MRI studies as DICOM"),
-    "inspect": ("lit_spine.data.inspect", "show what the suite sees in a dataset folder"),
-    "evaluate": ("lit_spine.evaluate", "score a prediction file against an annotation file"),
-    "describe": ("lit_spine.models.summary", "parameters, FLOPs, receptive field, norm/drop map"),
-    "sweep": ("lit_spine.sweep", "run a W&B sweep file offline (or online with --online)"),
-    "report": ("lit_spine.report", "tables and plots from sweep or run folders"),
-    "bench": ("lit_spine.bench", "time training, data, metric and phantom; write BENCHMARKS.md"),
+# name -> one-line description; the command is `lit_spine.commands.<name>.main(argv) -> int`.
+SUITE_COMMANDS: dict[str, str] = {
+    "phantom": "write synthetic lumbar-spine MRI studies as DICOM",
+    "inspect": "show what the suite sees in a dataset folder",
+    "evaluate": "score a prediction file against an annotation file",
+    "describe": "parameters, FLOPs, receptive field, norm/drop map",
+    "sweep": "run a W&B sweep file offline (or online with --online)",
+    "report": "tables and plots from sweep or run folders",
+    "bench": "time training, data, metric and phantom; write BENCHMARKS.md",
 }
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a model (LightningCLI)",
@@ -34,7 +35,7 @@ def _usage(prog: str) -> str:
     lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines.append("")
     lines.append("suite tools:")
-    lines += [f"  {name:<10} {text}" for name, (_, text) in SUITE_COMMANDS.items()]
+    lines += [f"  {name:<10} {text}" for name, text in SUITE_COMMANDS.items()]
     lines.append("")
     lines.append(f"example: {prog} fit --config experiments/smoke.yaml")
     return "\n".join(lines)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv[0]
     if command in SUITE_COMMANDS:
-        module = importlib.import_module(SUITE_COMMANDS[command][0])
+        module = importlib.import_module(f"lit_spine.commands.{command}")
         return int(module.main(argv[1:]) or 0)
     if command in LIGHTNING_COMMANDS:
         from lit_spine.train_cli import run_lightning_cli

@@ -1,4 +1,4 @@
-"""`lit-spine evaluate`: score a prediction file against an annotation file (docs/metric.md).
+"""Score a prediction file against an annotation file (docs/metric.md).
 
 Both files use the annotation schema; predicted points may carry a `"score"` in [0, 1]
 (1.0 when absent). Distances are in millimetres with the pixel spacing of each study's
@@ -17,18 +17,14 @@ unless `--skip-missing-spacing` leaves such studies out (listed in "skipped_stud
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lit_spine.data.annotation import (
-    AnnotationError,
     ImageFacts,
     Problem,
     StudyAnnotation,
@@ -37,8 +33,6 @@ from lit_spine.data.annotation import (
     one_line,
 )
 from lit_spine.data.dicom import (
-    MAX_SPACING_ASPECT,
-    SPACING_RANGE_MM,
     DatasetError,
     Series,
     SliceHeader,
@@ -46,13 +40,12 @@ from lit_spine.data.dicom import (
     implausible_spacing,
     index_dataset,
 )
-from lit_spine.data.labels import POINT_INDEX, VOCABULARIES, Vocabulary, get_vocabulary
+from lit_spine.data.labels import POINT_INDEX, Vocabulary, get_vocabulary
 from lit_spine.metrics import (
     DetectionReport,
     GroundTruthArrays,
     PredictionArrays,
     check_radii,
-    radius_problem,
     score_detections,
 )
 
@@ -452,116 +445,6 @@ def format_table(report: DetectionReport) -> str:
     return "\n".join(lines)
 
 
-def _radius_arg(option: str) -> Callable[[str], float]:
-    """argparse type for a radius option: a finite number of mm > 0."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is None or radius_problem(value) is not None:
-            raise argparse.ArgumentTypeError(
-                f"{option} takes a finite radius in mm > 0 (e.g. 8), got {one_line(text, 80)!r}"
-            )
-        return value
-
-    parse.__name__ = option  # argparse names the type in some messages
-    return parse
-
-
-def _spacing_arg(text: str) -> tuple[float, float]:
-    try:
-        row, col = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected ROW,COL in mm (e.g. 0.7,0.7), got {one_line(text, 80)!r}"
-        ) from None
-    reason = spacing_problem(row, col)
-    if reason is not None:
-        lo, hi = SPACING_RANGE_MM
-        raise argparse.ArgumentTypeError(
-            f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
-            f"1:{MAX_SPACING_ASPECT:g} apart; {one_line(text, 80)!r}: {reason}"
-        )
-    return row, col
-
-
-def _radii_arg(text: str) -> tuple[float, ...]:
-    try:
-        radii = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        radii = ()
-    if not radii or any(radius_problem(r) for r in radii) or len(set(radii)) != len(radii):
-        raise argparse.ArgumentTypeError(
-            f"expected distinct comma-separated radii in mm, each finite and > 0 (e.g. 2,4,6,8), "
-            f"got {one_line(text, 80)!r}"
-        )
-    return radii
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `lit-spine evaluate` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="lit-spine evaluate",
-        description="Score a prediction file against an annotation file (docs/metric.md): "
-        "point detection at R (P/R/F1, AP, mAP), the 2020 baseline's macro-F1 and "
-        "key-point recall, radial errors in mm.",
-    )
-    parser.add_argument(
-        "--pred", required=True, help="prediction file (annotation schema, optional 'score')"
-    )
-    parser.add_argument("--gt", required=True, help="annotation file (ground truth)")
-    parser.add_argument(
-        "--data-root",
-        help="the split's image folder (<root>/<split>) or the dataset "
-        "root; the annotated images' PixelSpacing is read",
-    )
-    parser.add_argument(
-        "--spacing-mm",
-        type=_spacing_arg,
-        metavar="ROW,COL",
-        help="one pixel spacing for every study instead of reading DICOM headers",
-    )
-    parser.add_argument(
-        "--radius-mm", type=_radius_arg("--radius-mm"), default=8.0, help="hit radius R (default 8)"
-    )
-    parser.add_argument(
-        "--baseline-radius-mm",
-        type=_radius_arg("--baseline-radius-mm"),
-        default=6.0,
-        help="radius of the 2020 baseline's macro-F1 (default 6)",
-    )
-    parser.add_argument(
-        "--sdr-mm",
-        type=_radii_arg,
-        default=(2.0, 4.0, 6.0, 8.0),
-        metavar="R1,R2,...",
-        help="success-rate radii (default 2,4,6,8)",
-    )
-    parser.add_argument(
-        "--vocab",
-        default="tianchi2020",
-        choices=sorted(VOCABULARIES),
-        help="label vocabulary of both files (default tianchi2020)",
-    )
-    parser.add_argument(
-        "--ignore-unknown",
-        action="store_true",
-        help="skip (with a reported problem) predicted studies that are not in the ground truth",
-    )
-    parser.add_argument(
-        "--skip-missing-spacing",
-        action="store_true",
-        help="leave out (and list) ground-truth studies whose annotated image has no usable "
-        "PixelSpacing, instead of stopping",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of tables"
-    )
-    return parser
-
-
 def format_problems(evaluation: Evaluation) -> str:
     """The skipped studies and problems under the table, one line each."""
     lines = []
@@ -572,48 +455,3 @@ def format_problems(evaluation: Evaluation) -> str:
         lines += ["", f"Problems ({len(evaluation.problems)})"]
         lines += [f"  {p.line()}" for p in evaluation.problems]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine evaluate`; exit 2 with a one-line message on unusable input."""
-    args = build_parser().parse_args(argv)
-    try:
-        evaluation = evaluate_files(
-            args.pred,
-            args.gt,
-            data_root=args.data_root,
-            spacing_mm=args.spacing_mm,
-            vocab=args.vocab,
-            radius_mm=args.radius_mm,
-            baseline_radius_mm=args.baseline_radius_mm,
-            sdr_radii_mm=args.sdr_mm,
-            ignore_unknown=args.ignore_unknown,
-            skip_missing_spacing=args.skip_missing_spacing,
-        )
-    except (AnnotationError, EvaluationError, DatasetError) as err:
-        print(f"lit-spine evaluate: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    n_issues = len(evaluation.problems) + len(evaluation.skipped)
-    if args.json:
-        # Problems also go to stderr: a script reading stdout still shows them to its user.
-        for s in evaluation.skipped:
-            print(
-                f"lit-spine evaluate: skipped: study {one_line(s.study)}: {one_line(s.reason)}",
-                file=sys.stderr,
-            )
-        for p in evaluation.problems:
-            print(f"lit-spine evaluate: warning: {p.line()}", file=sys.stderr)
-        print(json.dumps(evaluation.to_dict()))
-    else:
-        if n_issues:
-            print(
-                f"lit-spine evaluate: warning: {len(evaluation.skipped)} skipped studies and "
-                f"{len(evaluation.problems)} problems, listed under the table",
-                file=sys.stderr,
-            )
-        print(format_table(evaluation.report) + format_problems(evaluation))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

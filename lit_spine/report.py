@@ -8,7 +8,7 @@ factors include a norm and the batch size, the metric against batch size per nor
 Normalization paper's central experiment, Wu & He 2018, figure 1).
 
 This module assembles the report: `build_report` runs the analysis, `write_report` writes the
-files, `print_report` prints the summary, and `build_parser` / `main` are the command line.
+files and `print_report` prints the summary; the command line is lit_spine.commands.report.
 The parts live beside it, one concept each (docs/architecture.md, "Package layout"):
 - lit_spine.report_cells: finding runs, grouping them into cells, ranking, comparisons;
 - lit_spine.report_stats: the statistics for few seeds and the convergence rule;
@@ -20,10 +20,8 @@ The parts live beside it, one concept each (docs/architecture.md, "Package layou
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
-import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +44,7 @@ from lit_spine.report_cells import (
     factor_keys,
     find_runs,
     group_cells,
-    latest_sweep,
+    latest_sweep,  # noqa: F401 - kept as report.latest_sweep (its users import it from here)
     load_run,
     marginal_means,
     norm_vs_batch_analysis,
@@ -408,84 +406,3 @@ def cell_label(params: dict[str, Any], seed_keys: Sequence[str] = SEED_KEYS) -> 
     keys = [k for k in params if k not in seed_keys]
     names = short_names(keys)
     return ",".join(f"{names[k]}={params[k]}" for k in keys) or "all"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `lit-spine report` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="lit-spine report",
-        description=(
-            "Rank sweep cells (configuration minus training seed): mean ± std, n, 95% "
-            "bootstrap CI, runs not converged, runtime, images/s, parameters; paired differences, "
-            "P(A>B), Holm-corrected p-values and seeds to separate against a baseline cell; "
-            "the protocol and a verdict in words; learning-curve, per-factor and "
-            "norm-vs-batch-size plots."
-        ),
-    )
-    parser.add_argument(
-        "paths",
-        nargs="*",
-        help="sweep folders (with state.json), run folders, or folders holding run folders",
-    )
-    parser.add_argument(
-        "--latest",
-        action="store_true",
-        help="report the most recently updated sweep under --sweeps-root",
-    )
-    parser.add_argument(
-        "--sweeps-root", default="sweep_runs", help="where --latest looks (default sweep_runs/)"
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output folder (default: SWEEP_DIR/report for one folder, else reports/<time>)",
-    )
-    parser.add_argument(
-        "--metric",
-        default=None,
-        help=f"metric to rank by (default: the sweep's, else {DEFAULT_METRIC})",
-    )
-    parser.add_argument(
-        "--goal",
-        choices=["maximize", "minimize"],
-        default=None,
-        help="default: the sweep's, else maximize",
-    )
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        help="cell to compare against, e.g. 'norm=batchnorm' or 'norm=batchnorm,drop_rate=0.0' (short or full keys); "
-        "default: the first listed value of every factor in the sweep file, else the best cell",
-    )
-    parser.add_argument(
-        "--seed-key",
-        action="append",
-        default=None,
-        metavar="KEY",
-        help=f"config key(s) that only seed a replicate (default: {', '.join(SEED_KEYS)}); repeat for several",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine report`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        paths = list(args.paths)
-        if args.latest:
-            paths.append(str(latest_sweep(args.sweeps_root)))
-        if not paths:
-            parser.error("give sweep or run folders, or --latest")
-        print_report(
-            paths,
-            args.out,
-            metric=args.metric,
-            goal=args.goal,
-            baseline=args.baseline,
-            seed_keys=tuple(args.seed_key or SEED_KEYS),
-        )
-    except ValueError as err:
-        print(f"lit-spine report: {err}", file=sys.stderr)
-        return 2
-    return 0

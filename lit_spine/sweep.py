@@ -8,14 +8,14 @@ the metrics of finished runs) and builds each command with W&B's own macro rules
 run's status live in `<out>/<sweep name>/state.json`, rewritten atomically after every change,
 so a rerun after Ctrl-C or a crash skips finished runs and redoes only the others.
 
-This module is the command (options, the offline and online modes, the closing summary); its
+This module runs a sweep (`run_sweep`: the offline and online modes, the closing summary; its
+command line is lit_spine.commands.sweep); its
 parts, one concept each: lit_spine.sweep_plan (sweep file, planner, commands),
 lit_spine.sweep_state (state.json), lit_spine.sweep_proc (child processes and signals).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -28,12 +28,14 @@ from typing import Any
 import filelock
 
 from lit_spine.sweep_plan import (
+    WANDB_DEFAULT_COMMAND,
     Planner,
     add_run,
     load_sweep_file,
     open_state,
     sweep_hash,
     sweep_name,
+    with_overlay,
 )
 from lit_spine.sweep_plan import expand_command as expand_command  # re-exported
 from lit_spine.sweep_plan import resolve_executable as resolve_executable  # re-exported
@@ -60,8 +62,16 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 # ----------------------------------------------------------------------------- online
 
 
-def run_online(config: dict[str, Any], args: argparse.Namespace) -> int:
-    """Create the sweep on a W&B server and run `--workers` agents that execute its command."""
+def run_online(
+    config: dict[str, Any],
+    workers: int = 1,
+    count: int | None = None,
+    project: str | None = "lit_spine",
+    entity: str | None = None,
+    overlay: list[str] | tuple[str, ...] = (),
+) -> int:
+    """Create the sweep on a W&B server and run `workers` agents that execute its command
+    (with the `--config` overlay files added, as offline)."""
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         print(
             f"lit-spine sweep: --online needs W&B online, but WANDB_MODE={os.environ['WANDB_MODE']}; "
@@ -83,7 +93,10 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        sweep_id = wandb.sweep(config, entity=args.entity, project=args.project)
+        if overlay:
+            command = with_overlay(config.get("command", WANDB_DEFAULT_COMMAND), overlay)
+            config = dict(config, command=command)
+        sweep_id = wandb.sweep(config, entity=entity, project=project)
     except Exception as err:
         print(
             f"lit-spine sweep: could not create the sweep on the W&B server: {err}", file=sys.stderr
@@ -92,14 +105,14 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> int:
     # The agents run the sweep command as written; make `lit-spine` resolvable from this venv.
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    threads = max(1, cpu_count() // max(1, args.workers))
+    threads = max(1, cpu_count() // max(1, workers))
     gpus = visible_gpus()
-    target = "/".join(p for p in (args.entity, args.project, sweep_id) if p)
+    target = "/".join(p for p in (entity, project, sweep_id) if p)
     agent = [sys.executable, "-m", "wandb", "agent"]
-    if args.count:
-        agent += ["--count", str(args.count)]
+    if count:
+        agent += ["--count", str(count)]
     procs = []
-    for slot in range(max(1, args.workers)):
+    for slot in range(max(1, workers)):
         worker_env = dict(env, OMP_NUM_THREADS=str(threads), LIT_SPINE_NUM_THREADS=str(threads))
         if len(gpus) > 1:
             worker_env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -116,109 +129,64 @@ def run_online(config: dict[str, Any], args: argparse.Namespace) -> int:
     return max(codes)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `lit-spine sweep` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="lit-spine sweep",
-        description=(
-            "Run a W&B sweep file. Offline (default): plan runs with W&B's `sweeps` engine, run "
-            "them in parallel, log each to W&B offline, keep <out>/<name>/state.json so that a "
-            "rerun skips finished runs, and end with the report table and plots. "
-            "With --online: create the sweep on a W&B server and start agents."
-        ),
-        epilog=(
-            "examples:\n"
-            "  lit-spine sweep sweeps/default.yaml --workers 2\n"
-            "  lit-spine sweep sweeps/full.yaml --workers 4 --dry-run\n"
-            "  lit-spine sweep sweeps/random_lr.yaml --count 20\n"
-            "  lit-spine sweep sweeps/full.yaml --online --project lit_spine --workers 4\n"
-            "Rerunning the same command continues an interrupted sweep."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("sweep_file", help="W&B sweep YAML (see sweeps/*.yaml)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="runs at once (default 1); CPU threads are divided among them and, with several "
-        "GPUs, each run gets one (CUDA_VISIBLE_DEVICES)",
-    )
-    parser.add_argument(
-        "--count",
-        type=int,
-        default=None,
-        help="total runs of the sweep: required for random/bayes (or run_cap in the file); "
-        "for grid, plan only the first N points. Online: runs per agent, as `wandb agent --count`",
-    )
-    parser.add_argument(
-        "--max-runs",
-        type=int,
-        default=None,
-        help="offline: start at most N runs in this invocation, then stop (rerun to continue)",
-    )
-    parser.add_argument(
-        "--out",
-        default=DEFAULT_OUT,
-        help=f"parent folder of sweep folders (default {DEFAULT_OUT}/); the sweep goes to OUT/<name>/",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="continue even though the sweep file changed and finished runs left the plan "
-        "(they move to OUT/<name>/stale/)",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the planned commands and exit"
-    )
-    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
-    parser.add_argument(
-        "--online",
-        action="store_true",
-        help="create the sweep on a W&B server (needs `wandb login` and network) and run agents",
-    )
-    parser.add_argument(
-        "--project", default="lit_spine", help="W&B project for --online (default lit_spine)"
-    )
-    parser.add_argument("--entity", default=None, help="W&B entity (user or team) for --online")
-    return parser
+def run_sweep(
+    sweep_file: str,
+    workers: int = 1,
+    count: int | None = None,
+    max_runs: int | None = None,
+    out: str | os.PathLike = DEFAULT_OUT,
+    force: bool = False,
+    dry_run: bool = False,
+    report: bool = True,
+    online: bool = False,
+    project: str | None = "lit_spine",
+    entity: str | None = None,
+    overlay: list[str] | tuple[str, ...] = (),
+) -> int:
+    """Run (or with `dry_run`, plan) a sweep file; the exit code. Raises SweepError.
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine sweep`."""
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_sweep_file(args.sweep_file)
-        if args.online:
-            return run_online(config, args)
-        planner = Planner(config, args.count)
-        sweep_dir = Path(args.out) / sweep_name(config, args.sweep_file)
-        if args.dry_run:
-            return _dry_run(config, args.sweep_file, sweep_dir, planner)
-        try:
-            lock = _sweep_lock(sweep_dir).acquire()
-        except filelock.Timeout:
+    `overlay`: `--config` files appended to every run's command after the sweep file's own
+    `--config` entries (e.g. a data overlay); part of the sweep's identity, like the file.
+    """
+    overlay = [str(p) for p in overlay]
+    for path in overlay:
+        if not Path(path).is_file():
             raise SweepError(
-                f"{sweep_dir / '.lock'}: another sweep is running this folder; "
-                "wait for it or stop it first"
-            ) from None
-        with lock:
-            return _run_offline(config, args, sweep_dir, planner)
-    except SweepError as err:
-        print(f"lit-spine sweep: {err}", file=sys.stderr)
-        return 2
+                f"--config {path}: no such file (an overlay added to every run's command, "
+                "e.g. experiments/data/challenge2020.yaml)"
+            )
+    config = load_sweep_file(sweep_file)
+    if online:
+        return run_online(config, workers, count, project, entity, overlay)
+    planner = Planner(config, count)
+    sweep_dir = Path(out) / sweep_name(config, sweep_file)
+    if dry_run:
+        return _dry_run(config, sweep_file, sweep_dir, planner, overlay)
+    try:
+        lock = _sweep_lock(sweep_dir).acquire()
+    except filelock.Timeout:
+        raise SweepError(
+            f"{sweep_dir / '.lock'}: another sweep is running this folder; "
+            "wait for it or stop it first"
+        ) from None
+    with lock:
+        state = open_state(config, sweep_file, sweep_dir, planner, force, overlay)
+        return _run_offline(state, planner, workers, max_runs, report)
 
 
-def _dry_run(config: dict[str, Any], sweep_file: str, sweep_dir: Path, planner: Planner) -> int:
+def _dry_run(
+    config: dict[str, Any], sweep_file: str, sweep_dir: Path, planner: Planner, overlay: list[str]
+) -> int:
     state = SweepState(
         path=sweep_dir / "state.json",
         sweep_file=sweep_file,
         name=sweep_dir.name,
-        hash=sweep_hash(config),
+        hash=sweep_hash(config, overlay),
         config=config,
+        overlay=overlay,
     )
     while (nxt := planner.next_params(state)) is not None:
         add_run(state, *nxt)
@@ -229,14 +197,16 @@ def _dry_run(config: dict[str, Any], sweep_file: str, sweep_dir: Path, planner: 
     more = (
         "" if planner.plans_ahead else f" (first of {planner.count}; bayes plans as results come)"
     )
+    if overlay:
+        print(f"[sweep {state.name}] overlay: {' '.join(f'--config {p}' for p in overlay)}")
     print(f"[sweep {state.name}] {len(state.runs)} run(s) planned{more} -> {sweep_dir}")
     return 0
 
 
 def _run_offline(
-    config: dict[str, Any], args: argparse.Namespace, sweep_dir: Path, planner: Planner
+    state: SweepState, planner: Planner, workers: int, max_runs: int | None, report: bool
 ) -> int:
-    state = open_state(config, args.sweep_file, sweep_dir, planner, args.force)
+    sweep_dir = state.dir
     for note in reconcile(state):
         print(f"[sweep {state.name}] {note}")
     if planner.plans_ahead:
@@ -246,9 +216,10 @@ def _run_offline(
     done = state.counts().get("finished", 0)
     if done:
         print(f"[sweep {state.name}] resuming: {done} finished run(s) kept, not rerun")
-    runner = Runner(state, planner, args.workers, args.max_runs)
+    runner = Runner(state, planner, workers, max_runs)
     print(
-        f"[sweep {state.name}] {state.sweep_file}: method {planner.method}, "
+        f"[sweep {state.name}] {' + '.join([state.sweep_file, *state.overlay])}: "
+        f"method {planner.method}, "
         f"{len(state.runs) if planner.plans_ahead else planner.count} run(s), {runner.workers} "
         f"worker(s) x {runner.threads} thread(s) -> {sweep_dir}",
         flush=True,
@@ -283,7 +254,7 @@ def _run_offline(
     for run in failed:
         log = sweep_dir / run.run_dir / "stdout.log"
         print(f"  {run.id}: {run.error}; log: {log}. Rerun the same command to retry.")
-    if not args.no_report and counts.get("finished", 0):
+    if report and counts.get("finished", 0):
         from lit_spine.report import print_report
 
         print_report([sweep_dir], out=sweep_dir / "report")

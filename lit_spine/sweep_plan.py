@@ -96,9 +96,30 @@ def sweep_name(config: dict[str, Any], path: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def sweep_hash(config: dict[str, Any]) -> str:
-    """Hash of the parsed sweep config (comments and formatting do not count)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def sweep_hash(config: dict[str, Any], overlay: list[str] | tuple[str, ...] = ()) -> str:
+    """Hash of the parsed sweep config and its `--config` overlay (comments and formatting do
+    not count; without an overlay, the hash of the config alone, as before overlays existed)."""
+    identity: Any = {"config": config, "overlay": list(overlay)} if overlay else config
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def with_overlay(template: list[Any], overlay: list[str] | tuple[str, ...]) -> list[Any]:
+    """The sweep `command` with `--config FILE` for each overlay file, right after the file's
+    own last `--config` entry (so overlays apply after the sweep's configs and before the
+    sweep parameters `${args}`, which still win); without one, before the first args macro."""
+    template = list(template)
+    if not overlay:
+        return template
+    words = [str(c) for c in template]
+    own = [i + (2 if w == "--config" else 1) for i, w in enumerate(words) if w == "--config"]
+    own += [i + 1 for i, w in enumerate(words) if w.startswith("--config=")]
+    if own:
+        at = max(own)
+    else:
+        at = next((i for i, w in enumerate(words) if w.startswith("${args")), len(words))
+    extra = [word for path in overlay for word in ("--config", str(path))]
+    return template[:at] + extra + template[at:]
 
 
 def expand_command(
@@ -230,7 +251,7 @@ def add_run(
     run_id = run_slug(index, params, SEED_KEYS)
     run_dir = f"runs/{run_id}"
     command = expand_command(
-        state.config.get("command", WANDB_DEFAULT_COMMAND),
+        with_overlay(state.config.get("command", WANDB_DEFAULT_COMMAND), state.overlay),
         params,
         program=state.config.get("program"),
         args_json_file=str((state.dir / run_dir / "sweep_args.json").resolve()),
@@ -249,13 +270,22 @@ def _jsonable(obj: Any) -> Any:
 
 
 def open_state(
-    config: dict[str, Any], sweep_file: str, sweep_dir: Path, planner: Planner, force: bool
+    config: dict[str, Any],
+    sweep_file: str,
+    sweep_dir: Path,
+    planner: Planner,
+    force: bool,
+    overlay: list[str] | tuple[str, ...] = (),
 ) -> SweepState:
-    """Load the sweep folder's state (checking the sweep file did not change) or start one."""
+    """Load the sweep folder's state (checking that neither the sweep file nor its `--config`
+    overlay changed) or start one."""
     name = sweep_dir.name
-    new_hash = sweep_hash(config)
+    overlay = list(overlay)
+    new_hash = sweep_hash(config, overlay)
     path = sweep_dir / "state.json"
-    fresh = SweepState(path=path, sweep_file=sweep_file, name=name, hash=new_hash, config=config)
+    fresh = SweepState(
+        path=path, sweep_file=sweep_file, name=name, hash=new_hash, config=config, overlay=overlay
+    )
     if not path.exists():
         return fresh
     state = SweepState.load(path)
@@ -271,14 +301,22 @@ def open_state(
     missing = [
         r for r in done if new_keys is None or (r.key, json.dumps(r.command)) not in new_keys
     ]
+    what, overlay_note = sweep_file, ""
+    if state.overlay != overlay:
+        what = f"{sweep_file} or its --config overlay"
+        was, now = " ".join(state.overlay) or "none", " ".join(overlay) or "none"
+        overlay_note = f" (overlay was {was}, now {now})"
     if missing and not force:
         raise SweepError(
-            f"{sweep_file} changed since {path} was written and {len(missing)} finished run(s) "
+            f"{what} changed since {path} was written{overlay_note} and {len(missing)} finished "
+            f"run(s) "
             f"(e.g. {missing[0].id}) are not in the new plan. Rerun with --force to drop them "
             f"(their folders move to {sweep_dir / 'stale'}), or use --out to start a new folder."
         )
-    print(f"[sweep {name}] sweep file changed; keeping {len(done) - len(missing)} finished run(s)")
+    changed = "sweep file" if state.overlay == overlay else "sweep file or --config overlay"
+    print(f"[sweep {name}] {changed} changed; keeping {len(done) - len(missing)} finished run(s)")
     state.config, state.hash, state.sweep_file = config, new_hash, sweep_file
+    state.overlay = overlay
     keep = {r.key for r in done if r not in missing}
     for run in state.runs:
         if run.key not in keep:

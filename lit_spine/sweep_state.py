@@ -76,6 +76,7 @@ class SweepState:
     config: dict[str, Any]
     runs: list[PlannedRun] = field(default_factory=list)
     created: str = field(default_factory=utc_now)
+    overlay: list[str] = field(default_factory=list)  # `--config` files added to every run
 
     @property
     def dir(self) -> Path:
@@ -89,6 +90,7 @@ class SweepState:
             "name": self.name,
             "hash": self.hash,
             "config": self.config,
+            "overlay": self.overlay,
             "metric": metric_of(self.config),
             "created": self.created,
             "updated": utc_now(),
@@ -111,6 +113,7 @@ class SweepState:
             config=data["config"],
             runs=runs,
             created=data.get("created", utc_now()),
+            overlay=list(data.get("overlay", [])),
         )
 
     def counts(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ import torch
 from lit_spine import bench, perf, sweep
 from lit_spine import runs as run_folder
 from lit_spine.bench import Figure, check_target, ratio_record, summarize
+from lit_spine.commands import bench as bench_command
 from lit_spine.hardware import cpu_bf16_native
 
 QUICK_FIGURES = {
@@ -106,15 +107,15 @@ def test_markdown_keeps_an_earlier_gpu_section(tmp_path):
 
 
 def test_bad_options_fail_clearly(capsys):
-    assert bench.main(["--only", "metrix"]) == 2
+    assert bench_command.main(["--only", "metrix"]) == 2
     assert "did you mean 'metric'" in capsys.readouterr().err
-    assert bench.main(["--image-size", "100"]) == 2
+    assert bench_command.main(["--image-size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
 
 
 def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
     start = time.perf_counter()
-    code = bench.main(
+    code = bench_command.main(
         [
             "--quick",
             "--only",
@@ -213,7 +214,7 @@ def test_sweep_prints_wall_time_and_images_per_s(tmp_path):
 
 @pytest.mark.slow
 def test_quick_sweep_section_times_the_old_and_the_new_preset(tmp_path, capsys):
-    code = bench.main(["--quick", "--only", "sweep", "--workdir", str(tmp_path / "work")])
+    code = bench_command.main(["--quick", "--only", "sweep", "--workdir", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 0, out
     records = {json.loads(line)["figure"]: json.loads(line) for line in out.splitlines()

@@ -10,10 +10,10 @@ from dicom_factory import write_slice
 from test_metrics import _study_ordered_case, batches_from_case
 
 from lit_spine import cli
+from lit_spine.commands.evaluate import main
 from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
 from lit_spine.data.dicom import read_spacing_for_instances
 from lit_spine.data.labels import POINT_NAMES, get_vocabulary
-from lit_spine.evaluate import main
 from lit_spine.metrics import PredictionArrays, SpineDetectionMetric, score_detections
 
 VOCAB = get_vocabulary("tianchi2020")

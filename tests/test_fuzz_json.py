@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import DataElement
 
+from lit_spine.commands.evaluate import main
 from lit_spine.data.annotation import MAX_COORD_PX
 from lit_spine.data.dicom import MAX_SPACING_ASPECT, SPACING_RANGE_MM
 from lit_spine.data.labels import POINT_NAMES, get_vocabulary
-from lit_spine.evaluate import main
 
 VOCAB = get_vocabulary("tianchi2020")
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import json
 from dicom_factory import AXIAL, StudyWriter, annotation_for, dataset, standard_study, write_json
 
 from lit_spine.cli import main as cli_main
-from lit_spine.data.inspect import inspect_dataset, main
+from lit_spine.commands.inspect import main
+from lit_spine.data.inspect import inspect_dataset
 
 
 def run_json(capsys, *argv) -> tuple[int, list[dict], str]:

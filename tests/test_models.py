@@ -7,11 +7,12 @@ import warnings
 import pytest
 import torch
 
+from lit_spine.commands.describe import main
 from lit_spine.models import SpineNet
 from lit_spine.models.backbones import FAMILIES, backbone_family
 from lit_spine.models.drops import DROPS
 from lit_spine.models.norms import NORMS
-from lit_spine.models.summary import describe, main, receptive_field
+from lit_spine.models.summary import describe, receptive_field
 
 FAST_BACKBONES = ["test_resnet", "test_efficientnet", "test_convnext"]
 FAMILY_BACKBONES = [

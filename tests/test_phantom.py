@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import validate_file_meta
 
+from lit_spine.commands.phantom import main
 from lit_spine.data import phantom_anatomy as pa
 from lit_spine.data.annotation import load_annotations, parse_annotations
 from lit_spine.data.labels import DISC_POINTS, POINT_NAMES, get_vocabulary
@@ -20,7 +21,6 @@ from lit_spine.data.phantom import (
     MARKER,
     PhantomError,
     generate_phantom,
-    main,
     parse_splits,
     render_study,
 )

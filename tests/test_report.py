@@ -18,6 +18,7 @@ from scipy import stats
 
 from lit_spine import report, report_stats
 from lit_spine import runs as run_folder
+from lit_spine.commands import report as report_command
 
 # metric per (norm, batch size, seed): groupnorm best, batchnorm hurt at batch 2.
 VALUES = {
@@ -175,11 +176,11 @@ def test_cli_latest_and_errors(sweep_dir, tmp_path, capsys):
     past = time.time() - 1000
     os.utime(older / "state.json", (past, past))
     assert report.latest_sweep(tmp_path / "sweep_runs") == sweep_dir
-    assert report.main(["--latest", "--sweeps-root", str(tmp_path / "sweep_runs")]) == 0
+    assert report_command.main(["--latest", "--sweeps-root", str(tmp_path / "sweep_runs")]) == 0
     out = capsys.readouterr().out
     assert "| 1 | groupnorm |" in out and "norm_vs_batch.png" in out
-    assert report.main([str(tmp_path / "nothing")]) == 2
-    assert report.main(["--latest", "--sweeps-root", str(tmp_path / "none")]) == 2
+    assert report_command.main([str(tmp_path / "nothing")]) == 2
+    assert report_command.main(["--latest", "--sweeps-root", str(tmp_path / "none")]) == 2
 
 
 def test_cell_label_and_short_names():
@@ -342,7 +343,7 @@ def test_verdict_clearly_best_cell(tmp_path, capsys):
         ("layernorm",): _seeded(0.40, (-0.002, 0.0, 0.003)),
     }
     root = make_sweep(tmp_path / "best", cells, NORM)
-    assert report.main([str(root)]) == 0
+    assert report_command.main([str(root)]) == 0
     printed = capsys.readouterr().out
     rep = report.write_report([root])
     v = rep.verdict

@@ -16,6 +16,7 @@ import yaml
 
 from lit_spine import runs as run_folder
 from lit_spine import sweep, sweep_proc, sweep_state
+from lit_spine.commands import sweep as sweep_command
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_FIT = Path(__file__).with_name("fake_fit.py")
@@ -210,12 +211,12 @@ def test_bad_sweep_files_name_file_and_key(tmp_path):
     bad.write_text("method: random\nparameters:\n  a: {values: [1, 2]}\n")
     with pytest.raises(sweep.SweepError, match="--count"):
         sweep.Planner(sweep.load_sweep_file(bad), None)
-    assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
+    assert sweep_command.main([str(tmp_path / "missing.yaml")]) == 2
 
 
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
-        sweep.main(["--help"])
+        sweep_command.main(["--help"])
     text = capsys.readouterr().out
     for option in (
         "--workers",
@@ -232,7 +233,7 @@ def test_help_lists_every_option(capsys):
 def test_online_without_login_fails_clearly(tmp_path, monkeypatch, capsys):
     path = write_sweep(tmp_path, norms=["batchnorm"], seeds=[0])
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert sweep.main([str(path), "--online"]) == 2
+    assert sweep_command.main([str(path), "--online"]) == 2
     assert "--online needs W&B online" in capsys.readouterr().err
 
 
@@ -267,7 +268,7 @@ def test_grid_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
     path = write_sweep(tmp_path)
     out = tmp_path / "out"
-    assert sweep.main([str(path), "--workers", "2", "--out", str(out)]) == 0
+    assert sweep_command.main([str(path), "--workers", "2", "--out", str(out)]) == 0
     state = json.loads((out / "tiny" / "state.json").read_text())
     assert [r["status"] for r in state["runs"]] == ["finished"] * 4
     assert state["metric"] == {"name": "val/mAP_best", "goal": "maximize"}
@@ -294,7 +295,7 @@ def test_grid_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     assert (report / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "\n## Verdict\n" in (report / "report.md").read_text()
     # Rerunning a finished sweep starts nothing.
-    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
+    assert sweep_command.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
     assert len(starts(marker)) == 4
 
 
@@ -304,7 +305,7 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_FIT_FAIL", "model.net.init_args.norm=groupnorm")
     path = write_sweep(tmp_path)
     out = tmp_path / "out"
-    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 1
+    assert sweep_command.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 1
     state = json.loads((out / "tiny" / "state.json").read_text())
     status = {
         r["params"]["model.net.init_args.norm"] + str(r["params"]["seed_everything"]): r["status"]
@@ -318,7 +319,7 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     }
     assert len(starts(marker)) == 4
     monkeypatch.delenv("FAKE_FIT_FAIL")
-    assert sweep.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
+    assert sweep_command.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 0
     rerun = starts(marker)[4:]
     assert len(rerun) == 2 and all("groupnorm" in s["run_dir"] for s in rerun)
     assert all(not any(a.startswith("--ckpt_path") for a in s["argv"]) for s in rerun)
@@ -377,16 +378,16 @@ def test_changed_sweep_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
     out = tmp_path / "out"
     path = write_sweep(tmp_path, norms=["batchnorm"], seeds=[0, 1])
-    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 0
+    assert sweep_command.main([str(path), "--out", str(out), "--no-report"]) == 0
     # A superset keeps the finished runs and adds the new ones.
     write_sweep(tmp_path, norms=["batchnorm", "layernorm"], seeds=[0, 1])
-    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 0
+    assert sweep_command.main([str(path), "--out", str(out), "--no-report"]) == 0
     assert len(starts(marker)) == 4
     # Dropping planned runs needs --force; their folders move to stale/.
     write_sweep(tmp_path, norms=["groupnorm"], seeds=[0, 1])
-    assert sweep.main([str(path), "--out", str(out), "--no-report"]) == 2
+    assert sweep_command.main([str(path), "--out", str(out), "--no-report"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert sweep.main([str(path), "--out", str(out), "--no-report", "--force"]) == 0
+    assert sweep_command.main([str(path), "--out", str(out), "--no-report", "--force"]) == 0
     state = json.loads((out / "tiny" / "state.json").read_text())
     assert {r["params"]["model.net.init_args.norm"] for r in state["runs"]} == {"groupnorm"}
     assert len(list((out / "tiny" / "stale").iterdir())) == 4
@@ -404,7 +405,7 @@ def test_bayes_and_random_plan_count_runs_offline(tmp_path, monkeypatch):
             name=method,
         )
         assert (
-            sweep.main(
+            sweep_command.main(
                 [str(path), "--count", "3", "--workers", "2", "--out", str(out), "--no-report"]
             )
             == 0
@@ -418,11 +419,11 @@ def test_dry_run_and_max_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_FIT_MARKER", str(tmp_path / "marker.jsonl"))
     path = write_sweep(tmp_path)
     out = tmp_path / "out"
-    assert sweep.main([str(path), "--dry-run", "--out", str(out)]) == 0
+    assert sweep_command.main([str(path), "--dry-run", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "4 run(s) planned" in text and "--model.net.init_args.norm=groupnorm" in text
     assert not out.exists()
-    assert sweep.main([str(path), "--max-runs", "1", "--out", str(out), "--no-report"]) == 0
+    assert sweep_command.main([str(path), "--max-runs", "1", "--out", str(out), "--no-report"]) == 0
     assert len(starts(tmp_path / "marker.jsonl")) == 1
     state = json.loads((out / "tiny" / "state.json").read_text())
     assert sorted(r["status"] for r in state["runs"]) == [

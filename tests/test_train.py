@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lit_spine.evaluate import main as evaluate_main
+from lit_spine.commands.evaluate import main as evaluate_main
 from lit_spine.module import load_checkpoint, warmup_cosine_schedule
 from lit_spine.train_cli import run_lightning_cli
 

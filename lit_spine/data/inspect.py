@@ -1,4 +1,4 @@
-"""`lit-spine inspect ROOT`: what the suite sees in a dataset folder, before any training.
+"""What the suite sees in a dataset folder, before any training.
 
 For every study folder: the readable files, the series found, the T2 sagittal slice the suite
 would use (the annotated instance when an annotation names one, else the middle frame of the
@@ -8,16 +8,12 @@ without pixels; a study decodes at most the middle slice of each competing sagit
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
-from lit_spine.data.annotation import AnnotationError, StudyAnnotation, load_annotations
+from lit_spine.data.annotation import StudyAnnotation, load_annotations
 from lit_spine.data.dicom import (
-    DatasetError,
     PixelReader,
     SliceChoice,
     Study,
@@ -251,74 +247,12 @@ def format_table(reports: list[dict], dataset_problems: list[str], max_problems:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine inspect`; exit 0 (problems are reported), 2 on unusable input."""
-    parser = argparse.ArgumentParser(
-        prog="lit-spine inspect",
-        description="Show what the suite sees in a dataset folder: studies, series, the chosen "
-        "T2 sagittal slice, annotated points and every problem.",
-    )
-    parser.add_argument("root", help="a split folder of study folders (or one study folder)")
-    parser.add_argument(
-        "--annotation",
-        help="annotation JSON (default: <split>_annotation.json beside ROOT when it exists)",
-    )
-    parser.add_argument(
-        "--series-map",
-        help="series map JSON (default: <split>_series_map.json beside ROOT when it exists)",
-    )
-    parser.add_argument(
-        "--vocab", default="tianchi2020", help="disease vocabulary (tianchi2020 or seed7)"
-    )
-    parser.add_argument(
-        "--format",
-        default="tianchi2020",
-        choices=["tianchi2020", "rsna2024"],
-        help="dataset layout (default %(default)s; rsna2024: ROOT holds the competition CSVs)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help='print {"studies": [one object per study], "problems": [dataset-level problems]}',
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="header-reading threads (1, the default, is fastest on a local disk)",
-    )
-    args = parser.parse_args(argv)
-    if args.format == "rsna2024":
-        return _inspect_rsna(args.root, args.json)
-    try:
-        reports, dataset_problems = inspect_dataset(
-            args.root, args.annotation, args.series_map, args.vocab, args.workers
-        )
-    except (DatasetError, AnnotationError, ValueError) as err:
-        print(f"lit-spine inspect: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        if args.json:
-            print(json.dumps({"studies": reports, "problems": dataset_problems}, indent=1))
-            for p in dataset_problems:
-                print(f"lit-spine inspect: {p}", file=sys.stderr)
-        else:
-            print(format_table(reports, dataset_problems))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `lit-spine inspect ROOT | head`: the reader left, nothing is wrong
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+def inspect_rsna2024(root: str) -> tuple[dict, list[str], str]:
+    """An RSNA 2024 dataset (`--format rsna2024`): the JSON summary (studies found, series
+    chosen, points and grades), the problems and the text report."""
+    from lit_spine.data.rsna import read_rsna2024
 
-
-def _inspect_rsna(root: str, as_json: bool) -> int:
-    """`lit-spine inspect --format rsna2024`: studies found, series chosen, every problem."""
-    from lit_spine.data.rsna import RsnaFormatError, read_rsna2024
-
-    try:
-        data = read_rsna2024(root)
-    except (RsnaFormatError, ValueError) as err:
-        print(f"lit-spine inspect: error: {err}", file=sys.stderr)
-        return 2
+    data = read_rsna2024(root)
     studies = [
         {
             "study_id": st.study_id,
@@ -332,23 +266,14 @@ def _inspect_rsna(root: str, as_json: bool) -> int:
         for st in data.studies
     ]
     summary = data.summary()
-    if as_json:
-        print(json.dumps(summary | {"num_studies": len(studies), "studies": studies}, indent=1))
-        for p in data.problems:
-            print(f"lit-spine inspect: {p}", file=sys.stderr)
-        return 0
-    print(
+    lines = [
         f"{summary['studies']} studies, series {summary['series']!r}, "
         f"{summary['points']} points, {summary['grades']} grades (task {summary['task']})"
-    )
+    ]
     for st in studies:
         levels = " ".join(f"{lv}@{p['instance_number']}" for lv, p in st["points"].items())
-        print(f"  study {st['study_id']} series {st['series_id']}: {levels}")
-    print(f"{len(data.problems)} problem(s)")
-    for p in data.problems:
-        print(f"  {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        lines.append(f"  study {st['study_id']} series {st['series_id']}: {levels}")
+    lines.append(f"{len(data.problems)} problem(s)")
+    lines += [f"  {p}" for p in data.problems]
+    payload = summary | {"num_studies": len(studies), "studies": studies}
+    return payload, list(data.problems), "\n".join(lines)

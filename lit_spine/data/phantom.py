@@ -30,12 +30,10 @@ the rest; different parameters are refused unless ``force``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -913,108 +911,3 @@ def write_preview(
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
     return png
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`lit-spine phantom`: write the phantom dataset (and/or its preview PNG)."""
-    parser = argparse.ArgumentParser(
-        prog="lit-spine phantom",
-        description="Write synthetic lumbar-spine MRI studies (DICOM + annotation JSON) in the "
-        "challenge layout. Deterministic for a seed; safe to interrupt and rerun.",
-        epilog="difficulty: 0 easy (clean images, obvious lesions), 1 default (textbook lesion "
-        "sizes, realistic noise), 2 hard (noisy, strong shading, varied anatomy, subtle "
-        "lesions).",
-    )
-    parser.add_argument(
-        "--out", default="data/phantom", help="dataset folder (default %(default)s)"
-    )
-    parser.add_argument(
-        "--studies", type=int, default=120, help="studies in all splits (default %(default)s)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--layout",
-        default="tianchi2020",
-        choices=["tianchi2020", "rsna2024"],
-        help="file layout to write (default %(default)s; rsna2024: docs/datasets.md)",
-    )
-    parser.add_argument("--vocab", default="tianchi2020", choices=["tianchi2020", "seed7"])
-    parser.add_argument(
-        "--splits",
-        default=None,
-        help="fractions or counts, e.g. train=0.7,val=0.15,test=0.15 (default) "
-        "or train=80,val=20,test=20",
-    )
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="force square images of this many px (default: realistic 384-640, some non-square)",
-    )
-    parser.add_argument(
-        "--difficulty", type=float, default=1.0, help="0 easy .. 1 default .. 2 hard"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="processes (default: CPU count, %(default)s)",
-    )
-    parser.add_argument(
-        "--preview",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PNG",
-        help="also save a PNG grid of annotated slices (default OUT/preview.png); "
-        "works on an existing dataset too",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="replace a phantom made with other parameters"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    root = Path(args.out)
-    if args.layout == "rsna2024":
-        from lit_spine.data.phantom_rsna import write_rsna2024_phantom
-
-        try:
-            write_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
-        except ValueError as err:
-            print(f"lit-spine phantom: error: {err}", file=sys.stderr)
-            return 2
-        print(f"phantom: {args.studies} studies in rsna2024 layout in {root}")
-        return 0
-    try:
-        marker = root / MARKER
-        preview_only = (
-            args.preview is not None and not marker.exists() and any(root.glob("*_annotation.json"))
-        )
-        if not preview_only:
-            generate_phantom(
-                root,
-                args.studies,
-                args.seed,
-                args.splits,
-                args.vocab,
-                args.size,
-                args.difficulty,
-                progress=not args.no_progress,
-                workers=max(1, args.workers),
-                force=args.force,
-            )
-            print(f"phantom: {args.studies} studies in {root}")
-        if args.preview is not None:
-            png = write_preview(root, args.preview or None, vocab=args.vocab)
-            print(f"preview: {png}")
-    except (PhantomError, ValueError) as err:
-        print(f"lit-spine phantom: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`lit-spine describe`: parameters, FLOPs, receptive field and the norm/drop map of a SpineNet.
+"""Parameters, FLOPs, receptive field and the norm/drop map of a SpineNet.
 
 Receptive field: the theoretical one (Araujo et al. 2019, "Computing receptive fields of
 convolutional neural networks"), propagated through the real forward pass. A torch
@@ -14,13 +14,8 @@ through global pooling (SE, split attention) see the whole image; they are repor
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import warnings
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -228,85 +223,3 @@ def format_description(info: dict[str, Any]) -> str:
     width = max((len(p) for p, _ in rows), default=10)
     lines += [f"  {p:<{width}}  {r}" for p, r in rows]
     return "\n".join(lines)
-
-
-def _config_net_args(paths: list[str]) -> dict[str, Any]:
-    """SpineNet init_args from LightningCLI-style YAML files (later files win)."""
-    import yaml
-
-    merged: dict[str, Any] = {}
-    for path in paths:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-        model = doc.get("model", {}) or {}
-        for candidate in (
-            model.get("net"),
-            (model.get("init_args") or {}).get("net"),
-            doc.get("net"),
-        ):
-            if isinstance(candidate, dict):
-                merged.update(candidate.get("init_args", {}) or {})
-                break
-    return merged
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lit-spine describe",
-        description="Parameters, FLOPs, receptive field and norm/drop layers of a SpineNet.",
-    )
-    p.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        help="LightningCLI YAML with model.net.init_args (repeatable)",
-    )
-    p.add_argument("--backbone")
-    p.add_argument("--norm")
-    p.add_argument("--norm-groups", type=int)
-    p.add_argument("--norm-group-size", type=int)
-    p.add_argument("--drop")
-    p.add_argument("--drop-rate", type=float)
-    p.add_argument("--dropblock-size", type=int)
-    p.add_argument("--dropblock-stages", type=int, nargs="+")
-    p.add_argument("--stochastic-depth-rule")
-    p.add_argument("--head")
-    p.add_argument("--head-channels", type=int)
-    p.add_argument("--heatmap-stride", type=int)
-    p.add_argument("--in-chans", type=int)
-    p.add_argument("--vocab")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        default=[256],
-        metavar="PX",
-        help="input size: one value (square) or height width",
-    )
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lit-spine describe`."""
-    from lit_spine.models.net import SpineNet
-
-    args = _parser().parse_args(argv)
-    kwargs = _config_net_args(args.config)
-    for key, value in vars(args).items():
-        if key not in ("config", "image_size", "json") and value is not None:
-            kwargs[key] = value
-    size = args.image_size if len(args.image_size) == 2 else args.image_size * 2
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = SpineNet(**kwargs)
-        info = describe(net, (size[0], size[1]))
-    except (ValueError, TypeError) as err:
-        print(f"lit-spine describe: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else format_description(info))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -588,3 +588,78 @@ def test_statuses_come_from_the_run_folders(tmp_path):
     assert summary["status"] == "failed" and summary["error"] == "exit code 3"
     assert summary["epochs"] == 1  # the run's own fields are kept
     assert sweep_state.folder_status(tmp_path / "runs" / "stopped") == "failed"
+
+
+# ----------------------------------------------------------------------------- --config overlay
+
+
+def test_overlay_goes_after_the_sweep_files_own_configs():
+    template = ["lit-spine", "fit", "--config", "a.yaml", "--config=b.yaml", "--x=1", "${args}"]
+    assert sweep.with_overlay(template, ["d.yaml"]) == [
+        "lit-spine",
+        "fit",
+        "--config",
+        "a.yaml",
+        "--config=b.yaml",
+        "--config",
+        "d.yaml",
+        "--x=1",
+        "${args}",
+    ]
+    # No --config of its own: the overlay comes before the sweep parameters.
+    assert sweep.with_overlay(["${env}", "${program}", "${args}"], ["d.yaml", "e.yaml"]) == [
+        "${env}",
+        "${program}",
+        "--config",
+        "d.yaml",
+        "--config",
+        "e.yaml",
+        "${args}",
+    ]
+    assert sweep.with_overlay(template, []) == template
+    # Without an overlay the identity is that of the sweep file alone (old folders resume).
+    config = {"method": "grid"}
+    assert sweep.sweep_hash(config) == sweep.sweep_hash(config, [])
+    assert sweep.sweep_hash(config, ["d.yaml"]) != sweep.sweep_hash(config)
+
+
+def test_overlay_reaches_every_run_and_is_part_of_the_sweep(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    path = write_sweep(tmp_path)
+    data = tmp_path / "data.yaml"
+    data.write_text("data:\n  batch_size: 2\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  batch_size: 4\n")
+    out = tmp_path / "out"
+    base = [str(path), "--out", str(out), "--no-report"]
+    assert sweep_command.main([*base, "--config", str(data), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    planned = [line for line in text.splitlines() if "--model.net.init_args.norm=" in line]
+    assert len(planned) == 4
+    assert all(f"--config x.yaml --config {data} --model.net.init_args" in p for p in planned)
+    assert f"overlay: --config {data}" in text
+
+    assert sweep_command.main([*base, "--config", str(data), "--max-runs", "1"]) == 0
+    (first,) = starts(marker)
+    argv = first["argv"]
+    assert argv[argv.index(str(data)) - 1] == "--config"
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert state["overlay"] == [str(data)]
+
+    # The same overlay continues the sweep; another one is a different sweep state.
+    assert sweep_command.main([*base, "--config", str(data), "--max-runs", "1"]) == 0
+    assert len(starts(marker)) == 2
+    capsys.readouterr()
+    assert sweep_command.main([*base, "--config", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--config overlay changed" in err and str(other) in err and "--force" in err
+    assert sweep_command.main(base) == 2  # dropping the overlay changes the sweep too
+    assert sweep_command.main([*base, "--config", str(other), "--force"]) == 0
+    state = json.loads((out / "tiny" / "state.json").read_text())
+    assert state["overlay"] == [str(other)]
+    assert all(str(other) in r["command"] for r in state["runs"])
+    assert [r["status"] for r in state["runs"]] == ["finished"] * 4
+
+    assert sweep_command.main([*base, "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err

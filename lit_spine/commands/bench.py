@@ -22,7 +22,7 @@ def build_parser():
         "Time training, data, metric and phantom against the obvious "
         "alternatives; print one JSON line per figure and a summary; write BENCHMARKS.md.",
     )
-    p.add_argument("--out", help="write the Markdown report here (e.g. BENCHMARKS.md)")
+    common.add_out(p, None, "write the Markdown report here (e.g. BENCHMARKS.md)")
     p.add_argument("--json-out", help="write every figure and ratio as JSON here")
     common.add_flag(p, "--quick", "tiny sizes (tests, smoke checks)")
     p.add_argument(

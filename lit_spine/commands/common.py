@@ -198,6 +198,14 @@ def add_workers(parser: ArgumentParser, default: int | None, help: str) -> None:
     parser.add_argument("--workers", type=int, default=default, help=help)
 
 
+LAYOUTS = ("tianchi2020", "rsna2024")  # dataset layouts: docs/data-format.md, docs/datasets.md
+
+
+def add_layout(parser: ArgumentParser, option: str, help: str) -> None:
+    """`--layout` / `--format NAME`: which dataset layout the command writes or reads."""
+    parser.add_argument(option, default=LAYOUTS[0], choices=list(LAYOUTS), help=help)
+
+
 def add_vocab(parser: ArgumentParser, help: str = "disease vocabulary") -> None:
     """`--vocab NAME`: the label vocabulary (checked with `check_vocab` after parsing)."""
     parser.add_argument("--vocab", default="tianchi2020", help=f"{help} (default tianchi2020)")

@@ -32,11 +32,8 @@ def build_parser():
         help="series map JSON (default: <split>_series_map.json beside ROOT when it exists)",
     )
     common.add_vocab(parser)
-    parser.add_argument(
-        "--format",
-        default="tianchi2020",
-        choices=["tianchi2020", "rsna2024"],
-        help="dataset layout (rsna2024: ROOT holds the competition CSVs)",
+    common.add_layout(
+        parser, "--format", "dataset layout (rsna2024: ROOT holds the competition CSVs)"
     )
     common.add_json(
         parser, 'print {"studies": [one object per study], "problems": [dataset-level problems]}'

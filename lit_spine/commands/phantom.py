@@ -28,23 +28,16 @@ def build_parser():
     common.add_out(parser, "data/phantom", "dataset folder")
     parser.add_argument("--studies", type=int, default=120, help="studies in all splits")
     common.add_seed(parser)
-    parser.add_argument(
-        "--layout",
-        default="tianchi2020",
-        choices=["tianchi2020", "rsna2024"],
-        help="file layout to write (rsna2024: docs/datasets.md)",
-    )
+    common.add_layout(parser, "--layout", "file layout to write (rsna2024: docs/datasets.md)")
     common.add_vocab(parser, f"label vocabulary, {' or '.join(VOCABS)}")
     parser.add_argument(
         "--splits",
-        default=None,
         help="fractions or counts, e.g. train=0.7,val=0.15,test=0.15 (default) "
         "or train=80,val=20,test=20",
     )
     parser.add_argument(
         "--size",
         type=int | None,
-        default=None,
         help="force square images of this many px (default: realistic 384-640, some non-square)",
     )
     parser.add_argument(

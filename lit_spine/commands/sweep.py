@@ -13,6 +13,18 @@ from collections.abc import Sequence
 from lit_spine.commands import common
 
 NAME = "sweep"
+# options given to lit_spine.sweep.run_sweep under their own name
+PASSED_ON = (
+    "workers",
+    "count",
+    "max_runs",
+    "out",
+    "force",
+    "dry_run",
+    "online",
+    "project",
+    "entity",
+)
 
 
 def build_parser():
@@ -55,14 +67,12 @@ def build_parser():
     parser.add_argument(
         "--count",
         type=int | None,
-        default=None,
         help="total runs of the sweep: required for random/bayes (or run_cap in the file); "
         "for grid, plan only the first N points. Online: runs per agent, as `wandb agent --count`",
     )
     parser.add_argument(
         "--max-runs",
         type=int | None,
-        default=None,
         help="offline: start at most N runs in this invocation, then stop (rerun to continue)",
     )
     common.add_out(
@@ -96,17 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         NAME,
         lambda: run_sweep(
             args.sweep_file,
-            workers=args.workers,
-            count=args.count,
-            max_runs=args.max_runs,
-            out=args.out,
-            force=args.force,
-            dry_run=args.dry_run,
             report=not args.no_report,
-            online=args.online,
-            project=args.project,
-            entity=args.entity,
             overlay=args.config,
+            **{k: getattr(args, k) for k in PASSED_ON},
         ),
         (SweepError,),
     )

@@ -208,7 +208,7 @@ def add_layout(parser: ArgumentParser, option: str, help: str) -> None:
 
 def add_vocab(parser: ArgumentParser, help: str = "disease vocabulary") -> None:
     """`--vocab NAME`: the label vocabulary (checked with `check_vocab` after parsing)."""
-    parser.add_argument("--vocab", default="tianchi2020", help=f"{help} (default tianchi2020)")
+    parser.add_argument("--vocab", default="tianchi2020", help=help)
 
 
 def check_vocab(value: str, options: Sequence[str] | None = None) -> str:

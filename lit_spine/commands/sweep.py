@@ -78,7 +78,7 @@ def build_parser():
     common.add_out(
         parser,
         DEFAULT_OUT,
-        f"parent folder of sweep folders (default {DEFAULT_OUT}/); the sweep goes to OUT/<name>/",
+        "parent folder of sweep folders; the sweep goes to OUT/<name>/",
     )
     common.add_force(
         parser,

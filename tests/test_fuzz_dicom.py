@@ -39,6 +39,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from lit_spine.commands.inspect import main
 from lit_spine.data.cache import CacheSettings, build_cache
 from lit_spine.data.dicom import (
     MAX_MATRIX_PX,
@@ -57,7 +58,7 @@ from lit_spine.data.dicom import (
     read_pixel_spacing,
     read_spacing_for_instances,
 )
-from lit_spine.data.inspect import format_table, inspect_dataset, main
+from lit_spine.data.inspect import format_table, inspect_dataset
 
 FUZZ = settings(
     max_examples=40,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_spine.data import phantom
+from lit_spine.commands import phantom
 from lit_spine.data.dicom import decode_pixels
 from lit_spine.data.rsna import (
     COORDS_CSV,
@@ -195,7 +195,7 @@ def test_task_vocabulary_mismatch_refused():
 def test_inspect_rsna2024_json(rsna_root, capsys):
     import json
 
-    from lit_spine.data import inspect
+    from lit_spine.commands import inspect
 
     assert inspect.main(["--format", "rsna2024", "--json", str(rsna_root)]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -171,17 +171,22 @@ def mha_header(path: Path) -> dict[str, str]:
     return out
 
 
-def read_volume(path: Path):
-    """Read an .mha volume reoriented to ORIENTATION: (array (slices, rows, cols), spacing
-    (row, col, slice) mm, the SimpleITK image). Raises ValueError naming the file."""
-    import SimpleITK as sitk
-
+def _checked_header(path: Path) -> dict[str, str]:
     header = mha_header(path)
     if "ElementSpacing" not in header:
         raise ValueError(
             f"{path}: the MetaImage header has no ElementSpacing, so no distance in mm can "
             "be computed (no default spacing is assumed)"
         )
+    return header
+
+
+def read_volume(path: Path):
+    """Read an .mha volume reoriented to ORIENTATION: (array (slices, rows, cols), spacing
+    (row, col, slice) mm, the SimpleITK image). Raises ValueError naming the file."""
+    import SimpleITK as sitk
+
+    header = _checked_header(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -363,6 +368,7 @@ def _grid(path: Path):
     header only."""
     import SimpleITK as sitk
 
+    _checked_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()

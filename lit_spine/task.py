@@ -184,6 +184,15 @@ VOCABULARIES["rsna2024_severity"] = Vocabulary(
 )
 RSNA_LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
 
+# SPIDER (van der Graaf et al. 2024): Pfirrmann grade of the five lumbar discs, points from
+# the masks on the mid-sagittal slice of the T2 series (docs/datasets.md, "SPIDER").
+PFIRRMANN_GRADES: tuple[int, ...] = (1, 2, 3, 4, 5)
+VOCABULARIES["spider_pfirrmann"] = Vocabulary(
+    name="spider_pfirrmann",
+    vertebra={},
+    disc={f"v{g}": f"Pfirrmann grade {g}" for g in PFIRRMANN_GRADES},
+)
+
 TASKS: dict[str, Task] = {
     "tianchi2020": Task(
         name="tianchi2020",
@@ -200,6 +209,14 @@ TASKS: dict[str, Task] = {
         vocabularies=("rsna2024_severity",),
         series="Sagittal T2/STIR",
         description="RSNA 2024: spinal canal stenosis at the 5 disc levels L1/L2 .. L5/S1",
+    ),
+    "spider_disc": Task(
+        name="spider_disc",
+        point_names=RSNA_LEVELS,
+        point_kinds=("disc",) * len(RSNA_LEVELS),
+        vocabularies=("spider_pfirrmann",),
+        series="sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice",
+        description="SPIDER: Pfirrmann grade 1-5 of the 5 lumbar discs L1/L2 .. L5/S1",
     ),
 }
 

@@ -198,7 +198,11 @@ def add_workers(parser: ArgumentParser, default: int | None, help: str) -> None:
     parser.add_argument("--workers", type=int, default=default, help=help)
 
 
-LAYOUTS = ("tianchi2020", "rsna2024")  # dataset layouts: docs/data-format.md, docs/datasets.md
+LAYOUTS = (
+    "tianchi2020",
+    "rsna2024",
+    "spider",
+)  # dataset layouts: docs/data-format.md, docs/datasets.md
 
 
 def add_layout(parser: ArgumentParser, option: str, help: str) -> None:

@@ -1,7 +1,8 @@
 """`lit-spine inspect ROOT`: what the suite sees in a dataset folder, before any training.
 
 Calls `lit_spine.data.inspect.inspect_dataset` / `format_table` (challenge layout) or
-`inspect_rsna2024` (`--format rsna2024`) and prints the table or the JSON.
+`inspect_rsna2024` (`--format rsna2024`) or `inspect_spider` (`--format spider`) and prints
+the table or the JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def build_parser():
     )
     common.add_vocab(parser)
     common.add_layout(
-        parser, "--format", "dataset layout (rsna2024: ROOT holds the competition CSVs)"
+        parser,
+        "--format",
+        "dataset layout (rsna2024: ROOT holds the competition CSVs; spider: ROOT holds "
+        "images/, masks/ and radiological_gradings.csv)",
     )
     common.add_json(
         parser, 'print {"studies": [one object per study], "problems": [dataset-level problems]}'
@@ -49,17 +53,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_spine.data.annotation import AnnotationError
     from lit_spine.data.dicom import DatasetError
     from lit_spine.data.rsna import RsnaFormatError
+    from lit_spine.data.spider import SpiderFormatError
 
     args = common.parse(build_parser(), argv)
-    errors = (DatasetError, AnnotationError, RsnaFormatError, ValueError)
+    errors = (DatasetError, AnnotationError, RsnaFormatError, SpiderFormatError, ValueError)
     return common.run(NAME, lambda: _inspect(args), errors)
 
 
 def _inspect(args) -> int:
-    from lit_spine.data.inspect import format_table, inspect_dataset, inspect_rsna2024
+    from lit_spine.data.inspect import (
+        format_table,
+        inspect_dataset,
+        inspect_rsna2024,
+        inspect_spider,
+    )
 
-    if args.format == "rsna2024":
-        summary, problems, text = inspect_rsna2024(args.root)
+    if args.format in ("rsna2024", "spider"):
+        read = inspect_rsna2024 if args.format == "rsna2024" else inspect_spider
+        summary, problems, text = read(args.root)
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     vocab = common.check_vocab(args.vocab)

@@ -1,7 +1,8 @@
 """`lit-spine phantom`: write the built-in phantom dataset (and/or its preview PNG).
 
 Calls `lit_spine.data.phantom.generate_phantom` / `write_preview` (challenge layout) or
-`lit_spine.data.phantom_rsna.write_rsna2024_phantom` (`--layout rsna2024`).
+`lit_spine.data.phantom_rsna.write_rsna2024_phantom` (`--layout rsna2024`) or
+`lit_spine.data.phantom_spider.write_spider_phantom` (`--layout spider`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def build_parser():
     common.add_out(parser, "data/phantom", "dataset folder")
     parser.add_argument("--studies", type=int, default=120, help="studies in all splits")
     common.add_seed(parser)
-    common.add_layout(parser, "--layout", "file layout to write (rsna2024: docs/datasets.md)")
+    common.add_layout(
+        parser, "--layout", "file layout to write (rsna2024, spider: docs/datasets.md)"
+    )
     common.add_vocab(parser, f"label vocabulary, {' or '.join(VOCABS)}")
     parser.add_argument(
         "--splits",
@@ -76,6 +79,12 @@ def _phantom(args) -> int:
 
         write_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
         print(f"phantom: {args.studies} studies in rsna2024 layout in {root}")
+        return 0
+    if args.layout == "spider":
+        from lit_spine.data.phantom_spider import write_spider_phantom
+
+        write_spider_phantom(root, args.studies, args.seed, args.size or 64)
+        print(f"phantom: {args.studies} patients in spider layout in {root}")
         return 0
     preview_only = (
         args.preview is not None

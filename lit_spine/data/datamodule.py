@@ -2,10 +2,12 @@
 
 The data module resolves a dataset root (or generates the phantom on first use), builds the
 caches in `prepare_data` (once per node, before any DDP rank reads them) and opens them in
-`setup`. It reads two layouts (`format`, docs/datasets.md): `tianchi2020` (split folders plus
-annotation files, `data/cache.py`) and `rsna2024` (the competition's CSVs and DICOM tree,
-`data/rsna_cache.py`, one row per labelled instance, k-fold by study). Items are dicts, P
-being the number of points of the task (11 for tianchi2020, 5 for rsna2024_canal):
+`setup`. It reads three layouts (`format`, docs/datasets.md): `tianchi2020` (split folders plus
+annotation files, `data/cache.py`), `rsna2024` (the competition's CSVs and DICOM tree,
+`data/rsna_cache.py`, one row per labelled instance, k-fold by study) and `spider` (.mha
+images and masks plus the gradings CSV, `data/spider_cache.py`, one row per patient, k-fold
+by patient). Items are dicts, P being the number of points of the task (11 for tianchi2020,
+5 for rsna2024_canal and spider_disc):
 
     image       float32 (slices, S, S)  the annotated slice and its neighbours, about [0, 1]
     heatmap     float32 (P, S / stride, S / stride)  Gaussian targets (`targets.py`)
@@ -13,7 +15,7 @@ being the number of points of the task (11 for tianchi2020, 5 for rsna2024_canal
     present     bool    (P,)     annotated and inside the (augmented) image
     labels      bool    (P, max(Kv, Kd))  multi-hot over the point's own type's codes
                                  (`targets.per_type_labels`; absent points all False)
-    graded      bool    (P,)     rsna2024 only: present and with a grade (a missing grade is
+    graded      bool    (P,)     rsna2024 and spider: present and with a grade (a missing grade is
                                  not invented: such a point counts in no class loss)
     spacing_mm  float32 (2,)     [row, col] mm per input pixel (after any scale augmentation)
     index       int              row of the item in `dataset.cache` (records, `to_original`);
@@ -51,7 +53,10 @@ from lit_spine.utils import choose
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "tianchi2020": ("tianchi2020",),
     "rsna2024": ("rsna2024_canal",),
+    "spider": ("spider_disc",),
 }
+# Layouts that publish one labelled set, split by study (patient) into folds.
+ONE_SET_FORMATS = ("rsna2024", "spider")
 
 STAGE_SPLITS = {
     "fit": ("train", "val"),
@@ -327,10 +332,12 @@ class SpineDataModule(pl.LightningDataModule):
     Args:
         data_root: tianchi2020: folder holding `<split>/study*/` and `<split>_annotation.json`;
             rsna2024: the competition folder (train.csv, train_label_coordinates.csv,
-            train_series_descriptions.csv, train_images/); None uses the phantom.
-        format: dataset layout, "tianchi2020" or "rsna2024" (docs/datasets.md).
+            train_series_descriptions.csv, train_images/); spider: the folder of images/,
+            masks/ and radiological_gradings.csv; None uses the phantom.
+        format: dataset layout, "tianchi2020", "rsna2024" or "spider" (docs/datasets.md).
         task: what is learned (`lit_spine.task`): "tianchi2020" for the 2020 layout,
-            "rsna2024_canal" for rsna2024; linked to the model so its heads follow the task.
+            "rsna2024_canal" for rsna2024, "spider_disc" for spider; linked to the model so
+            its heads follow the task.
         train_split: training split name(s) under the root; a comma-separated list concatenates splits.
         val_split: validation split name.
         test_split: test split name.
@@ -339,7 +346,8 @@ class SpineDataModule(pl.LightningDataModule):
         val_annotation: annotation file of the validation split (same default).
         test_annotation: annotation file of the test split (same default).
         vocab: disease-label vocabulary, one of the task's: "tianchi2020" (released data) or
-            "seed7" for tianchi2020, "rsna2024_severity" for rsna2024_canal.
+            "seed7" for tianchi2020, "rsna2024_severity" for rsna2024_canal,
+            "spider_pfirrmann" for spider_disc.
         image_size: side of the square network input in pixels (letterboxed).
         slices: neighbouring sagittal slices stacked as channels (odd: 1, 3, 5, ...).
         stride: heatmap stride of the model (input pixels per heatmap pixel).
@@ -349,12 +357,12 @@ class SpineDataModule(pl.LightningDataModule):
         pin_memory: pin host memory for faster GPU copies; None pins when CUDA is available.
         cache_dir: folder of preprocessing caches; None: $LIT_SPINE_CACHE_DIR or ./cache.
         phantom_dir: where the phantom is generated when data_root is None (rsna2024: in
-            `<phantom_dir>/rsna2024`).
+            `<phantom_dir>/rsna2024`, spider: in `<phantom_dir>/spider`).
         phantom_studies: number of phantom studies (all splits together).
         phantom_seed: seed of the phantom generator.
         folds: k-fold cross-validation by study over train + val studies; 1 uses the splits as
-            given (rsna2024 has one labelled set: folds >= 2, its validation fold also serves
-            test and predict).
+            given (rsna2024 and spider have one labelled set: folds >= 2, its validation
+            fold also serves test and predict).
         fold: which fold (0-based) validates when folds > 1.
         split_seed: seed of the study permutation that defines the folds.
         seed: seed of augmentation and shuffling; None takes the run's seed (seed_everything) or 0.
@@ -442,9 +450,9 @@ class SpineDataModule(pl.LightningDataModule):
             )
         self.task: Task = get_task(task)
         self.vocab_obj: Vocabulary = self.task.vocabulary(vocab)
-        if format == "rsna2024" and folds < 2:
+        if format in ONE_SET_FORMATS and folds < 2:
             raise ValueError(
-                f"data.format rsna2024 has one labelled set, split by study into folds: set "
+                f"data.format {format} has one labelled set, split by study into folds: set "
                 f"data.folds >= 2 (got {folds}) and data.fold to the validation fold"
             )
         if slices < 1 or slices % 2 == 0:
@@ -525,13 +533,13 @@ class SpineDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ where the data is
     @property
     def root(self) -> Path:
-        """The dataset root: `data_root`, or the phantom folder (`<phantom_dir>/rsna2024` for
-        the rsna2024 layout)."""
+        """The dataset root: `data_root`, or the phantom folder (`<phantom_dir>/<format>` for
+        the rsna2024 and spider layouts)."""
         hp = self.hparams
         if hp.data_root is not None:
             return Path(hp.data_root).expanduser()
         phantom = Path(hp.phantom_dir).expanduser()
-        return phantom / "rsna2024" if hp.format == "rsna2024" else phantom
+        return phantom / hp.format if hp.format in ONE_SET_FORMATS else phantom
 
     @property
     def cache_dir(self) -> Path:
@@ -612,6 +620,13 @@ class SpineDataModule(pl.LightningDataModule):
                 ensure_rsna2024_phantom(self.root, hp.phantom_studies, hp.phantom_seed)
             self._rsna_cache()
             return
+        if hp.format == "spider":
+            if hp.data_root is None:
+                from lit_spine.data.phantom_spider import ensure_spider_phantom
+
+                ensure_spider_phantom(self.root, hp.phantom_studies, hp.phantom_seed)
+            self._rsna_cache()
+            return
         if hp.data_root is None:
             from lit_spine.data.phantom import generate_phantom
 
@@ -625,7 +640,7 @@ class SpineDataModule(pl.LightningDataModule):
         """Open the caches the stage needs and make its datasets (k-fold splits included)."""
         if self.hparams.data_root is None and not self.root.is_dir():
             self.prepare_data()  # used without a Trainer: nobody called prepare_data
-        if self.hparams.format == "rsna2024":
+        if self.hparams.format in ONE_SET_FORMATS:
             self._setup_rsna(stage)
             return
         for role in self._roles(stage):
@@ -634,22 +649,24 @@ class SpineDataModule(pl.LightningDataModule):
             self._make_folds()
 
     def _rsna_cache(self):
-        """The rsna2024 cache of the whole labelled set, built or opened once."""
-        if "rsna2024" not in self._caches:
+        """The cache of the one labelled set of rsna2024 or spider, built or opened once."""
+        hp = self.hparams
+        if hp.format not in self._caches:
             from lit_spine.data.cache import CacheSettings
-            from lit_spine.data.rsna_cache import build_rsna2024_cache
 
-            hp = self.hparams
+            if hp.format == "spider":
+                from lit_spine.data.spider_cache import build_spider_cache as build
+            else:
+                from lit_spine.data.rsna_cache import build_rsna2024_cache as build
             settings = CacheSettings(image_size=hp.image_size, neighbors=(hp.slices - 1) // 2)
-            cache = build_rsna2024_cache(
-                self.root, settings, self.cache_dir, task=hp.task, vocab=hp.vocab
-            )
-            report_cache_problems("rsna2024", cache)
-            self._caches["rsna2024"] = cache
-        return self._caches["rsna2024"]
+            cache = build(self.root, settings, self.cache_dir, task=hp.task, vocab=hp.vocab)
+            report_cache_problems(hp.format, cache)
+            self._caches[hp.format] = cache
+        return self._caches[hp.format]
 
     def _setup_rsna(self, stage: str | None) -> None:
-        """k-fold by study over the one labelled set; the validation fold serves test/predict."""
+        """k-fold by study (spider: patient) over the one labelled set; the validation fold
+        serves test/predict."""
         hp = self.hparams
         cache = self._rsna_cache()
         train_rows, val_rows = kfold_indices(cache.records, hp.folds, hp.fold, hp.split_seed)
@@ -690,7 +707,7 @@ class SpineDataModule(pl.LightningDataModule):
             augment=augment,
             seed=self._seed(),
             task=self.task,
-            graded=hp.format == "rsna2024",
+            graded=hp.format in ONE_SET_FORMATS,
         )
 
     def _make_folds(self) -> None:

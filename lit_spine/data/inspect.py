@@ -277,3 +277,44 @@ def inspect_rsna2024(root: str) -> tuple[dict, list[str], str]:
     lines += [f"  {p}" for p in data.problems]
     payload = summary | {"num_studies": len(studies), "studies": studies}
     return payload, list(data.problems), "\n".join(lines)
+
+
+def inspect_spider(root: str) -> tuple[dict, list[str], str]:
+    """A SPIDER dataset (`--format spider`): the JSON summary (series files found, patients
+    kept, the mid-sagittal slice, mask points in pixels and mm, grades), the problems and the
+    text report."""
+    from lit_spine.data.spider import read_spider
+
+    data = read_spider(root)
+    studies = [
+        {
+            "patient": st.patient,
+            "series": st.series,
+            "image": str(st.image_path),
+            "slice_index": st.slice_index,
+            "n_slices": st.n_slices,
+            "spacing_mm": list(st.spacing_mm),
+            "points": {
+                lv: {"label": p.label, "x": p.x, "y": p.y, "x_mm": p.x_mm, "y_mm": p.y_mm}
+                for lv, p in st.points.items()
+            },
+            "pfirrmann": {lv: g + 1 for lv, g in st.grades.items()},
+            "gradings": st.gradings,
+        }
+        for st in data.studies
+    ]
+    summary = data.summary()
+    lines = [
+        f"{summary['series_files']} series files, {summary['studies']} patients kept, "
+        f"{summary['points']} task points, {summary['grades']} grades (task {summary['task']})"
+    ]
+    for st in studies:
+        graded = " ".join(f"{lv}:{g}" for lv, g in st["pfirrmann"].items())
+        lines.append(
+            f"  patient {st['patient']} {st['series']} slice {st['slice_index']}/"
+            f"{st['n_slices']}: {len(st['points'])} points; Pfirrmann {graded or '-'}"
+        )
+    lines.append(f"{len(data.problems)} problem(s)")
+    lines += [f"  {p}" for p in data.problems]
+    payload = summary | {"num_studies": len(studies), "studies": studies}
+    return payload, list(data.problems), "\n".join(lines)

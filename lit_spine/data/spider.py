@@ -1,0 +1,433 @@
+"""Reader for the SPIDER lumbar-spine MRI layout (`spider`; van der Graaf et al. 2024).
+
+The Zenodo record publishes (docs/datasets.md, "SPIDER"):
+
+    images/<patient>_<series>.mha   sagittal MRI volume, series t1, t2 or t2_SPACE
+    masks/<patient>_<series>.mha    label volume on the same grid: 1-25 vertebrae numbered
+                                    from the bottom (1 = L5), 100 spinal canal, 101-125
+                                    partially visible vertebrae, 201-225 discs numbered from
+                                    the bottom (201 = L5/S1, the disc below vertebra 1)
+    radiological_gradings.csv       one row per patient and disc: Patient, IVD label (1 =
+                                    L5/S1, the disc of mask label 201), Modic, UP endplate,
+                                    LOW endplate, Spondylolisthesis, Disc herniation,
+                                    Disc narrowing, Disc bulging, Pfirrman grade
+    overview.csv                    per-series acquisition data (optional here; not used)
+
+`read_spider` gives one `SpiderStudy` per patient with a readable T2 series: each vertebra
+and disc label present on the mid-sagittal slice becomes a point at its centroid (pixels
+and mm, from the MHA header's spacing; a header without ElementSpacing is refused, never
+given a default), and each disc its Pfirrmann grade. A level absent from that slice, a
+bad file and a bad CSV row are reported (file, patient, column) and skipped, never
+invented. Volumes are reoriented to one axis order with SimpleITK (`DICOMOrient`, "PIR":
+columns posterior, rows inferior, slices to the patient's right), because SPIDER stores
+the 2-D TSE series and the 3-D SPACE series with different axis orders.
+
+Hand-written here (no library does it): reading the MetaImage text header to check that it
+states ElementSpacing, since ITK silently assumes 1 mm when the key is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lit_spine.task import PFIRRMANN_GRADES, Task, get_task
+
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+GRADINGS_CSV = "radiological_gradings.csv"
+OVERVIEW_CSV = "overview.csv"
+GRADING_COLUMNS = (
+    "Patient",
+    "IVD label",
+    "Modic",
+    "UP endplate",
+    "LOW endplate",
+    "Spondylolisthesis",
+    "Disc herniation",
+    "Disc narrowing",
+    "Disc bulging",
+    "Pfirrman grade",
+)
+# Allowed values of the other gradings (docs/datasets.md): Modic type 0-3, the rest binary.
+OTHER_GRADINGS = {c: (0, 1) for c in GRADING_COLUMNS[3:9]} | {"Modic": (0, 1, 2, 3)}
+SERIES = ("t1", "t2", "t2_SPACE")
+T2_SERIES = ("t2", "t2_SPACE")  # the task's series, in order of preference
+NAME_RE = re.compile(r"^(\d+)_(t1|t2|t2_SPACE)\.mha$")
+ORIENTATION = "PIR"  # DICOM convention: axis 0 -> posterior, 1 -> inferior, 2 -> right
+CANAL_LABEL = 100
+VERTEBRA_LABELS = range(1, 26)
+PARTIAL_VERTEBRA_LABELS = range(101, 126)
+DISC_LABELS = range(201, 226)
+# Vertebra k counted from the bottom (1 = L5), as far as the lumbar and thoracic names go.
+_NAMES = ("L5", "L4", "L3", "L2", "L1", *(f"T{n}" for n in range(12, 0, -1)))
+
+
+class SpiderFormatError(ValueError):
+    """A file of the layout is missing or lacks required columns."""
+
+
+def vertebra_name(k: int) -> str:
+    """Name of vertebra label k (1 = L5, 5 = L1, 6 = T12); beyond T1: 'vertebra k'."""
+    return _NAMES[k - 1] if 1 <= k <= len(_NAMES) else f"vertebra {k}"
+
+
+def disc_name(k: int) -> str:
+    """Name of disc label 200 + k, the disc below vertebra k: 1 -> 'L5/S1', 2 -> 'L4/L5'."""
+    below = "S1" if k == 1 else vertebra_name(k - 1)
+    return f"{vertebra_name(k)}/{below}"
+
+
+DISC_LABEL_OF = {disc_name(k): 200 + k for k in range(1, 26)}  # 'L5/S1' -> 201
+
+
+def label_level(value: int) -> tuple[str, str] | None:
+    """(kind, level name) of a mask label value: 1 -> ('vertebra', 'L5'), 201 ->
+    ('disc', 'L5/S1'), 100 -> ('canal', 'canal'), 103 -> ('partial vertebra', 'L3');
+    None for 0 and for values the dataset does not document."""
+    if value in VERTEBRA_LABELS:
+        return "vertebra", vertebra_name(value)
+    if value in DISC_LABELS:
+        return "disc", disc_name(value - 200)
+    if value == CANAL_LABEL:
+        return "canal", "canal"
+    if value in PARTIAL_VERTEBRA_LABELS:
+        return "partial vertebra", vertebra_name(value - 100)
+    return None
+
+
+@dataclass
+class SpiderPoint:
+    """A structure's centroid on the mid-sagittal slice: pixel (x = column, y = row) and mm."""
+
+    level: str
+    label: int
+    x: float
+    y: float
+    x_mm: float
+    y_mm: float
+
+
+@dataclass
+class SpiderStudy:
+    patient: int
+    series: str  # 't2' or 't2_SPACE'
+    image_path: Path
+    mask_path: Path
+    slice_index: int  # the mid-sagittal slice, after reorientation to ORIENTATION
+    n_slices: int
+    shape: tuple[int, int]  # (rows, cols) of a sagittal slice
+    spacing_mm: tuple[float, float, float]  # (row, col, slice)
+    points: dict[str, SpiderPoint] = field(default_factory=dict)  # vertebrae and discs
+    grades: dict[str, int] = field(default_factory=dict)  # disc level -> index of its grade
+    gradings: dict[str, dict[str, int]] = field(default_factory=dict)  # disc -> other columns
+
+
+@dataclass
+class SpiderDataset:
+    root: Path
+    task: Task
+    studies: list[SpiderStudy]
+    problems: list[str]
+    series_found: int = 0
+    overview_rows: int | None = None
+
+    def summary(self) -> dict:
+        """Counts for `lit-spine inspect`: series, studies, points, grades, problems."""
+        levels = set(self.task.point_names)
+        return {
+            "format": "spider",
+            "task": self.task.name,
+            "series": self.task.series,
+            "series_files": self.series_found,
+            "overview_rows": self.overview_rows,
+            "studies": len(self.studies),
+            "points": sum(len(levels & set(s.points)) for s in self.studies),
+            "grades": sum(len(s.grades) for s in self.studies),
+            "problems": list(self.problems),
+        }
+
+
+# ------------------------------------------------------------------------------- volumes
+def mha_header(path: Path) -> dict[str, str]:
+    """The MetaImage text header (key = value lines up to ElementDataFile)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for _ in range(64):
+            line = f.readline(4096)
+            if not line:
+                break
+            key, sep, value = line.decode("latin-1").partition("=")
+            if not sep:
+                break
+            out[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    return out
+
+
+def _checked_header(path: Path) -> dict[str, str]:
+    header = mha_header(path)
+    if "ElementSpacing" not in header:
+        raise ValueError(
+            f"{path}: the MetaImage header has no ElementSpacing, so no distance in mm can "
+            "be computed (no default spacing is assumed)"
+        )
+    return header
+
+
+def read_volume(path: Path):
+    """Read an .mha volume reoriented to ORIENTATION: (array (slices, rows, cols), spacing
+    (row, col, slice) mm, the SimpleITK image). Raises ValueError naming the file."""
+    import SimpleITK as sitk
+
+    header = _checked_header(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path}: not a readable MetaImage ({str(err).strip()[:200]})") from err
+    if image.GetDimension() != 3:
+        raise ValueError(f"{path}: {image.GetDimension()}-D image, expected a 3-D volume")
+    image = sitk.DICOMOrient(image, ORIENTATION)
+    col_mm, row_mm, slice_mm = image.GetSpacing()
+    spacing = (float(row_mm), float(col_mm), float(slice_mm))
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"{path}: ElementSpacing {header['ElementSpacing']!r} is not positive")
+    return sitk.GetArrayFromImage(image), spacing, image
+
+
+def _same_grid(a, b) -> bool:
+    return (
+        a.GetDimension() == b.GetDimension() == 3
+        and tuple(a.GetSize()) == tuple(b.GetSize())
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4, atol=1e-5)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+    )
+
+
+def mask_points(
+    mask_slice: np.ndarray, spacing: tuple[float, float]
+) -> tuple[dict[str, SpiderPoint], list[int]]:
+    """Centroid of every vertebra (1-25) and disc (201-225) label on one slice, by level
+    name; also the undocumented label values found (ignored). `spacing` = (row, col) mm."""
+    from scipy import ndimage
+
+    values = [int(v) for v in np.unique(mask_slice) if v != 0]
+    unknown = [v for v in values if label_level(v) is None]
+    wanted = [v for v in values if v in VERTEBRA_LABELS or v in DISC_LABELS]
+    centres = ndimage.center_of_mass(np.ones(mask_slice.shape), mask_slice, wanted)
+    points = {}
+    for value, (row, col) in zip(wanted, centres):
+        level = label_level(value)[1]
+        points[level] = SpiderPoint(
+            level, value, float(col), float(row), float(col) * spacing[1], float(row) * spacing[0]
+        )
+    return points, unknown
+
+
+# ------------------------------------------------------------------------------- gradings
+def _int(text: str) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) and value == int(value) else None
+
+
+def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[str, int]]]:
+    """patient -> IVD label -> {column: value} of the valid rows; bad rows are reported."""
+    if not path.is_file():
+        raise SpiderFormatError(
+            f"{path}: file not found; a spider root holds {IMAGES_DIR}/, {MASKS_DIR}/ and "
+            f"{GRADINGS_CSV} (docs/datasets.md)"
+        )
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in GRADING_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SpiderFormatError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
+        )
+    out: dict[int, dict[int, dict[str, int]]] = {}
+    for row, rec in frame.iterrows():
+        where = f"{path} row {row + 2}"
+        patient, ivd = _int(rec["Patient"]), _int(rec["IVD label"])
+        if patient is None:
+            problems.append(f"{where}: column Patient {rec['Patient']!r} is not an integer; "
+                            "row skipped")  # fmt: skip
+            continue
+        where += f" (patient {patient})"
+        if ivd is None or ivd not in range(1, 26):
+            problems.append(f"{where}: column IVD label {rec['IVD label']!r} is not an integer "
+                            "1-25; row skipped")  # fmt: skip
+            continue
+        if ivd in out.get(patient, {}):
+            problems.append(f"{where}: second row for IVD label {ivd}; the first is kept")
+            continue
+        values: dict[str, int] = {}
+        grade = _int(rec["Pfirrman grade"])
+        if grade in PFIRRMANN_GRADES:
+            values["Pfirrman grade"] = grade
+        else:
+            problems.append(
+                f"{where}: column Pfirrman grade {rec['Pfirrman grade']!r} is not one of "
+                f"{', '.join(map(str, PFIRRMANN_GRADES))}; disc {disc_name(ivd)} has no grade"
+            )
+        for column, allowed in OTHER_GRADINGS.items():
+            value = _int(rec[column])
+            if value in allowed:
+                values[column] = value
+            else:
+                problems.append(f"{where}: column {column} {rec[column]!r} is not one of "
+                                f"{', '.join(map(str, allowed))}; left out")  # fmt: skip
+        out.setdefault(patient, {})[ivd] = values
+    return out
+
+
+# ------------------------------------------------------------------------------- dataset
+def _series_files(root: Path, problems: list[str]) -> dict[int, dict[str, Path]]:
+    folder = root / IMAGES_DIR
+    if not folder.is_dir():
+        raise SpiderFormatError(
+            f"{folder}: folder not found; a spider root holds {IMAGES_DIR}/, {MASKS_DIR}/ and "
+            f"{GRADINGS_CSV} (docs/datasets.md)"
+        )
+    found: dict[int, dict[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = NAME_RE.match(path.name)
+        if not match:
+            if not path.name.startswith("."):
+                problems.append(f"{path}: name is not <patient>_<{'|'.join(SERIES)}>.mha; skipped")
+            continue
+        found.setdefault(int(match.group(1)), {})[match.group(2)] = path
+    return found
+
+
+def read_study(
+    patient: int, series: str, image_path: Path, mask_path: Path, spec: Task, problems: list[str]
+) -> SpiderStudy | None:
+    """One patient's T2 series: geometry checks and the mask points of the mid slice."""
+    where = f"patient {patient} ({mask_path})"
+    try:
+        image_grid, mask_grid = _grid(image_path), _grid(mask_path)
+        if not _same_grid(image_grid, mask_grid):
+            problems.append(
+                f"{where}: image {image_path.name} and mask are not on the same grid (size "
+                f"{image_grid.GetSize()} / {mask_grid.GetSize()}, spacing, origin or "
+                "direction differ); study skipped"
+            )
+            return None
+        mask, spacing, _ = read_volume(mask_path)
+    except (RuntimeError, ValueError) as err:
+        problems.append(f"patient {patient}: {str(err).strip()[:300]}; study skipped")
+        return None
+    if np.issubdtype(mask.dtype, np.floating) and not np.array_equal(mask, np.round(mask)):
+        problems.append(f"{where}: mask values are not integer labels; study skipped")
+        return None
+    mask = mask.astype(np.int64)
+    present = {int(v) for v in np.unique(mask)}
+    if not ({1, 101} & present):
+        problems.append(
+            f"{where}: no vertebra label 1 (or 101) anywhere in the mask, so the numbering "
+            "from the bottom (1 = L5) cannot be anchored; study skipped rather than guessed"
+        )
+        return None
+    n = mask.shape[0]
+    k = (n - 1) // 2
+    points, unknown = mask_points(mask[k], spacing[:2])
+    if unknown:
+        problems.append(f"{where}: undocumented label value(s) {unknown} ignored")
+    for level in list(points):
+        p = points[level]
+        if p.label in DISC_LABELS and not ({p.label - 200, p.label - 100} & present):
+            problems.append(
+                f"{where}: disc label {p.label} ({level}) but no vertebra {p.label - 200} above "
+                "it in the mask; the disc's level cannot be checked, point skipped"
+            )
+            del points[level]
+    for level in spec.point_names:
+        if level not in points:
+            label = DISC_LABEL_OF[level]
+            elsewhere = "present on other slices" if label in present else "absent from the mask"
+            problems.append(
+                f"{where}: {level} (label {label}) not on the mid-sagittal slice {k} of {n} "
+                f"({elsewhere}); level not annotated"
+            )
+    rows, cols = mask.shape[1:]
+    return SpiderStudy(patient, series, image_path, mask_path, k, n, (rows, cols), spacing, points)
+
+
+def _grid(path: Path):
+    """The stored grid of a volume file (size, spacing, origin, direction), read from its
+    header only."""
+    import SimpleITK as sitk
+
+    _checked_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def read_spider(root: str | Path, task: str = "spider_disc") -> SpiderDataset:
+    """Read the layout under `root` for `task`; every skipped item is listed in `problems`."""
+    root = Path(root)
+    spec = get_task(task)
+    if spec.name != "spider_disc":
+        raise ValueError(f"task {task!r} has no spider reader; use spider_disc")
+    problems: list[str] = []
+    files = _series_files(root, problems)
+    gradings = read_gradings(root / GRADINGS_CSV, problems)
+    overview_rows = None
+    if (root / OVERVIEW_CSV).is_file():
+        overview_rows = len(pd.read_csv(root / OVERVIEW_CSV, dtype=str, keep_default_na=False))
+    studies: list[SpiderStudy] = []
+    for patient, series in sorted(files.items()):
+        choice = next((s for s in T2_SERIES if s in series), None)
+        if choice is None:
+            problems.append(f"patient {patient}: no T2 series ({', '.join(sorted(series))} "
+                            "only); patient skipped")  # fmt: skip
+            continue
+        if choice != T2_SERIES[0]:
+            problems.append(f"patient {patient}: no {T2_SERIES[0]} series; using {choice}")
+        image_path = series[choice]
+        mask_path = root / MASKS_DIR / image_path.name
+        if not mask_path.is_file():
+            problems.append(f"patient {patient}: mask {mask_path} not found; patient skipped")
+            continue
+        study = read_study(patient, choice, image_path, mask_path, spec, problems)
+        if study is None:
+            continue
+        rows = gradings.get(patient, {})
+        if not rows:
+            problems.append(f"{root / GRADINGS_CSV}: no row for patient {patient}; its discs "
+                            "have no grade")  # fmt: skip
+        for ivd, values in sorted(rows.items()):
+            level = disc_name(ivd)
+            if level not in study.points:
+                if level in spec.point_names:
+                    problems.append(
+                        f"{root / GRADINGS_CSV} (patient {patient}): IVD label {ivd} ({level}) "
+                        "is graded but has no point on the mid-sagittal slice; grade unused"
+                    )
+                continue
+            study.gradings[level] = {c: v for c, v in values.items() if c != "Pfirrman grade"}
+            if "Pfirrman grade" in values and level in spec.point_names:
+                study.grades[level] = PFIRRMANN_GRADES.index(values["Pfirrman grade"])
+        for level in spec.point_names:
+            if level in study.points and level not in study.grades:
+                problems.append(f"patient {patient}: {level} has a point but no Pfirrmann "
+                                "grade; its class is not scored")  # fmt: skip
+        if not any(level in study.points for level in spec.point_names):
+            problems.append(f"patient {patient}: no disc of the task on the mid-sagittal "
+                            "slice; patient skipped")  # fmt: skip
+            continue
+        studies.append(study)
+    series_found = sum(len(s) for s in files.values())
+    return SpiderDataset(root, spec, studies, problems, series_found, overview_rows)

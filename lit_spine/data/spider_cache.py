@@ -1,0 +1,215 @@
+"""Preprocessing cache of the SPIDER layout: the same folder format as `data/cache.py`.
+
+`build_spider_cache` reads the layout with `data/spider.py` and writes one cache row per
+patient: the network input is the mid-sagittal slice of the T2 volume (reoriented as the
+reader does) and its neighbours, the points are the mask centroids on that slice, and each
+disc's label is its Pfirrmann grade (a disc without a grade is present but ungraded). The
+normalisation and letterboxing are those of the 2020 cache (`percentile_normalise`,
+`letterbox`, `to_cache_coords`), so `SpineCache.open`, `SpineDataset` and the k-fold split
+read it as they read a 2020 cache. Records carry `patient`, `series`, `slice_index` and
+`levels` besides the 2020 fields.
+
+The key hashes the gradings CSV, every chosen image and mask file (path, size, mtime), the
+settings, task, vocabulary and `SPIDER_CACHE_VERSION`; a build goes to `<key>.tmp-<pid>/`
+and is renamed into place only when complete. A patient whose volume cannot be read is
+reported in `problems` and left out; only a dataset without any usable patient raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from lit_spine.data.cache import (
+    CACHE_FORMAT_VERSION,
+    CacheError,
+    CacheSettings,
+    SpineCache,
+    _remove_stale_builds,
+    default_cache_dir,
+    letterbox,
+    percentile_normalise,
+    to_cache_coords,
+)
+from lit_spine.data.dicom import DatasetError
+from lit_spine.data.spider import GRADINGS_CSV, SpiderDataset, read_spider, read_volume
+from lit_spine.task import get_task
+from lit_spine.utils import atomic_write_json, file_lock
+
+SPIDER_CACHE_VERSION = 1
+
+
+def spider_cache_key(data: SpiderDataset, settings: CacheSettings, task: str, vocab: str) -> str:
+    """Content hash of the gradings, the chosen volumes, the settings, task and vocabulary."""
+    h = hashlib.sha256()
+    h.update(f"lit_spine spider cache v{CACHE_FORMAT_VERSION}.{SPIDER_CACHE_VERSION}\n".encode())
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode() + b"\n")
+    h.update(f"{task}\0{vocab}\n".encode())
+    h.update(b"\0csv\0" + (data.root / GRADINGS_CSV).read_bytes())
+    for st in data.studies:
+        for path in (st.image_path, st.mask_path):
+            stat = path.stat()
+            rel = os.path.relpath(path, data.root)
+            h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def build_spider_cache(
+    root: str | os.PathLike,
+    settings: CacheSettings | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    task: str = "spider_disc",
+    vocab: str | None = None,
+) -> SpineCache:
+    """Build (or reuse) the cache of the SPIDER folder `root`, and open it."""
+    settings = settings or CacheSettings()
+    spec = get_task(task)
+    vocabulary = spec.vocabulary(vocab)
+    data = read_spider(root, spec.name)
+    if not data.studies:
+        raise DatasetError(
+            f"{root}: no usable spider patient for task {spec.name!r}. Problems:\n  "
+            + "\n  ".join(data.problems[:20])
+        )
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = spider_cache_key(data, settings, spec.name, vocabulary.name)
+    with file_lock(cache_dir / f".{key}.lock"):
+        final = cache_dir / key
+        if final.is_dir():
+            try:
+                return SpineCache.open(final)
+            except CacheError:
+                shutil.rmtree(final, ignore_errors=True)  # damaged: rebuilt, not trusted
+        _remove_stale_builds(cache_dir, key)
+        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            problems = list(data.problems)
+            records, arrays = _write_rows(tmp, data, settings, vocabulary, problems)
+            if not records:
+                raise DatasetError(
+                    f"{root}: no spider volume could be read. Problems:\n  "
+                    + "\n  ".join(problems[:20])
+                )
+            for name, arr in arrays.items():
+                np.save(tmp / f"{name}.npy", arr)
+            size = settings.image_size
+            index = {
+                "format_version": CACHE_FORMAT_VERSION,
+                "format": "spider",
+                "task": spec.name,
+                "key": key,
+                "root": str(Path(root).resolve()),
+                "annotation": str(Path(root) / GRADINGS_CSV),
+                "series_map": None,
+                "settings": asdict(settings),
+                "vocab": vocabulary.name,
+                "classes": list(vocabulary.classes),
+                "shape": [len(records), settings.channels, size, size],
+                "records": records,
+                "problems": list(dict.fromkeys(problems)),
+            }
+            atomic_write_json(tmp / "index.json", index, indent=1)  # last: marks it complete
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / "index.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return SpineCache.open(final)
+
+
+def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabulary, problems):
+    spec = data.task
+    n_points, n_classes = spec.num_points, vocabulary.num_classes
+    records: list[dict] = []
+    cols: dict[str, list[np.ndarray]] = {
+        "points": [],
+        "present": [],
+        "labels": [],
+        "spacing_mm": [],
+    }
+    radius = settings.neighbors
+    with open(out / "images.f16", "wb") as images:
+        for st in data.studies:
+            where = f"patient {st.patient} ({st.image_path})"
+            try:
+                volume, spacing, _ = read_volume(st.image_path)
+            except ValueError as err:
+                problems.append(f"{err}; patient left out")
+                continue
+            if volume.shape != (st.n_slices, *st.shape) or not np.allclose(spacing, st.spacing_mm):
+                problems.append(f"{where}: volume grid differs from its mask's after "
+                                "reorientation; patient left out")  # fmt: skip
+                continue
+            last = st.n_slices - 1
+            picks = [min(max(st.slice_index + d, 0), last) for d in range(-radius, radius + 1)]
+            stack = percentile_normalise(
+                volume[picks].astype(np.float32), settings.percentiles, radius
+            )
+            image, scale, pad = letterbox(stack, settings.image_size)
+            if not np.isfinite(image).all():
+                problems.append(f"{where}: non-finite values after normalisation; left out")
+                continue
+            points = np.full((n_points, 2), np.nan, dtype=np.float32)
+            present = np.zeros(n_points, dtype=bool)
+            labels = np.zeros((n_points, n_classes), dtype=bool)
+            kept = []
+            for k, level in enumerate(spec.point_names):
+                p = st.points.get(level)
+                if p is None:
+                    continue  # reported by the reader
+                points[k] = to_cache_coords(np.array([p.x, p.y]), scale, pad)
+                present[k] = True
+                kept.append(level)
+                grade = st.grades.get(level)
+                if grade is not None:  # missing grades stay all False (reported by the reader)
+                    kind = spec.point_kinds[k]
+                    labels[k, vocabulary.class_index(kind, vocabulary.codes(kind)[grade])] = True
+            row_mm, col_mm = st.spacing_mm[:2]
+            images.write(image.astype(np.float16).tobytes())
+            cols["points"].append(points)
+            cols["present"].append(present)
+            cols["labels"].append(labels)
+            cols["spacing_mm"].append(np.array([row_mm / scale[0], col_mm / scale[1]], np.float32))
+            records.append(
+                {
+                    "study": str(st.patient),
+                    "folder": os.path.relpath(st.image_path, data.root),
+                    "study_uid": None,
+                    "series_uid": None,
+                    "series_description": st.series,
+                    "instance_uid": None,
+                    "index": st.slice_index,
+                    "n_slices": st.n_slices,
+                    "source": "spider masks",
+                    "annotated": bool(kept),
+                    "orig_size": list(st.shape),
+                    "orig_spacing_mm": [row_mm, col_mm],
+                    "scale": list(scale),
+                    "pad": list(pad),
+                    "patient": st.patient,
+                    "series": st.series,
+                    "slice_index": st.slice_index,
+                    "levels": kept,
+                }
+            )
+        images.flush()
+        os.fsync(images.fileno())
+    empty = {
+        "points": np.zeros((0, n_points, 2), np.float32),
+        "present": np.zeros((0, n_points), bool),
+        "labels": np.zeros((0, n_points, n_classes), bool),
+        "spacing_mm": np.zeros((0, 2), np.float32),
+    }
+    arrays = {k: np.stack(v) if records else empty[k] for k, v in cols.items()}
+    return records, arrays

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lit_spine.data import phantom_dicom as pd_dicom
 from lit_spine.data.rsna import (
     CANAL_CONDITION,
     COORDS_CSV,
@@ -25,6 +24,7 @@ from lit_spine.data.rsna import (
     SERIES_CSV,
     grade_column,
 )
+from lit_spine.phantom import dicom as pd_dicom
 from lit_spine.task import RSNA_LEVELS, RSNA_SEVERITIES
 from lit_spine.utils import atomic_write_text
 

@@ -2,7 +2,7 @@
 
 Writes the competition's three CSVs and a `train_images/<study_id>/<series_id>/
 <instance_number>.dcm` tree of real DICOM files (the phantom's own writer,
-`phantom_dicom.build_dataset`), so `data/rsna.py` is exercised on files of that format.
+`dicom.build_dataset`), so `data/rsna.py` is exercised on files of that format.
 Each study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series. On the Sagittal
 T2/STIR series a bright vertical canal runs down the image with a disc at each level; the
 canal is narrowed at a level in proportion to its spinal canal stenosis grade, drawn on the

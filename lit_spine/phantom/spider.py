@@ -1,7 +1,7 @@
 """The phantom in the SPIDER layout (`lit-spine phantom --layout spider`).
 
-Each patient is one study of the 2020 phantom (`phantom.render_study`, the anatomy of
-`phantom_anatomy.py`), written as SPIDER publishes it (docs/datasets.md, "SPIDER"):
+Each patient is one study of the 2020 phantom (`study.render_study`, the anatomy of
+`anatomy.py`), written as SPIDER publishes it (docs/datasets.md, "SPIDER"):
 `images/<patient>_t1.mha` and `<patient>_t2.mha` (the sagittal T1 and T2 stacks, real
 MetaImage files written with SimpleITK, spacing and direction from the phantom's planes),
 `masks/<patient>_<series>.mha` (label volumes drawn from the phantom's tissue maps: marrow ->

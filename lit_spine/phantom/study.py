@@ -164,7 +164,7 @@ def render_study(
     """Render one study in memory (nothing is written).
 
     `labels_override` maps point names to internal states: discs to one of
-    ``phantom_anatomy.DISC_STATES`` (optionally ``"+schmorl"`` / ``"-schmorl"`` appended),
+    ``pathology.DISC_STATES`` (optionally ``"+schmorl"`` / ``"-schmorl"`` appended),
     vertebrae to ``"normal"`` or ``"degenerated"``; everything else in the study stays the same.
     With ``pixels=False`` only geometry, headers and ground truth are computed (fast).
     """

@@ -508,6 +508,3 @@ def sample_anatomy(
         rotation=rotation,
         translation=translation,
     )
-
-
-# ----------------------------------------------------------------------------- signal

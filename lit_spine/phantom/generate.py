@@ -237,6 +237,3 @@ def _generate_locked(
         atomic_write_json(root / f"{split}_annotation.json", entries[split], indent=None)
     atomic_write_json(root / MARKER, {"params": params, "complete": True})
     return root
-
-
-# ----------------------------------------------------------------------------- preview

@@ -83,7 +83,6 @@ def tissue_lut(anat: Anatomy, sequence: str) -> np.ndarray:
     return lut * anat.contrast_jitter[k].astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- drawing
 def interp_matrix(n: int, cells: int) -> np.ndarray:
     """(n, cells + 1) linear-interpolation weights from a coarse grid to n samples."""
     pos = np.linspace(0, cells, n, dtype=np.float32)

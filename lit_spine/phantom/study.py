@@ -496,6 +496,3 @@ def write_study(st: PhantomStudy, folder: str | os.PathLike) -> None:
         for j, (plane, arr, uid) in enumerate(zip(series.planes, series.pixels, series.sop_uids)):
             ds = build_dataset(st.study, series.info, plane, arr, uid, j + 1)
             write_dataset(ds, folder / next(names))
-
-
-# ----------------------------------------------------------------------------- datasets

@@ -506,7 +506,7 @@ def to_device(batch: dict, device) -> dict:
 # ---------------------------------------------------------------------------- sections
 def _bench_phantom_dataset(b: Bench) -> None:
     """One whole dataset (200 studies) generated with every core, against the 2-minute target."""
-    from lit_spine.data.phantom import generate_phantom
+    from lit_spine.phantom.generate import generate_phantom
 
     n, workers = b.cfg.phantom_batch, os.cpu_count() or 1
     root = b.workdir / "phantom-dataset"
@@ -543,7 +543,7 @@ def bench_phantom(b: Bench, record: bool = True) -> None:
     """Phantom generation (studies/s) and cache build (files/s, studies/s), per repeat."""
     from lit_spine.data.cache import CacheSettings, build_cache
     from lit_spine.data.datamodule import ConcatCache
-    from lit_spine.data.phantom import generate_phantom
+    from lit_spine.phantom.generate import generate_phantom
 
     cfg = b.cfg
     gen_rate, files_rate, study_rate, n_files = [], [], [], []

@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory):
     """A small phantom dataset (train/val/test splits), generated once per test session."""
-    from lit_spine.data.phantom import generate_phantom
+    from lit_spine.phantom.generate import generate_phantom
 
     root = tmp_path_factory.mktemp("phantom")
     generate_phantom(root, studies=12, seed=0, splits={"train": 8, "val": 2, "test": 2}, size=128)

@@ -10,7 +10,6 @@ import pytest
 from dicom_factory import AXIAL, StudyWriter, annotation_for, dataset, write_json
 
 from lit_spine.data import cache as cache_mod
-from lit_spine.data import dicom
 from lit_spine.data.annotation import AnnotationError
 from lit_spine.data.cache import (
     CacheError,
@@ -21,6 +20,7 @@ from lit_spine.data.cache import (
     letterbox,
 )
 from lit_spine.data.dicom import DatasetError
+from lit_spine.data.dicom import pixels as dicom_pixels
 from lit_spine.data.labels import POINT_INDEX, get_vocabulary
 
 
@@ -28,13 +28,13 @@ from lit_spine.data.labels import POINT_INDEX, get_vocabulary
 def count_decodes(monkeypatch):
     """Count every real pixel decode."""
     calls = []
-    real = dicom.decode_pixels
+    real = dicom_pixels.decode_pixels
 
     def counting(path):
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(dicom, "decode_pixels", counting)
+    monkeypatch.setattr(dicom_pixels, "decode_pixels", counting)
     return calls
 
 

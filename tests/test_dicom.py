@@ -7,7 +7,6 @@ import pytest
 from dicom_factory import AXIAL, SAGITTAL, StudyWriter, standard_study, write_json
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from lit_spine.data import dicom
 from lit_spine.data.annotation import AnnotationError, StudyAnnotation
 from lit_spine.data.dicom import (
     DatasetError,
@@ -24,6 +23,7 @@ from lit_spine.data.dicom import (
     load_series_map,
     read_spacing_for_instances,
 )
+from lit_spine.data.dicom import header as dicom_header
 
 
 def test_classify_plane_and_weighting():
@@ -261,13 +261,13 @@ def test_side_files(tmp_path):
 def test_header_reading_never_touches_pixels(tmp_path, monkeypatch):
     standard_study(tmp_path / "s")
     calls = []
-    real = dicom.pydicom.dcmread
+    real = dicom_header.pydicom.dcmread
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("stop_before_pixels", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dicom.pydicom, "dcmread", spy)
+    monkeypatch.setattr(dicom_header.pydicom, "dcmread", spy)
     index_study(tmp_path / "s")
     assert calls and all(calls)
 

@@ -14,16 +14,12 @@ import pytest
 from pydicom.dataset import validate_file_meta
 
 from lit_spine.commands.phantom import main
-from lit_spine.data import phantom_anatomy as pa
 from lit_spine.data.annotation import load_annotations, parse_annotations
 from lit_spine.data.labels import DISC_POINTS, POINT_NAMES, get_vocabulary
-from lit_spine.data.phantom import (
-    MARKER,
-    PhantomError,
-    generate_phantom,
-    parse_splits,
-    render_study,
-)
+from lit_spine.phantom import anatomy, pathology
+from lit_spine.phantom.generate import MARKER, PhantomError, generate_phantom, parse_splits
+from lit_spine.phantom.signal import tissue_lut
+from lit_spine.phantom.study import render_study
 
 SPLITS = ("train", "val", "test")
 TYPE1 = (
@@ -212,9 +208,9 @@ def test_labelled_herniation_changes_the_posterior_contour(state):
 def test_degenerated_disc_has_dark_nucleus_and_lower_height():
     a = render_study(2, "train", 0, size=256, labels_override={"L3-L4": "normal"})
     b = render_study(2, "train", 0, size=256, labels_override={"L3-L4": "degenerated"})
-    d = pa.DISC_NAMES.index("L3-L4")
-    lut_a, lut_b = pa.tissue_lut(a.anatomy, "T2"), pa.tissue_lut(b.anatomy, "T2")
-    assert lut_b[pa.NUCLEUS0 + d] < lut_a[pa.NUCLEUS0 + d] - 0.2
+    d = pathology.DISC_NAMES.index("L3-L4")
+    lut_a, lut_b = tissue_lut(a.anatomy, "T2"), tissue_lut(b.anatomy, "T2")
+    assert lut_b[anatomy.NUCLEUS0 + d] < lut_a[anatomy.NUCLEUS0 + d] - 0.2
     area_a = np.isin(a.tissue_map, a.structure_ids("L3-L4")).sum()
     area_b = np.isin(b.tissue_map, b.structure_ids("L3-L4")).sum()
     assert area_b < area_a
@@ -241,7 +237,7 @@ def test_mid_sagittal_slice_shows_a_continuous_csf_column(index):
         c = np.clip(np.rint(px[:, 0]).astype(int), 0, cols - 1)
         r = np.clip(np.rint(px[:, 1]).astype(int), 0, rows - 1)
         # At T12 the cord fills most of the sac; below the conus it is CSF and roots.
-        assert (st.tissue_map[r, c] == pa.CSF).sum() >= (2 if b == 1 else 5), body.name
+        assert (st.tissue_map[r, c] == anatomy.CSF).sum() >= (2 if b == 1 else 5), body.name
 
 
 def test_pixels_have_partial_volume_edges():
@@ -255,7 +251,7 @@ def test_degenerated_vertebra_shows_signs():
     for i in range(10):
         st = render_study(4, "train", i, size=128, pixels=False)
         for k, name in enumerate(("L1", "L2", "L3", "L4", "L5")):
-            signs = st.anatomy.bodies[pa.VERTEBRA_NAMES.index(name)].signs
+            signs = st.anatomy.bodies[pathology.VERTEBRA_NAMES.index(name)].signs
             visible = max(signs.osteophytes) >= 2.0 or signs.modic_type > 0
             assert visible == st.labels.vertebra_degenerated[k], (i, name, signs)
 
@@ -280,7 +276,7 @@ def _disc_frequencies(labels_list, vocab):
     counts, n = Counter(), 0
     for labels in labels_list:
         for k in range(6):
-            for code in pa.disc_codes(labels.disc_states[k], labels.schmorl[k], vocab):
+            for code in pathology.disc_codes(labels.disc_states[k], labels.schmorl[k], vocab):
                 counts[code] += 1
             n += 1
     return {c: counts[c] / n for c in counts}
@@ -288,7 +284,7 @@ def _disc_frequencies(labels_list, vocab):
 
 def test_label_priors_hold_on_600_sampled_studies():
     rng = np.random.default_rng(123)
-    labels = [pa.sample_labels(rng, "tianchi2020") for _ in range(600)]
+    labels = [pathology.sample_labels(rng, "tianchi2020") for _ in range(600)]
     freq = _disc_frequencies(labels, "tianchi2020")
     for code, target in {"v1": 0.48, "v2": 0.25, "v3": 0.24, "v4": 0.04, "v5": 0.05}.items():
         assert abs(freq.get(code, 0) - target) < 0.035, (code, freq)
@@ -298,7 +294,7 @@ def test_label_priors_hold_on_600_sampled_studies():
     path = np.array([[s != "normal" for s in lab.disc_states] for lab in labels]).mean(0)
     assert path[4] > path[0] + 0.2 and path[5] > path[0] + 0.2
     rng = np.random.default_rng(7)
-    freq7 = _disc_frequencies([pa.sample_labels(rng, "seed7") for _ in range(600)], "seed7")
+    freq7 = _disc_frequencies([pathology.sample_labels(rng, "seed7") for _ in range(600)], "seed7")
     for code, target in {"v1": 0.40, "v2": 0.20, "v5": 0.14, "v7": 0.05}.items():
         assert abs(freq7.get(code, 0) - target) < 0.035, (code, freq7)
 

@@ -15,7 +15,6 @@ import SimpleITK as sitk
 import torch
 
 from lit_spine.commands import inspect, phantom
-from lit_spine.data.phantom_spider import write_spider_phantom
 from lit_spine.data.spider import (
     GRADING_COLUMNS,
     GRADINGS_CSV,
@@ -28,6 +27,7 @@ from lit_spine.data.spider import (
     read_spider,
 )
 from lit_spine.models.net import SpineNet
+from lit_spine.phantom.spider import write_spider_phantom
 from lit_spine.task import RSNA_LEVELS, get_task
 
 SIZE = 48

@@ -1,8 +1,8 @@
 """`lit-spine phantom`: write the built-in phantom dataset (and/or its preview PNG).
 
-Calls `lit_spine.data.phantom.generate_phantom` / `write_preview` (challenge layout) or
-`lit_spine.data.phantom_rsna.write_rsna2024_phantom` (`--layout rsna2024`) or
-`lit_spine.data.phantom_spider.write_spider_phantom` (`--layout spider`).
+Calls `lit_spine.phantom.generate.generate_phantom` / `lit_spine.phantom.preview.write_preview`
+(challenge layout) or `lit_spine.phantom.rsna2024.write_rsna2024_phantom` (`--layout rsna2024`)
+or `lit_spine.phantom.spider.write_spider_phantom` (`--layout spider`).
 """
 
 from __future__ import annotations
@@ -63,25 +63,26 @@ def build_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lit-spine phantom`; exit 2 with a one-line message on unusable input."""
-    from lit_spine.data.phantom import PhantomError
+    from lit_spine.phantom.generate import PhantomError
 
     args = common.parse(build_parser(), argv)
     return common.run(NAME, lambda: _phantom(args), (PhantomError, ValueError))
 
 
 def _phantom(args) -> int:
-    from lit_spine.data.phantom import MARKER, generate_phantom, write_preview
+    from lit_spine.phantom.generate import MARKER, generate_phantom
+    from lit_spine.phantom.preview import write_preview
 
     root = Path(args.out)
     vocab = common.check_vocab(args.vocab, VOCABS)
     if args.layout == "rsna2024":
-        from lit_spine.data.phantom_rsna import write_rsna2024_phantom
+        from lit_spine.phantom.rsna2024 import write_rsna2024_phantom
 
         write_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
         print(f"phantom: {args.studies} studies in rsna2024 layout in {root}")
         return 0
     if args.layout == "spider":
-        from lit_spine.data.phantom_spider import write_spider_phantom
+        from lit_spine.phantom.spider import write_spider_phantom
 
         write_spider_phantom(root, args.studies, args.seed, args.size or 64)
         print(f"phantom: {args.studies} patients in spider layout in {root}")

@@ -1,1 +1,1 @@
-"""Data: DICOM reading, series choice, annotations, phantom, cache, targets, transforms, datamodule."""
+"""Data: DICOM reading, series choice, annotations, cache, targets, transforms, datamodule."""

@@ -615,20 +615,20 @@ class SpineDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.format == "rsna2024":
             if hp.data_root is None:
-                from lit_spine.data.phantom_rsna import ensure_rsna2024_phantom
+                from lit_spine.phantom.rsna2024 import ensure_rsna2024_phantom
 
                 ensure_rsna2024_phantom(self.root, hp.phantom_studies, hp.phantom_seed)
             self._rsna_cache()
             return
         if hp.format == "spider":
             if hp.data_root is None:
-                from lit_spine.data.phantom_spider import ensure_spider_phantom
+                from lit_spine.phantom.spider import ensure_spider_phantom
 
                 ensure_spider_phantom(self.root, hp.phantom_studies, hp.phantom_seed)
             self._rsna_cache()
             return
         if hp.data_root is None:
-            from lit_spine.data.phantom import generate_phantom
+            from lit_spine.phantom.generate import generate_phantom
 
             generate_phantom(self.root, studies=hp.phantom_studies, seed=hp.phantom_seed)
         # An empty split (a phantom too small for a test split) raises in setup, if a stage needs it.

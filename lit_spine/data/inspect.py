@@ -22,9 +22,9 @@ from lit_spine.data.dicom import (
     find_series_map,
     index_dataset,
     load_series_map,
-    one_line,
     unknown_annotation_studies,
 )
+from lit_spine.utils import one_line
 
 
 def _choice_json(choice: SliceChoice | None, full: bool) -> dict | None:

@@ -2,7 +2,7 @@
 
 Writes the competition's three CSVs and a `train_images/<study_id>/<series_id>/
 <instance_number>.dcm` tree of real DICOM files (the phantom's own writer,
-`phantom_dicom.build_dataset`), so `data/rsna.py` is exercised on files of that format.
+`dicom.build_dataset`), so `data/rsna.py` is exercised on files of that format.
 Each study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series. On the Sagittal
 T2/STIR series a bright vertical canal runs down the image with a disc at each level; the
 canal is narrowed at a level in proportion to its spinal canal stenosis grade, drawn on the
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lit_spine.data import phantom_dicom as pd_dicom
 from lit_spine.data.rsna import (
     CANAL_CONDITION,
     COORDS_CSV,
@@ -25,6 +24,7 @@ from lit_spine.data.rsna import (
     SERIES_CSV,
     grade_column,
 )
+from lit_spine.phantom import dicom as pd_dicom
 from lit_spine.task import RSNA_LEVELS, RSNA_SEVERITIES
 from lit_spine.utils import atomic_write_text
 

@@ -1,7 +1,7 @@
 """The phantom in the SPIDER layout (`lit-spine phantom --layout spider`).
 
-Each patient is one study of the 2020 phantom (`phantom.render_study`, the anatomy of
-`phantom_anatomy.py`), written as SPIDER publishes it (docs/datasets.md, "SPIDER"):
+Each patient is one study of the 2020 phantom (`study.render_study`, the anatomy of
+`anatomy.py`), written as SPIDER publishes it (docs/datasets.md, "SPIDER"):
 `images/<patient>_t1.mha` and `<patient>_t2.mha` (the sagittal T1 and T2 stacks, real
 MetaImage files written with SimpleITK, spacing and direction from the phantom's planes),
 `masks/<patient>_<series>.mha` (label volumes drawn from the phantom's tissue maps: marrow ->
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lit_spine.data import phantom_anatomy as pa
 from lit_spine.data.spider import GRADING_COLUMNS, GRADINGS_CSV, IMAGES_DIR, MASKS_DIR
+from lit_spine.phantom import anatomy as pa
+from lit_spine.phantom import pathology
 from lit_spine.utils import atomic_write_text
 
 PFIRRMANN_OF_STATE = {
@@ -39,7 +40,7 @@ MARKER = "phantom_spider.json"
 def spider_mask(tissue: np.ndarray) -> np.ndarray:
     """SPIDER label map (uint16) of a phantom tissue-id map."""
     out = np.zeros(tissue.shape, np.uint16)
-    n = len(pa.VERTEBRA_NAMES)  # T11 .. L5: body b is vertebra n - b from the bottom
+    n = len(pathology.VERTEBRA_NAMES)  # T11 .. L5: body b is vertebra n - b from the bottom
     for b in range(n):
         out[(tissue == pa.MARROW0 + b) | (tissue == pa.MODIC0 + b)] = n - b
         disc = (
@@ -73,7 +74,7 @@ def write_spider_phantom(
     """
     import SimpleITK as sitk
 
-    from lit_spine.data.phantom import render_study
+    from lit_spine.phantom.study import render_study
     from lit_spine.task import POINT_NAMES
 
     if studies < 1:

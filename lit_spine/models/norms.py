@@ -188,6 +188,19 @@ def make_norm(
     return module
 
 
+def norm_act_layer(
+    norm: str, groups: int = 32, group_size: int | None = None
+) -> Callable[[int], nn.Module]:
+    """A layer constructor, channels -> fused `norm` + ReLU, for layers built with the chosen
+    norm (the heads); a GroupNorm setting that cannot split the channels raises there."""
+    norm = choose(norm, NORMS, "norm")
+
+    def build(channels: int) -> nn.Module:
+        return make_norm(norm, channels, nn.ReLU(inplace=True), groups, group_size)
+
+    return build
+
+
 def _copy_affine(old: nn.Module, new: nn.Module) -> None:
     """Carry a per-channel scale and shift over (keeps pretrained or zero-init gammas)."""
     for name in ("weight", "bias"):

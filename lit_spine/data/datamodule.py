@@ -31,10 +31,8 @@ Lightning neither replaces nor wraps, and whose `set_epoch` Lightning calls ever
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -120,11 +118,6 @@ class ConcatCache:
         """Map cache pixel coordinates of row `i` to its original DICOM pixels."""
         part, row = _locate(self.images.starts, i)
         return self.caches[part].to_original(row, xy)
-
-    def to_cache(self, i: int, xy: np.ndarray) -> np.ndarray:
-        """Map original DICOM pixel coordinates of row `i` to cache pixels."""
-        part, row = _locate(self.images.starts, i)
-        return self.caches[part].to_cache(row, xy)
 
 
 def study_key(record: dict) -> str:
@@ -492,23 +485,7 @@ class SpineDataModule(pl.LightningDataModule):
         self._caches: dict[str, object] = {}
         self._datasets: dict[str, SpineDataset] = {}
 
-    # ------------------------------------------------------------------ facts for the model
-    @property
-    def num_points(self) -> int:
-        return self.task.num_points
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.hparams.slices)
-
-    @property
-    def num_vertebra_classes(self) -> int:
-        return len(self.vocab_obj.vertebra)
-
-    @property
-    def num_disc_classes(self) -> int:
-        return len(self.vocab_obj.disc)
-
+    # ------------------------------------------------------------------ what was opened
     @property
     def cache_hashes(self) -> dict[str, str]:
         """Content hash of every opened cache, by split name (for run metadata)."""
@@ -758,17 +735,3 @@ class SpineDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
-
-
-def loader_throughput(loader: DataLoader, batches: int | None = None, warmup: int = 2) -> float:
-    """Images per second one pass of `loader` delivers (after `warmup` batches)."""
-    n_images, start = 0, None
-    for b, batch in enumerate(loader):
-        if b == warmup:
-            start, n_images = time.perf_counter(), 0
-        n_images += int(batch["image"].shape[0])
-        if batches is not None and b + 1 >= warmup + batches:
-            break
-    if start is None:
-        return math.nan
-    return n_images / max(time.perf_counter() - start, 1e-9)

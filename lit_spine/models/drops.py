@@ -196,23 +196,16 @@ class DropChoice:
     """One drop method: how to build it into a net, and whether it needs residual blocks."""
 
     build: Callable[..., None]  # (net, rate, **settings) -> None, changes `net` in place
-    description: str
     needs_residual: bool = False
 
 
 # The one place that lists the drop methods; add a method here (and its builder above).
 DROPS: dict[str, DropChoice] = {
-    "none": DropChoice(build_none, "no drop method"),
-    "dropout": DropChoice(
-        build_dropout, "elementwise dropout on the decoder features feeding the heads"
-    ),
-    "spatial_dropout": DropChoice(
-        build_spatial_dropout, "channel dropout (Dropout2d) on the decoder features"
-    ),
-    "dropblock": DropChoice(build_dropblock, "DropBlock after the chosen backbone stages"),
-    "stochastic_depth": DropChoice(
-        build_stochastic_depth, "drop residual branches of backbone blocks", needs_residual=True
-    ),
+    "none": DropChoice(build_none),
+    "dropout": DropChoice(build_dropout),  # in the heads
+    "spatial_dropout": DropChoice(build_spatial_dropout),  # in the heads
+    "dropblock": DropChoice(build_dropblock),  # after chosen backbone stages
+    "stochastic_depth": DropChoice(build_stochastic_depth, needs_residual=True),  # backbone blocks
 }
 
 

@@ -8,7 +8,7 @@ Classes: a point carries a multi-hot set of its type's codes (batch["labels"], (
 the P points of the task, 11 for tianchi2020; vertebra rows use the first Kv columns). Disc
 codes are mostly exclusive but some co-occur (tianchi2020 v5 and seed7 v7, herniation into the vertebral body, come with another code),
 so the default is multi-label: a sigmoid per code with binary cross-entropy ("ce"/"bce")
-or the sigmoid focal loss of RetinaNet (Lin et al. 2017, https://arxiv.org/abs/1708.02002;
+or the sigmoid focal loss of RetinaNet (torchvision.ops.sigmoid_focal_loss; Lin et al. 2017, https://arxiv.org/abs/1708.02002;
 gamma 2, alpha 0.25). With ``multi_label=False`` the codes share a softmax and the target is
 the multi-hot row normalised to sum 1 ("ce", or "focal" with the softmax focal term).
 Label smoothing (Szegedy et al. 2016) moves targets toward 1/2 per code (sigmoid) or
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
 
 from lit_spine.task import Task, get_task
 from lit_spine.utils import choose
@@ -66,14 +67,10 @@ def heatmap_focal(
 def sigmoid_focal(
     logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float | None
 ) -> torch.Tensor:
-    """RetinaNet focal loss per element (soft targets allowed)."""
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p = torch.sigmoid(logits)
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha is not None:
-        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
-    return loss
+    """RetinaNet focal loss per element (soft targets allowed): torchvision's, alpha None = off."""
+    return sigmoid_focal_loss(
+        logits, target, alpha=-1.0 if alpha is None else alpha, gamma=gamma, reduction="none"
+    )
 
 
 def class_probabilities(

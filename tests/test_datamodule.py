@@ -215,7 +215,8 @@ def test_datamodule_argument_checks():
     with pytest.raises(ValueError, match="vocabulary"):
         SpineDataModule(vocab="tianchi")
     dm = SpineDataModule(slices=3, vocab="seed7")
-    assert (dm.in_chans, dm.num_points, dm.num_vertebra_classes, dm.num_disc_classes) == (
+    vocab = dm.vocab_obj
+    assert (dm.hparams.slices, dm.task.num_points, len(vocab.vertebra), len(vocab.disc)) == (
         3,
         11,
         2,

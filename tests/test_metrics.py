@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from lit_spine.bench import benchmark_scoring, random_case
 from lit_spine.data.labels import DISC_POINTS, NUM_POINTS, POINT_INDEX, get_vocabulary
 from lit_spine.data.targets import gaussian_heatmaps
 from lit_spine.metrics import (
     GroundTruthArrays,
     PredictionArrays,
     SpineDetectionMetric,
-    benchmark_scoring,
     decode_heatmaps,
-    random_case,
     score_detections,
     select_predictions,
 )

@@ -234,7 +234,9 @@ def test_datamodule_rsna2024_phantom_batches(tmp_path):
     dm.setup("fit")
     root = tmp_path / "phantom" / "rsna2024"
     assert dm.root == root and (root / "train.csv").is_file()
-    assert dm.num_points == 5 and dm.num_disc_classes == 3 and dm.num_vertebra_classes == 0
+    assert (
+        dm.task.num_points == 5 and len(dm.vocab_obj.disc) == 3 and len(dm.vocab_obj.vertebra) == 0
+    )
     cache = dm.train_dataset.cache
     train_studies = {cache.records[r]["study"] for r in dm.train_dataset.indices}
     val_studies = {cache.records[r]["study"] for r in dm.val_dataset.indices}

@@ -253,7 +253,9 @@ def test_datamodule_one_training_step(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.root == tmp_path / "phantom" / "spider"
-    assert dm.num_points == 5 and dm.num_disc_classes == 5 and dm.num_vertebra_classes == 0
+    assert (
+        dm.task.num_points == 5 and len(dm.vocab_obj.disc) == 5 and len(dm.vocab_obj.vertebra) == 0
+    )
     cache = dm.train_dataset.cache
     train = {cache.records[r]["patient"] for r in dm.train_dataset.indices}
     val = {cache.records[r]["patient"] for r in dm.val_dataset.indices}

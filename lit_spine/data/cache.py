@@ -213,11 +213,6 @@ class SpineCache:
         r = self.records[i]
         return from_cache_coords(xy, tuple(r["scale"]), tuple(r["pad"]))
 
-    def to_cache(self, i: int, xy: np.ndarray) -> np.ndarray:
-        """Map original DICOM pixel coordinates (..., 2) of sample `i` to cache pixels."""
-        r = self.records[i]
-        return to_cache_coords(xy, tuple(r["scale"]), tuple(r["pad"]))
-
 
 # ----------------------------------------------------------------------------- building
 

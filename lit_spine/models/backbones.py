@@ -24,7 +24,6 @@ class Family:
     examples: tuple[str, ...]
     residual: bool
     create_kwargs: dict[str, Any] = field(default_factory=dict)
-    notes: str = ""
     unsupported_norms: dict[str, str] = field(default_factory=dict)  # norm -> why
 
 
@@ -41,32 +40,26 @@ FAMILIES: dict[str, Family] = {
             "seresnext26d_32x4d",
             "test_resnet",
         ),
-        residual=True,
-        notes="ResNet, ResNet-D, ResNeXt, SE-ResNe(X)t",
+        residual=True,  # ResNet, ResNet-D, ResNeXt, SE-ResNe(X)t
     ),
     "resnest": Family(
         ("resnest14d", "resnest26d", "resnest50d"),
-        residual=True,
-        notes="ResNeSt (split attention)",
+        residual=True,  # ResNeSt (split attention)
         unsupported_norms={
             "instancenorm": "split attention normalises globally pooled 1x1 features, where "
             "statistics over (H, W) of one channel are undefined",
         },
     ),
-    "densenet": Family(
-        ("densenet121",), residual=False, notes="dense connections, no residual blocks"
-    ),
+    "densenet": Family(("densenet121",), residual=False),
     "efficientnet": Family(
         ("efficientnet_b0", "efficientnetv2_rw_t", "tf_efficientnetv2_b0", "test_efficientnet"),
-        residual=True,
-        notes="EfficientNet, EfficientNetV2 (Fused-MBConv)",
+        residual=True,  # EfficientNet, EfficientNetV2 (Fused-MBConv)
     ),
     "mobilenetv3": Family(("mobilenetv3_small_100", "mobilenetv3_large_100"), residual=True),
     "convnext": Family(
         ("convnext_atto", "convnext_nano", "convnext_tiny", "test_convnext"),
         residual=True,
-        create_kwargs={"conv_mlp": True},
-        notes="built with conv_mlp=True (NCHW norms, 1x1-conv MLP)",
+        create_kwargs={"conv_mlp": True},  # built with conv_mlp=True (NCHW norms, 1x1-conv MLP)
     ),
     "regnet": Family(("regnetx_002", "regnety_002", "regnetx_004"), residual=True),
 }

@@ -15,33 +15,24 @@ The layers are timm's ``DropBlock2d`` and ``DropPath``, inserted the same way in
 family so that one configuration means the same thing everywhere: timm's own
 ``drop_block_rate`` fixes block sizes and stages per family, and its ``drop_path_rate``
 uses linspace(0, rate, L) rather than the paper's l / L.
+
+`DROPS` maps each name to a builder that puts the method into a built `SpineNet`; a
+`DropSpec` carries the chosen name, rate and the builder's keyword arguments together
+(docs/architecture.md, "Worked example: adding a drop method").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from timm.layers import DropBlock2d, DropPath
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DropChoice:
-    """Where one drop method acts."""
-
-    where: str
-    description: str
-
-
-# The one place that lists the drop methods; `drop_rate` is the rate of the chosen one.
-DROPS: dict[str, DropChoice] = {
-    "none": DropChoice("-", "no drop method"),
-    "dropout": DropChoice("heads", "elementwise dropout on the decoder features feeding the heads"),
-    "spatial_dropout": DropChoice("heads", "channel dropout (Dropout2d) on the decoder features"),
-    "dropblock": DropChoice("backbone", "DropBlock after the chosen backbone stages"),
-    "stochastic_depth": DropChoice("backbone", "drop residual branches of backbone blocks"),
-}
+from lit_spine.models.backbones import stage_paths
 
 STOCHASTIC_DEPTH_RULES: dict[str, str] = {
     "linear": "block l of L drops with probability l / L * rate (Huang et al.)",
@@ -141,15 +132,6 @@ def set_dropblock_progress(module: nn.Module, progress: float) -> None:
             m.set_progress(progress)
 
 
-def head_dropout(drop: str, rate: float) -> nn.Module:
-    """The dropout layer the heads use for `drop` ('dropout' / 'spatial_dropout'), else identity."""
-    if drop == "dropout" and rate > 0:
-        return nn.Dropout(rate)
-    if drop == "spatial_dropout" and rate > 0:
-        return nn.Dropout2d(rate)
-    return nn.Identity()
-
-
 DROP_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
     DropBlock2d,
@@ -164,3 +146,101 @@ def find_drops(module: nn.Module) -> dict[str, nn.Module]:
         for p, m in module.named_modules()
         if isinstance(m, DROP_TYPES) and (getattr(m, "p", 1.0) > 0 or isinstance(m, DropBlock2d))
     }
+
+
+# Builders: each puts its method into a built `SpineNet` (duck-typed: `backbone`,
+# `reductions`, `head_drop`, `stochastic_depth`) and takes the rate plus its own keywords.
+
+
+def build_none(net: nn.Module, rate: float) -> None:
+    """No drop method: the net stays as built."""
+
+
+def build_dropout(net: nn.Module, rate: float) -> None:
+    """Elementwise dropout on the decoder features feeding the heads."""
+    if rate > 0:
+        net.head_drop = nn.Dropout(rate)
+
+
+def build_spatial_dropout(net: nn.Module, rate: float) -> None:
+    """Channel dropout (Dropout2d) on the decoder features feeding the heads."""
+    if rate > 0:
+        net.head_drop = nn.Dropout2d(rate)
+
+
+def build_dropblock(
+    net: nn.Module, rate: float, dropblock_size: int = 5, dropblock_stages: list[int] | None = None
+) -> None:
+    """DropBlock after the backbone feature levels `dropblock_stages` (0 = shallowest;
+    default the last two), blocks of `dropblock_size` feature pixels."""
+    levels = len(net.reductions)
+    chosen = list(range(levels - 2, levels)) if dropblock_stages is None else list(dropblock_stages)
+    if not chosen or any(not 0 <= s < levels for s in chosen):
+        raise ValueError(
+            f"dropblock_stages {chosen} outside the {levels} feature levels of "
+            f"{net.backbone_name!r} (0..{levels - 1}, reductions {net.reductions})"
+        )
+    paths = stage_paths(net.backbone)
+    insert_dropblock(net.backbone, [paths[s] for s in sorted(set(chosen))], rate, dropblock_size)
+
+
+def build_stochastic_depth(
+    net: nn.Module, rate: float, stochastic_depth_rule: str = "linear"
+) -> None:
+    """A DropPath in every residual block of the backbone, probabilities by the rule."""
+    net.stochastic_depth = apply_stochastic_depth(net.backbone, rate, stochastic_depth_rule)
+
+
+@dataclass(frozen=True)
+class DropChoice:
+    """One drop method: how to build it into a net, and whether it needs residual blocks."""
+
+    build: Callable[..., None]  # (net, rate, **settings) -> None, changes `net` in place
+    needs_residual: bool = False
+
+
+# The one place that lists the drop methods; add a method here (and its builder above).
+DROPS: dict[str, DropChoice] = {
+    "none": DropChoice(build_none),
+    "dropout": DropChoice(build_dropout),  # in the heads
+    "spatial_dropout": DropChoice(build_spatial_dropout),  # in the heads
+    "dropblock": DropChoice(build_dropblock),  # after chosen backbone stages
+    "stochastic_depth": DropChoice(build_stochastic_depth, needs_residual=True),  # backbone blocks
+}
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """A drop method's settings travelling together: name, rate and its keyword arguments."""
+
+    name: str = "none"
+    rate: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def keywords(self) -> set[str]:
+        """The keyword arguments the method's builder accepts."""
+        return set(inspect.signature(DROPS[self.name].build).parameters) - {"net", "rate"}
+
+    def validate(self) -> DropSpec:
+        """Raise a ValueError naming keyword arguments the method does not take; return self."""
+        unknown = sorted(set(self.kwargs) - self.keywords())
+        if unknown:
+            raise ValueError(
+                f"drop method {self.name!r} takes no setting(s) {unknown}; "
+                f"it takes {sorted(self.keywords()) or 'none'}"
+            )
+        return self
+
+    @classmethod
+    def from_arguments(
+        cls, name: str, rate: float, settings: dict[str, Any], extra: dict[str, Any] | None
+    ) -> DropSpec:
+        """The spec for method `name`: of `settings` (SpineNet's flat keyword arguments, such
+        as ``dropblock_size``) the ones its builder takes, then `extra` (``drop_kwargs``)."""
+        spec = cls(name, rate)
+        taken = {k: v for k, v in settings.items() if k in spec.keywords()}
+        return cls(name, rate, {**taken, **(extra or {})}).validate()
+
+    def apply(self, net: nn.Module) -> None:
+        """Build the method into `net` (a SpineNet after its backbone and heads exist)."""
+        DROPS[self.name].build(net, self.rate, **self.kwargs)

@@ -7,14 +7,16 @@
   Ronneberger et al. 2015): 1x1 laterals on every feature level at or above the heatmap
   stride, nearest 2x upsampling + sum, a 3x3 conv + norm + ReLU after each merge.
 
-Heads are built with BatchNorm+ReLU; `SpineNet` then swaps every norm to the chosen one
-together with the backbone's. Coordinates are input pixels, x (column) first; heatmap
+Heads receive their norm as a layer constructor `norm_layer` (channels -> fused norm +
+ReLU, BatchNorm+ReLU by default); `SpineNet` passes the chosen norm's
+(`norms.norm_act_layer`), so the heads are built with it rather than swapped afterwards. Coordinates are input pixels, x (column) first; heatmap
 pixel i has its centre at input coordinate (i + 0.5) * stride - 0.5.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,19 @@ from torch import nn
 
 from lit_spine.task import get_task
 
+NormLayer = Callable[[int], nn.Module]  # channels -> fused norm + activation
 
-def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
-    """Conv (no bias) + BatchNorm + ReLU, the head's basic unit."""
+
+def conv_norm_act(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    norm_layer: NormLayer = BatchNormAct2d,
+) -> nn.Sequential:
+    """Conv (no bias) + norm + ReLU, the head's basic unit."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        BatchNormAct2d(out_channels),
+        norm_layer(out_channels),
     )
 
 
@@ -44,7 +53,14 @@ def _levels(reductions: list[int], stride: int) -> int:
 class DeconvHead(nn.Module):
     """SimpleBaseline decoder: deepest feature -> stride-2 transposed convs -> `channels` at `stride`."""
 
-    def __init__(self, in_channels: list[int], reductions: list[int], stride: int, channels: int):
+    def __init__(
+        self,
+        in_channels: list[int],
+        reductions: list[int],
+        stride: int,
+        channels: int,
+        norm_layer: NormLayer = BatchNormAct2d,
+    ):
         super().__init__()
         steps = _levels(reductions, stride)
         layers: list[nn.Module] = []
@@ -52,11 +68,11 @@ class DeconvHead(nn.Module):
         for _ in range(steps):
             layers += [
                 nn.ConvTranspose2d(c, channels, 4, stride=2, padding=1, bias=False),
-                BatchNormAct2d(channels),
+                norm_layer(channels),
             ]
             c = channels
         if not steps:  # heatmap at the deepest stride: still give the heads their width
-            layers.append(conv_norm_act(c, channels, 1))
+            layers.append(conv_norm_act(c, channels, 1, norm_layer))
         self.layers = nn.Sequential(*layers)
         self.out_channels = channels
 
@@ -67,15 +83,25 @@ class DeconvHead(nn.Module):
 class FPNDecoder(nn.Module):
     """Top-down feature pyramid merging every level down to `stride` (U-Net style smoothing)."""
 
-    def __init__(self, in_channels: list[int], reductions: list[int], stride: int, channels: int):
+    def __init__(
+        self,
+        in_channels: list[int],
+        reductions: list[int],
+        stride: int,
+        channels: int,
+        norm_layer: NormLayer = BatchNormAct2d,
+    ):
         super().__init__()
         _levels(reductions, stride)
         self.used = [i for i, r in enumerate(reductions) if r >= stride]
         self.laterals = nn.ModuleList(nn.Conv2d(in_channels[i], channels, 1) for i in self.used)
-        self.smooth = nn.ModuleList(conv_norm_act(channels, channels) for _ in self.used[:-1])
+        self.smooth = nn.ModuleList(
+            conv_norm_act(channels, channels, norm_layer=norm_layer) for _ in self.used[:-1]
+        )
         finest = min(reductions[i] for i in self.used)
         self.extra = nn.ModuleList(
-            conv_norm_act(channels, channels) for _ in range(int(math.log2(finest // stride)))
+            conv_norm_act(channels, channels, norm_layer=norm_layer)
+            for _ in range(int(math.log2(finest // stride)))
         )
         self.out_channels = channels
 

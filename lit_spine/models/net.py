@@ -9,6 +9,7 @@ message, never inside a forward pass.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ class SpineNet(nn.Module):
         norm_groups: GroupNorm group count (used when `norm_group_size` is None).
         norm_group_size: GroupNorm channels per group; groups = C // size per layer.
         drop: one of `drops.DROPS`: none, dropout, spatial_dropout (in the heads),
-            dropblock, stochastic_depth (in the backbone). Only that method is applied.
+            dropblock, stochastic_depth (in the backbone). Only that method is applied; it
+            receives `drop_rate` and, of the flat settings below, those its builder takes,
+            together as one `drops.DropSpec`.
         drop_rate: rate of the chosen method: dropout probability; DropBlock's target drop
             rate; for stochastic depth the last block's drop probability 1 - p_L ("linear")
             or every block's ("uniform").
@@ -41,6 +44,8 @@ class SpineNet(nn.Module):
         dropblock_stages: feature levels (0 = shallowest) followed by DropBlock; default
             the last two.
         stochastic_depth_rule: 'linear' or 'uniform'.
+        drop_kwargs: further keyword arguments for the chosen method's builder (for a method
+            whose settings have no flat argument above); a name it does not take is refused.
         head: heatmap decoder, one of `heads.HEADS`: deconv, fpn.
         head_channels: decoder width (also the features the classifier samples).
         heatmap_stride: input pixels per heatmap pixel, 1, 2, 4 or 8.
@@ -65,6 +70,7 @@ class SpineNet(nn.Module):
         dropblock_size: int = 5,
         dropblock_stages: list[int] | None = None,
         stochastic_depth_rule: str = "linear",
+        drop_kwargs: dict[str, Any] | None = None,
         head: str = "deconv",
         head_channels: int = 128,
         heatmap_stride: int = 4,
@@ -86,9 +92,9 @@ class SpineNet(nn.Module):
             raise ValueError(
                 f"drop_rate ({drop_rate}) and head_dropout ({head_dropout}) must be in [0, 1)"
             )
-        if drop == "stochastic_depth" and not backbones.FAMILIES[family].residual:
+        if drops.DROPS[drop].needs_residual and not backbones.FAMILIES[family].residual:
             raise ValueError(
-                f"drop='stochastic_depth' needs residual blocks; backbone {backbone!r} is a "
+                f"drop={drop!r} needs residual blocks; backbone {backbone!r} is a "
                 f"{family} model without them. Use dropblock, dropout or spatial_dropout."
             )
         why = backbones.FAMILIES[family].unsupported_norms.get(norm)
@@ -96,6 +102,16 @@ class SpineNet(nn.Module):
             raise ValueError(f"norm={norm!r} does not fit backbone {backbone!r} ({family}): {why}")
         if dropblock_size < 1:
             raise ValueError(f"dropblock_size must be >= 1, got {dropblock_size}")
+        drop_spec = drops.DropSpec.from_arguments(
+            drop,
+            drop_rate,
+            {
+                "dropblock_size": dropblock_size,
+                "dropblock_stages": dropblock_stages,
+                "stochastic_depth_rule": stochastic_depth_rule,
+            },
+            drop_kwargs,
+        )
         if norm == "frozen_batchnorm" and not pretrained:
             warnings.warn(
                 "frozen_batchnorm without pretrained weights fixes every norm at mean 0, "
@@ -104,11 +120,18 @@ class SpineNet(nn.Module):
             )
 
         self.backbone = backbones.create_backbone(backbone, in_chans, pretrained)
+        norms.swap_norms(self.backbone, norm, norm_groups, norm_group_size)
         info = self.backbone.feature_info
         self.reductions: list[int] = list(info.reduction())
         channels: list[int] = list(info.channels())
-        self.decoder = heads.HEADS[head](channels, self.reductions, heatmap_stride, head_channels)
-        self.head_drop = drops.head_dropout(drop, drop_rate)
+        self.decoder = heads.HEADS[head](
+            channels,
+            self.reductions,
+            heatmap_stride,
+            head_channels,
+            norms.norm_act_layer(norm, norm_groups, norm_group_size),
+        )
+        self.head_drop: nn.Module = nn.Identity()  # a heads drop method replaces it
         self.heatmap = nn.Conv2d(head_channels, spec.num_points, 1)
         self.classifier = heads.PointClassifier(
             head_channels,
@@ -118,31 +141,10 @@ class SpineNet(nn.Module):
             head_dropout,
             task=task,
         )
-        norms.swap_norms(self, norm, norm_groups, norm_group_size)
-
-        self.stochastic_depth: dict[str, float] = {}
-        if drop == "dropblock":
-            levels = len(self.reductions)
-            stages = (
-                list(range(levels - 2, levels))
-                if dropblock_stages is None
-                else list(dropblock_stages)
-            )
-            if not stages or any(not 0 <= s < levels for s in stages):
-                raise ValueError(
-                    f"dropblock_stages {stages} outside the {levels} feature levels of "
-                    f"{backbone!r} (0..{levels - 1}, reductions {self.reductions})"
-                )
-            paths = backbones.stage_paths(self.backbone)
-            drops.insert_dropblock(
-                self.backbone, [paths[s] for s in sorted(set(stages))], drop_rate, dropblock_size
-            )
-        elif drop == "stochastic_depth":
-            self.stochastic_depth = drops.apply_stochastic_depth(
-                self.backbone, drop_rate, stochastic_depth_rule
-            )
-
         self.backbone_name, self.family, self.norm, self.drop = backbone, family, norm, drop
+        self.stochastic_depth: dict[str, float] = {}  # block path -> drop probability
+        self.drop_spec = drop_spec
+        drop_spec.apply(self)
         self.in_chans = in_chans
         self.heatmap_stride = heatmap_stride
         self.vocabulary = vocabulary

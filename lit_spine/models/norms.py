@@ -66,7 +66,6 @@ class NormChoice:
     plain: Callable[[int, int], nn.Module]  # (channels, groups) -> module
     fused: Callable[[int, int], nn.Module]  # (channels, groups) -> module with .act / .drop
     grouped: bool  # whether the group count matters (validated against channel counts)
-    description: str
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -75,41 +74,41 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 # The one place that lists the norms; add a norm here.
 NORMS: dict[str, NormChoice] = {
+    # BatchNorm: statistics per channel over (N, H, W)
     "batchnorm": NormChoice(
         lambda c, g: nn.BatchNorm2d(c),
         lambda c, g: BatchNormAct2d(c),
         False,
-        "BatchNorm: statistics per channel over (N, H, W)",
     ),
+    # GroupNorm: per sample over (H, W) and C/G channels
     "groupnorm": NormChoice(
         lambda c, g: nn.GroupNorm(g, c),
         lambda c, g: GroupNormAct(c, num_groups=g),
         True,
-        "GroupNorm: per sample over (H, W) and C/G channels",
     ),
+    # LayerNorm as in the GroupNorm paper: per sample over (C, H, W) = GroupNorm(1, C)
     "layernorm": NormChoice(
         lambda c, g: nn.GroupNorm(1, c),
         lambda c, g: GroupNorm1Act(c),
         False,
-        "LayerNorm as in the GroupNorm paper: per sample over (C, H, W) = GroupNorm(1, C)",
     ),
+    # channels-only LayerNorm (ConvNeXt): per sample and position over C
     "layernorm2d": NormChoice(
         lambda c, g: LayerNorm2d(c),
         lambda c, g: LayerNormAct2d(c),
         False,
-        "channels-only LayerNorm (ConvNeXt): per sample and position over C",
     ),
+    # InstanceNorm with affine: per sample and channel over (H, W)
     "instancenorm": NormChoice(
         lambda c, g: nn.InstanceNorm2d(c, affine=True),
         lambda c, g: InstanceNormAct2d(c),
         False,
-        "InstanceNorm with affine: per sample and channel over (H, W)",
     ),
+    # frozen BatchNorm (BN*): fixed statistics and affine, nothing trainable
     "frozen_batchnorm": NormChoice(
         lambda c, g: _frozen(nn.BatchNorm2d(c)),
         lambda c, g: _frozen(BatchNormAct2d(c)),
         False,
-        "frozen BatchNorm (BN*): fixed statistics and affine, nothing trainable",
     ),
 }
 
@@ -186,6 +185,19 @@ def make_norm(
     module = choice.fused(channels, g)
     module.act = act
     return module
+
+
+def norm_act_layer(
+    norm: str, groups: int = 32, group_size: int | None = None
+) -> Callable[[int], nn.Module]:
+    """A layer constructor, channels -> fused `norm` + ReLU, for layers built with the chosen
+    norm (the heads); a GroupNorm setting that cannot split the channels raises there."""
+    norm = choose(norm, NORMS, "norm")
+
+    def build(channels: int) -> nn.Module:
+        return make_norm(norm, channels, nn.ReLU(inplace=True), groups, group_size)
+
+    return build
 
 
 def _copy_affine(old: nn.Module, new: nn.Module) -> None:

@@ -61,11 +61,12 @@ def test_experiment_overlay_fast_dev_run(overlay, phantom_root, tmp_path):
         extra = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
     if overlay == "data/challenge2020.yaml":
         extra = ["--data.predict_split=test"]
-    if overlay == "data/rsna2024.yaml":
-        # Its own layout: the rsna2024 phantom, split in two folds.
+    if overlay in ("data/rsna2024.yaml", "data/spider.yaml"):
+        # Their own layouts: that layout's phantom, split in two folds.
+        layout = overlay.removeprefix("data/").removesuffix(".yaml")
         extra = [
             "--data.data_root=null",
-            f"--data.phantom_dir={tmp_path.parent / 'phantom_rsna_overlay'}",
+            f"--data.phantom_dir={tmp_path.parent / f'phantom_{layout}_overlay'}",
             "--data.phantom_studies=4",
             "--data.folds=2",
         ]

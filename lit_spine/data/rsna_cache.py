@@ -91,9 +91,45 @@ def build_rsna2024_cache(
             f"{root}: no usable rsna2024 study for task {spec.name!r}. Problems:\n  "
             + "\n  ".join(data.problems[:20])
         )
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    return open_or_build_task_cache(
+        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+        key=rsna_cache_key(data, settings, spec.name, vocabulary.name),
+        fmt="rsna2024",
+        root=root,
+        annotation=Path(root) / COORDS_CSV,
+        task=spec,
+        vocabulary=vocabulary,
+        settings=settings,
+        problems=data.problems,
+        write_rows=lambda out, problems: _write_rows(
+            out, data, settings, vocabulary, problems, progress
+        ),
+        what="rsna2024 study",
+    )
+
+
+def open_or_build_task_cache(
+    *,
+    cache_dir: Path,
+    key: str,
+    fmt: str,
+    root: str | os.PathLike,
+    annotation: Path,
+    task: Task,
+    vocabulary,
+    settings: CacheSettings,
+    problems: list[str],
+    write_rows,
+    what: str,
+) -> SpineCache:
+    """Open the cache folder `<cache_dir>/<key>` of a task layout, building it first if absent.
+
+    Shared by the rsna2024 and spider caches. `write_rows(out, problems)` writes the rows'
+    images into `out` and returns (records, arrays); problems it appends are kept in the
+    index. The build goes to `<key>.tmp-<pid>/` and is renamed into place only when complete
+    (index.json last); a damaged folder is rebuilt, never trusted.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = rsna_cache_key(data, settings, spec.name, vocabulary.name)
     with file_lock(cache_dir / f".{key}.lock"):
         final = cache_dir / key
         if final.is_dir():
@@ -106,23 +142,22 @@ def build_rsna2024_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            problems = list(data.problems)
-            records, arrays = _write_rows(tmp, data, settings, vocabulary, problems, progress)
+            problems = list(problems)
+            records, arrays = write_rows(tmp, problems)
             if not records:
                 raise DatasetError(
-                    f"{root}: no rsna2024 study could be read. Problems:\n  "
-                    + "\n  ".join(problems[:20])
+                    f"{root}: no {what} could be read. Problems:\n  " + "\n  ".join(problems[:20])
                 )
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", arr)
             size = settings.image_size
             index = {
                 "format_version": CACHE_FORMAT_VERSION,
-                "format": "rsna2024",
-                "task": spec.name,
+                "format": fmt,
+                "task": task.name,
                 "key": key,
                 "root": str(Path(root).resolve()),
-                "annotation": str(Path(root) / COORDS_CSV),
+                "annotation": str(annotation),
                 "series_map": None,
                 "settings": asdict(settings),
                 "vocab": vocabulary.name,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,19 +27,17 @@ import numpy as np
 
 from lit_spine.data.cache import (
     CACHE_FORMAT_VERSION,
-    CacheError,
     CacheSettings,
     SpineCache,
-    _remove_stale_builds,
     default_cache_dir,
     letterbox,
     percentile_normalise,
     to_cache_coords,
 )
 from lit_spine.data.dicom import DatasetError
+from lit_spine.data.rsna_cache import open_or_build_task_cache
 from lit_spine.data.spider import GRADINGS_CSV, SpiderDataset, read_spider, read_volume
 from lit_spine.task import get_task
-from lit_spine.utils import atomic_write_json, file_lock
 
 SPIDER_CACHE_VERSION = 1
 
@@ -77,55 +74,19 @@ def build_spider_cache(
             f"{root}: no usable spider patient for task {spec.name!r}. Problems:\n  "
             + "\n  ".join(data.problems[:20])
         )
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = spider_cache_key(data, settings, spec.name, vocabulary.name)
-    with file_lock(cache_dir / f".{key}.lock"):
-        final = cache_dir / key
-        if final.is_dir():
-            try:
-                return SpineCache.open(final)
-            except CacheError:
-                shutil.rmtree(final, ignore_errors=True)  # damaged: rebuilt, not trusted
-        _remove_stale_builds(cache_dir, key)
-        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            problems = list(data.problems)
-            records, arrays = _write_rows(tmp, data, settings, vocabulary, problems)
-            if not records:
-                raise DatasetError(
-                    f"{root}: no spider volume could be read. Problems:\n  "
-                    + "\n  ".join(problems[:20])
-                )
-            for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", arr)
-            size = settings.image_size
-            index = {
-                "format_version": CACHE_FORMAT_VERSION,
-                "format": "spider",
-                "task": spec.name,
-                "key": key,
-                "root": str(Path(root).resolve()),
-                "annotation": str(Path(root) / GRADINGS_CSV),
-                "series_map": None,
-                "settings": asdict(settings),
-                "vocab": vocabulary.name,
-                "classes": list(vocabulary.classes),
-                "shape": [len(records), settings.channels, size, size],
-                "records": records,
-                "problems": list(dict.fromkeys(problems)),
-            }
-            atomic_write_json(tmp / "index.json", index, indent=1)  # last: marks it complete
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not (final / "index.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return SpineCache.open(final)
+    return open_or_build_task_cache(
+        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
+        key=spider_cache_key(data, settings, spec.name, vocabulary.name),
+        fmt="spider",
+        root=root,
+        annotation=Path(root) / GRADINGS_CSV,
+        task=spec,
+        vocabulary=vocabulary,
+        settings=settings,
+        problems=data.problems,
+        write_rows=lambda out, problems: _write_rows(out, data, settings, vocabulary, problems),
+        what="spider volume",
+    )
 
 
 def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabulary, problems):

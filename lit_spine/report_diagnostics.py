@@ -28,7 +28,12 @@ SECTIONS = (
     "Calibration",
     "Effective receptive field",
 )
-INTERVAL_NOTE = "mean [95% t-interval over the cell's seeds]; n = runs with diagnostics"
+INTERVAL_NOTE = (
+    "mean [95% t-interval over the cell's seeds, cut to the quantity's range: rates, AP and ECE "
+    "within [0, 1], errors, losses and radii >= 0]; n = runs with diagnostics"
+)
+UNIT = (0.0, 1.0)  # rates, AP, mAP, ECE
+NONNEG = (0.0, math.inf)  # errors in mm, losses, radii
 
 
 def interval(values: Sequence[float | None]) -> dict[str, float]:
@@ -38,14 +43,23 @@ def interval(values: Sequence[float | None]) -> dict[str, float]:
                                            "ci_low": math.nan, "ci_high": math.nan}  # fmt: skip
 
 
-def fmt(values: Sequence[float | None], digits: int = 3) -> str:
-    """'mean [low, high]' (n >= 2), 'mean' (n = 1) or 'n/a' (no value)."""
+def fmt(
+    values: Sequence[float | None],
+    digits: int = 3,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> str:
+    """'mean [low, high]' (n >= 2), 'mean' (n = 1) or 'n/a' (no value).
+
+    A t-interval of a few seeds can leave the quantity's range (a hit rate above 1); `bounds`
+    cuts it there (INTERVAL_NOTE says so in the report).
+    """
     s = interval(values)
     if not s["n"]:
         return "n/a"
     if s["n"] < 2 or not math.isfinite(s["ci_low"]):
         return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+    low, high = max(s["ci_low"], bounds[0]), min(s["ci_high"], bounds[1])
+    return f"{s['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def load_diagnostics(run_dir: Path) -> dict[str, Any] | None:
@@ -120,10 +134,13 @@ def _localisation(groups) -> str:
         [
             name,
             _n(ds),
-            fmt(_column(ds, "localisation_vs_classification.mre_mm"), 2),
-            fmt([(_get(d, "localisation_vs_classification.sdr") or {}).get(r_key) for d in ds]),
-            fmt(_column(ds, "localisation_vs_classification.map_decoded")),
-            fmt(_column(ds, "localisation_vs_classification.map_true_points")),
+            fmt(_column(ds, "localisation_vs_classification.mre_mm"), 2, bounds=NONNEG),
+            fmt(
+                [(_get(d, "localisation_vs_classification.sdr") or {}).get(r_key) for d in ds],
+                bounds=UNIT,
+            ),
+            fmt(_column(ds, "localisation_vs_classification.map_decoded"), bounds=UNIT),
+            fmt(_column(ds, "localisation_vs_classification.map_true_points"), bounds=UNIT),
             fmt(_column(ds, "localisation_vs_classification.map_gap")),
         ]
         for name, ds, _ in groups
@@ -168,8 +185,8 @@ def _per_level(groups, out: Path) -> str:
             [
                 name,
                 _n(ds),
-                fmt(_column(ds, "per_level.hit_rate")),
-                fmt(_column(ds, "per_level.off_by_one_rate")),
+                fmt(_column(ds, "per_level.hit_rate"), bounds=UNIT),
+                fmt(_column(ds, "per_level.off_by_one_rate"), bounds=UNIT),
             ]
         )
         rows = []
@@ -178,10 +195,10 @@ def _per_level(groups, out: Path) -> str:
             rows.append(
                 [
                     level,
-                    fmt([p.get("mre_mm") for p in per], 2),
-                    fmt([p.get("hit_rate") for p in per]),
-                    fmt([p.get("ap") for p in per]),
-                    fmt([p.get("off_by_one_rate") for p in per]),
+                    fmt([p.get("mre_mm") for p in per], 2, bounds=NONNEG),
+                    fmt([p.get("hit_rate") for p in per], bounds=UNIT),
+                    fmt([p.get("ap") for p in per], bounds=UNIT),
+                    fmt([p.get("off_by_one_rate") for p in per], bounds=UNIT),
                 ]
             )
         blocks += [
@@ -246,11 +263,11 @@ def _generalisation(groups) -> str:
             [
                 name,
                 _n(gen),
-                fmt(_column(gen, "generalisation.train.loss")),
-                fmt(_column(gen, "generalisation.val.loss")),
+                fmt(_column(gen, "generalisation.train.loss"), bounds=NONNEG),
+                fmt(_column(gen, "generalisation.val.loss"), bounds=NONNEG),
                 fmt(_column(gen, "generalisation.gap.loss")),
-                fmt(_column(gen, "generalisation.train.map")),
-                fmt(_column(gen, "generalisation.val.map")),
+                fmt(_column(gen, "generalisation.train.map"), bounds=UNIT),
+                fmt(_column(gen, "generalisation.val.map"), bounds=UNIT),
                 fmt(_column(gen, "generalisation.gap.map")),
                 fmt(_column(gen, "generalisation.gap.mre_mm"), 2),
             ]
@@ -288,11 +305,11 @@ def _batchnorm(groups) -> str:
                 name,
                 "/".join(norms),
                 _n(ds),
-                fmt(_column(ds, "batchnorm.map_eval")),
-                fmt(_column(ds, "batchnorm.map_batch_stats")),
+                fmt(_column(ds, "batchnorm.map_eval"), bounds=UNIT),
+                fmt(_column(ds, "batchnorm.map_batch_stats"), bounds=UNIT),
                 fmt(_column(ds, "batchnorm.map_gap")),
-                fmt(_column(ds, "batchnorm.mre_mm_eval"), 2),
-                fmt(_column(ds, "batchnorm.mre_mm_batch_stats"), 2),
+                fmt(_column(ds, "batchnorm.mre_mm_eval"), 2, bounds=NONNEG),
+                fmt(_column(ds, "batchnorm.mre_mm_batch_stats"), 2, bounds=NONNEG),
                 drift,
                 ratio,
             ]
@@ -344,7 +361,7 @@ def _calibration(groups, out: Path) -> str:
         [
             name,
             _n(ds),
-            fmt(_column(ds, "calibration.ece")),
+            fmt(_column(ds, "calibration.ece"), bounds=UNIT),
             str(_get(ds[0], "calibration.kind")),
             str(sum(_get(d, "calibration.n") or 0 for d in ds)),
         ]
@@ -383,8 +400,8 @@ def _erf(groups, out: Path) -> str:
         theoretical = theoretical or th
 
         def px_mm(which: str, share: int, ds=ds) -> str:
-            px = fmt(_column(ds, f"erf.{which}.r{share}_px"), 1)
-            mm = fmt(_column(ds, f"erf.{which}.r{share}_mm"), 1)
+            px = fmt(_column(ds, f"erf.{which}.r{share}_px"), 1, bounds=NONNEG)
+            mm = fmt(_column(ds, f"erf.{which}.r{share}_mm"), 1, bounds=NONNEG)
             return f"{px} px / {mm} mm"
 
         rows.append(

@@ -4,6 +4,7 @@ offline whose run files, diagnostics.json and report sections are read back."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from pathlib import Path
@@ -349,8 +350,9 @@ def test_report_sections_aggregate_cells_over_seeds(tmp_path):
     )
     gn = Cell("norm=groupnorm", [Run(write(tmp_path / f"gn{s}", 0.05, None, False)) for s in range(2)])  # fmt: skip
     md = render_sections([bn, gn], lambda c: c.name, tmp_path)
-    # Mean 0.15, std 0.0707, t(1) 95% half-width 12.706 * 0.05 = 0.635.
-    assert "| norm=batchnorm | 2 | 0.150 [-0.485, 0.785] |" in md
+    # Mean 0.15, std 0.0707, t(1) 95% half-width 12.706 * 0.05 = 0.635: [-0.485, 0.785], and
+    # an ECE cannot be negative, so the report cuts the interval at 0.
+    assert "| norm=batchnorm | 2 | 0.150 [0.000, 0.785] |" in md
     assert "| norm=groupnorm | groupnorm | 2 | 0.200 [0.200, 0.200] | 0.100" in md
     gn_row = next(
         line for line in md.splitlines() if line.startswith("| norm=groupnorm | groupnorm")
@@ -397,3 +399,18 @@ def test_run_diagnostics_groupnorm_softmax_without_a_trainer(phantom_root, tmp_p
     assert result["generalisation"]["gap"]["loss"] == pytest.approx(0.0, abs=1e-6)
     assert maps["trained"].shape == (65, 65) and "init" not in maps
     assert set(result["erf"]["trained"]) >= {"r50_px", "r90_px", "r50_mm", "r90_mm"}
+
+
+def test_report_intervals_stay_inside_the_quantitys_range():
+    """A t-interval of three seeds of a rate can pass 1 (or an error below 0); the report cuts
+    it at the range and says so, and leaves signed differences alone."""
+    from lit_spine import report_diagnostics as rd
+
+    rates = [0.2, 1.0, 1.0]  # mean 0.733, t-interval about [-0.41, 1.88]
+    low, high = rd.interval(rates)["ci_low"], rd.interval(rates)["ci_high"]
+    assert low < 0 and high > 1
+    assert rd.fmt(rates, bounds=rd.UNIT) == "0.733 [0.000, 1.000]"
+    errors = [0.5, 9.0, 0.5]
+    assert rd.fmt(errors, 2, bounds=rd.NONNEG).startswith("3.33 [0.00, ")
+    assert rd.fmt([-0.5, 0.4, 0.1]) == rd.fmt([-0.5, 0.4, 0.1], bounds=(-math.inf, math.inf))
+    assert "cut to the quantity's range" in rd.INTERVAL_NOTE

@@ -1378,6 +1378,7 @@ def bench_sweep(b: Bench) -> None:
     walls: dict[str, list[float]] = {k: [] for k in sides}
     ips: dict[str, list[float]] = {k: [] for k in sides}
     per_epoch: dict[str, list[float]] = {k: [] for k in sides}
+    diag_share: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(b.cfg.sweep_repeats):
         for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
             seconds, run = _sweep_fit(b, sides[name], f"{name.split('/')[1]}-{r}")
@@ -1387,6 +1388,7 @@ def bench_sweep(b: Bench) -> None:
             walls[name].append(seconds)
             ips[name].append(summary.get("images_per_s") or math.nan)
             per_epoch[name].append(summary["runtime_s"] / max(1, summary["epochs"]))
+            diag_share[name].append(_diagnostics_share(run))
     extra = {"overrides": " ".join(b.cfg.sweep_overrides) or "none"}
     figs = {}
     for name in sides:
@@ -1394,6 +1396,8 @@ def bench_sweep(b: Bench) -> None:
         figs[name] = b.rec.figure(Figure(name, "s", walls[name], "sweep", {**extra, **what}))
         b.rec.figure(Figure(f"{name}/images_per_s", "images/s", ips[name], "sweep", what))
         b.rec.figure(Figure(f"{name}/s_per_epoch", "s", per_epoch[name], "sweep", what))
+        share = {**what, "meaning": "Diagnostics callback's seconds / the whole fit (issue: < 10%)"}
+        b.rec.figure(Figure(f"{name}/diagnostics_pct", "%", diag_share[name], "sweep", share))
     rec = ratio_record(
         "sweep_run_speedup",
         figs["sweep_run/old_fp32"],
@@ -1404,6 +1408,16 @@ def bench_sweep(b: Bench) -> None:
     )
     rec["meaning"] = "old preset's wall seconds / today's (process start to exit, data ready)"
     b.rec.ratio(rec)
+
+
+def _diagnostics_share(run: Path) -> float:
+    """Percent of a fit the Diagnostics callback took (its `cost` in diagnostics.json); NaN
+    when the run wrote no diagnostics (switched off, or the fit was too short)."""
+    try:
+        cost = json.loads((Path(run) / "diagnostics.json").read_text())["cost"]
+        return 100.0 * float(cost["fraction_of_fit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
 
 
 SECTION_FUNCS: dict[str, Callable[[Bench], None]] = {

@@ -224,3 +224,13 @@ def test_quick_sweep_section_times_the_old_and_the_new_preset(tmp_path, capsys):
         assert records[f"{side}/images_per_s"]["median"] > 0
     speedup = records["sweep_run_speedup"]
     assert speedup["target"] == bench.SWEEP_TARGET and isinstance(speedup["meets"], bool)
+
+
+def test_the_sweep_bench_reads_the_diagnostics_share_of_a_run(tmp_path):
+    """The sweep section reports the Diagnostics callback's share of each fit from the run's
+    diagnostics.json (`cost.fraction_of_fit`), NaN where the run wrote none."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert math.isnan(bench._diagnostics_share(run))
+    (run / "diagnostics.json").write_text(json.dumps({"cost": {"fraction_of_fit": 0.025}}))
+    assert bench._diagnostics_share(run) == pytest.approx(2.5)

@@ -250,6 +250,31 @@ def cache_key(
     return h.hexdigest()[:20]
 
 
+def open_existing(final: Path) -> SpineCache | None:
+    """The complete cache folder `final`, or None when absent; a damaged one is removed
+    (rebuilt, never trusted)."""
+    if final.is_dir():
+        try:
+            return SpineCache.open(final)
+        except CacheError:
+            shutil.rmtree(final, ignore_errors=True)
+    return None
+
+
+def publish_build(tmp: Path, final: Path, arrays: dict[str, np.ndarray], index: dict) -> None:
+    """Save a finished build's arrays, write index.json last (it marks the folder complete)
+    and rename `tmp` into place; when another builder finished first with the same key, its
+    folder is kept."""
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+    atomic_write_json(tmp / "index.json", index, indent=1)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "index.json").is_file():
+            raise
+
+
 def _remove_stale_builds(cache_dir: Path, key: str) -> None:
     """Drop `<key>.tmp-<pid>` folders left by builders that no longer run."""
     for tmp in cache_dir.glob(f"{key}.tmp-*"):
@@ -338,11 +363,8 @@ def _build_locked(
 ) -> SpineCache:
     vocabulary = get_vocabulary(vocab)
     final = cache_dir / key
-    if final.is_dir():
-        try:
-            return SpineCache.open(final)
-        except CacheError:
-            shutil.rmtree(final, ignore_errors=True)  # a damaged cache is rebuilt, not trusted
+    if (cache := open_existing(final)) is not None:
+        return cache
 
     annotations = load_annotations(annotation, vocabulary) if annotation else {}
     forced = load_series_map(series_map) if series_map else {}
@@ -370,8 +392,6 @@ def _build_locked(
                 f"{root}: no usable study (no T2 sagittal slice could be read). Problems:\n  "
                 + "\n  ".join(problems[:20])
             )
-        for name, arr in arrays.items():
-            np.save(tmp / f"{name}.npy", arr)
         size = settings.image_size
         index = {
             "format_version": CACHE_FORMAT_VERSION,
@@ -386,13 +406,7 @@ def _build_locked(
             "records": records,
             "problems": list(dict.fromkeys(problems)),  # each problem once
         }
-        atomic_write_json(tmp / "index.json", index, indent=1)  # last: marks the folder complete
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "index.json").is_file():
-                raise
-            # Another builder finished first with the same key: use its cache.
+        publish_build(tmp, final, arrays, index)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return SpineCache.open(final)

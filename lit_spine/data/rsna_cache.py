@@ -31,14 +31,15 @@ from tqdm.auto import tqdm
 from lit_spine.data.cache import (
     ARRAY_FILES,
     CACHE_FORMAT_VERSION,
-    CacheError,
     CacheSettings,
     SpineCache,
     _file_fingerprints,
     _remove_stale_builds,
     default_cache_dir,
     letterbox,
+    open_existing,
     percentile_normalise,
+    publish_build,
     to_cache_coords,
 )
 from lit_spine.data.dicom import DatasetError, DicomFileError, PixelReader, index_study
@@ -52,7 +53,7 @@ from lit_spine.data.rsna import (
     read_rsna2024,
 )
 from lit_spine.task import Task, get_task
-from lit_spine.utils import atomic_write_json, file_lock, one_line
+from lit_spine.utils import file_lock, one_line
 
 RSNA_CACHE_VERSION = 1
 
@@ -132,11 +133,8 @@ def open_or_build_task_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(cache_dir / f".{key}.lock"):
         final = cache_dir / key
-        if final.is_dir():
-            try:
-                return SpineCache.open(final)
-            except CacheError:
-                shutil.rmtree(final, ignore_errors=True)  # damaged: rebuilt, not trusted
+        if (cache := open_existing(final)) is not None:
+            return cache
         _remove_stale_builds(cache_dir, key)
         tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,8 +146,6 @@ def open_or_build_task_cache(
                 raise DatasetError(
                     f"{root}: no {what} could be read. Problems:\n  " + "\n  ".join(problems[:20])
                 )
-            for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", arr)
             size = settings.image_size
             index = {
                 "format_version": CACHE_FORMAT_VERSION,
@@ -166,12 +162,7 @@ def open_or_build_task_cache(
                 "records": records,
                 "problems": list(dict.fromkeys(problems)),
             }
-            atomic_write_json(tmp / "index.json", index, indent=1)  # last: marks it complete
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if not (final / "index.json").is_file():
-                    raise
+            publish_build(tmp, final, arrays, index)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return SpineCache.open(final)

@@ -200,7 +200,7 @@ TASKS: dict[str, Task] = {
         point_kinds=tuple(point_type(n) for n in POINT_NAMES),
         vocabularies=("tianchi2020", "seed7"),
         series="sagittal T2 (mid-sagittal slice)",
-        description="2020 challenge: 6 vertebrae and 5 discs T12-L1 .. L5-S1",
+        description="2020 challenge: 5 vertebrae L1 .. L5 and 6 discs T12-L1 .. L5-S1",
     ),
     "rsna2024_canal": Task(
         name="rsna2024_canal",

@@ -99,7 +99,7 @@ def write_rsna2024_phantom(
     for i in range(studies):
         study_id = 4000000 + 1000 * seed + 17 * i
         info = pd_dicom.StudyInfo(
-            uid=pd_dicom.phantom_uid("rsna2024", seed, i),
+            uid=pd_dicom.phantom_uid("an rsna2024 phantom", seed, i),
             frame_uid=pd_dicom.phantom_uid("rsna2024", seed, i, "frame"),
             patient_id=str(study_id),
             patient_name=f"PHANTOM^{study_id}",
@@ -217,27 +217,14 @@ def ensure_rsna2024_phantom(
     Parallel processes build it in turn (a file lock); a folder written with other
     parameters is replaced, a non-empty folder that is no phantom is refused.
     """
-    import json
-    import shutil
+    from lit_spine.phantom.marker import ensure_layout
 
-    from lit_spine.utils import atomic_write_json, file_lock
-
-    root = Path(root).expanduser()
     params = {"studies": int(studies), "seed": int(seed), "size": int(size)}
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(root.parent / f".{root.name}.lock"):
-        marker = root / MARKER
-        if marker.is_file():
-            if json.loads(marker.read_text()) == {"params": params, "complete": True}:
-                return root
-            shutil.rmtree(root / IMAGES_DIR, ignore_errors=True)
-        elif root.is_dir() and any(root.iterdir()):
-            raise FileExistsError(
-                f"{root}: not empty and not an rsna2024 phantom (no {MARKER}); choose another "
-                "data.phantom_dir or remove the folder"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"params": params, "complete": False})
-        write_rsna2024_phantom(root, studies, seed, size)
-        atomic_write_json(marker, {"params": params, "complete": True})
-    return root
+    return ensure_layout(
+        root,
+        params,
+        MARKER,
+        "rsna2024",
+        (IMAGES_DIR,),
+        lambda out: write_rsna2024_phantom(out, studies, seed, size),
+    )

@@ -86,7 +86,7 @@ def write_spider_phantom(
     rows, truth = [], {}
     for i in range(studies):
         patient = i + 1
-        st = render_study(seed, "spider", i, size=size, pixels=True)
+        st = render_study(seed, "a spider phantom", i, size=size, pixels=True)
         by_role = {s.role: s for s in st.series}
         planes = by_role["T2"].planes
         mask = _volume([spider_mask(t) for t in st.tissue_maps], planes, sitk.sitkUInt16)
@@ -130,28 +130,14 @@ def ensure_spider_phantom(
     """The spider phantom under `root`, written once (a complete one with the same
     parameters is kept as it is, so the cache key stays); a file lock orders parallel
     builders; a non-empty folder that is no spider phantom is refused."""
-    import json
-    import shutil
+    from lit_spine.phantom.marker import ensure_layout
 
-    from lit_spine.utils import atomic_write_json, file_lock
-
-    root = Path(root).expanduser()
     params = {"studies": int(studies), "seed": int(seed), "size": int(size)}
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(root.parent / f".{root.name}.lock"):
-        marker = root / MARKER
-        if marker.is_file():
-            if json.loads(marker.read_text()) == {"params": params, "complete": True}:
-                return root
-            for folder in (IMAGES_DIR, MASKS_DIR):
-                shutil.rmtree(root / folder, ignore_errors=True)
-        elif root.is_dir() and any(root.iterdir()):
-            raise FileExistsError(
-                f"{root}: not empty and not a spider phantom (no {MARKER}); choose another "
-                "data.phantom_dir or remove the folder"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {"params": params, "complete": False})
-        write_spider_phantom(root, studies, seed, size)
-        atomic_write_json(marker, {"params": params, "complete": True})
-    return root
+    return ensure_layout(
+        root,
+        params,
+        MARKER,
+        "spider",
+        (IMAGES_DIR, MASKS_DIR),
+        lambda out: write_spider_phantom(out, studies, seed, size),
+    )

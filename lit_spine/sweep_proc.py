@@ -164,14 +164,13 @@ class Runner:
         total = len(self.state.runs)
         if not self.planner.plans_ahead:
             total = max(total, self.planner.count or 0)
-        # Wall time of the runs finished here; a run finished by an earlier invocation counts
-        # with its folder's fitting time.
-        durations = [
-            self.durations.get(r.id) or runtime_s(self.state.run_path(r))
+        # Wall time of the runs finished here; until one has, the fitting time (runtime_s)
+        # that the folders of runs finished earlier report, which leaves out process start-up.
+        durations = list(self.durations.values()) or [
+            seconds
             for r in self.state.runs
-            if statuses[r.id] == "finished"
+            if statuses[r.id] == "finished" and (seconds := runtime_s(self.state.run_path(r)))
         ]
-        durations = [d for d in durations if d]
         remaining = total - done
         eta = None
         if durations:

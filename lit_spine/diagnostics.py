@@ -46,6 +46,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from lit_spine import runs as run_folder
 from lit_spine.diagnostics_measures import (
     MASS_SHARES,
     BatchNormDrift,
@@ -268,7 +269,7 @@ class Diagnostics(pl.Callback):
         if self.init_erf is None:
             result["erf"]["init_note"] = "not available (run resumed without the init map)"
         out = Path(self.run_dir or trainer.default_root_dir)
-        folder = out / "diagnostics"
+        folder = out / run_folder.DIAGNOSTICS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         plots = {
             "reliability": plot_reliability(
@@ -287,7 +288,7 @@ class Diagnostics(pl.Callback):
 
         buf = io.BytesIO()
         np.savez_compressed(buf, **maps)
-        atomic_write_bytes(folder / "erf.npz", buf.getvalue())
+        atomic_write_bytes(out / run_folder.ERF_MAPS, buf.getvalue())
         end_seconds = time.perf_counter() - start
         seconds = end_seconds + self.init_erf_seconds
         total = fit_seconds + end_seconds  # the whole fit call, diagnostics included
@@ -302,12 +303,12 @@ class Diagnostics(pl.Callback):
             "fraction_of_fit = seconds / the whole fit call including them",
         }
         result["plots"] = {k: str(p.relative_to(out)) for k, p in plots.items()}
-        atomic_write_json(out / "diagnostics.json", result)
+        atomic_write_json(out / run_folder.DIAGNOSTICS, result)
         self.result = result
         print(
             f"lit-spine: diagnostics in {seconds:.1f} s "
             f"({100 * (result['cost']['fraction_of_fit'] or 0):.1f}% of the fit) "
-            f"-> {out / 'diagnostics.json'}"
+            f"-> {out / run_folder.DIAGNOSTICS}"
         )
         self._log_wandb(trainer, result, plots)
 

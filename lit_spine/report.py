@@ -45,7 +45,7 @@ from lit_spine.report_cells import (
     find_runs,
     group_cells,
     latest_sweep,  # noqa: F401 - kept as report.latest_sweep (its users import it from here)
-    load_run,
+    load_runs,
     marginal_means,
     norm_vs_batch_analysis,
     parse_baseline,
@@ -77,7 +77,7 @@ def build_report(
     source = find_runs(paths)
     metric = metric or (source.metric or {}).get("name") or DEFAULT_METRIC
     goal = goal or (source.metric or {}).get("goal") or "maximize"
-    loaded = [load_run(d) for d in source.run_dirs]
+    loaded = load_runs(source.run_dirs)
     runs = [r for r in loaded if r.finished]
     skipped = [r.dir for r in loaded if not r.finished]
     if not runs:

@@ -8,12 +8,11 @@ cell with a reference cell (paired by seed, Holm over the family), pools per fac
 the norm-vs-batch-size analysis. The numbers come from lit_spine.report_stats; the words
 about them are lit_spine.report_verdict's.
 
-Runs are `Run` objects (a folder, its flat config and summary as lit_spine.runs reads them)
-rather than rows of `runs.load_runs`' DataFrame, and cells are grouped by a dict rather than
-`DataFrame.groupby`: a factor's value must keep its JSON type in labels and report.csv, and a
-DataFrame column does not keep it (an int key missing from one run becomes a float column,
-3 -> 3.0, and a list value, such as a drop schedule, cannot be a groupby key);
-report_diagnostics and the plots read each run by its folder.
+Runs are `Run` objects made from the rows of `runs.load_runs` (the one loader of run
+folders): its columns keep each value's JSON type, so a factor's value is the same in labels
+and report.csv whichever file its run left. Cells are grouped by a dict rather than
+`DataFrame.groupby`, because a list value (a drop schedule) cannot be a groupby key;
+report_diagnostics and the plots read each run by its folder, through lit_spine.runs.
 """
 
 from __future__ import annotations
@@ -80,15 +79,26 @@ class Run:
         return tuple(hashable(self.config.get(k)) for k in seed_keys)
 
 
-def load_run(run_dir: Path) -> Run:
-    """Read a run folder through lit_spine.runs (config: meta.json's config_flat, else
-    config.yaml; sweep params win); parameter counts may live in meta.json."""
-    meta = run_folder.read_meta(run_dir)
-    summary = run_folder.read_summary(run_dir) or {}
-    for key in PARAMS_KEYS:
-        if key not in summary and isinstance(meta.get(key), int | float):
-            summary[key] = meta[key]
-    return Run(run_dir, run_folder.read_config(run_dir), summary)
+def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
+    """One `Run` per folder, in order, from `runs.load_runs`' rows; a folder without a
+    summary.json (a planned run not started yet) becomes a Run with no config or summary,
+    which the report counts as unfinished. Parameter counts may live in meta.json."""
+    run_dirs = [Path(d) for d in run_dirs]
+    present = [d for d in run_dirs if run_folder.is_run_dir(d)]
+    rows = (row for _, row in run_folder.load_runs(present).iterrows()) if present else iter(())
+    runs = []
+    for run_dir in run_dirs:
+        if run_dir not in present:
+            runs.append(Run(run_dir, {}, {}))
+            continue
+        row = next(rows)
+        summary = run_folder.row_fields(row, "summary")
+        meta = run_folder.row_fields(row, "meta")
+        for key in PARAMS_KEYS:
+            if key not in summary and isinstance(meta.get(key), int | float):
+                summary[key] = meta[key]
+        runs.append(Run(run_dir, run_folder.row_fields(row, "config"), summary))
+    return runs
 
 
 @dataclass

@@ -10,7 +10,6 @@ that turns a cell's per-run values into the printed mean and interval.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lit_spine import runs as run_folder
 from lit_spine.report_stats import mean_ci
 
 SECTIONS = (
@@ -62,15 +62,6 @@ def fmt(
     return f"{s['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def load_diagnostics(run_dir: Path) -> dict[str, Any] | None:
-    """A run's diagnostics.json, or None when it has none (diagnostics off or failed)."""
-    try:
-        data = json.loads((Path(run_dir) / "diagnostics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _get(d: dict[str, Any] | None, path: str) -> Any:
     for part in path.split("."):
         if not isinstance(d, dict):
@@ -103,7 +94,9 @@ def render_sections(cells: Sequence[Any], label: Callable[[Any], str], out: Path
     out = Path(out)
     groups = []
     for cell in cells:
-        diags = [d for d in (load_diagnostics(r.dir) for r in cell.runs) if d is not None]
+        diags = [
+            d for d in (run_folder.read_diagnostics(r.dir) for r in cell.runs) if d is not None
+        ]
         groups.append((label(cell), diags, [r.dir for r in cell.runs]))
     if not any(diags for _, diags, _ in groups):
         return "\n".join(
@@ -417,11 +410,9 @@ def _erf(groups, out: Path) -> str:
         )
         stack = []
         for run_dir in dirs:
-            try:
-                with np.load(Path(run_dir) / "diagnostics" / "erf.npz") as z:
-                    stack.append(z["trained"])
-            except (OSError, KeyError, ValueError):
-                continue
+            trained = run_folder.read_erf_map(run_dir, "trained")
+            if trained is not None:
+                stack.append(trained)
         shapes = {m.shape for m in stack}
         if stack and len(shapes) == 1:
             mean = np.mean(stack, axis=0)

@@ -2,7 +2,8 @@
 
 This module is the only code that knows the layout of a run folder (docs/architecture.md,
 "What a run writes"). `lit-spine fit` writes through it (train_cli.RunFolder); sweep, report
-and the test stand-in `tests/fake_fit.py` read and write only through it.
+and the test stand-in `tests/fake_fit.py` read and write only through it. A run's status is
+its folder's (`folder_status`): a sweep's state.json keeps no copy of it.
 
 One flatten rule (`flatten`): nested mappings become dotted keys; lists and tuples stay
 lists; an empty mapping stays an empty dict; any other non-JSON value becomes its `str`.
@@ -14,10 +15,12 @@ left.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -30,6 +33,11 @@ SUMMARY = "summary.json"
 SWEEP_PARAMS = "sweep_params.yaml"  # written by the sweep; wandb.init reads it into run.config
 SWEEP_ARGS = "sweep_args.json"  # the sweep's ${args_json_file}
 CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = f"{CHECKPOINTS}/last.ckpt"  # what an interrupted run resumes from
+LOG = "stdout.log"  # a sweep run's console output, written by the sweep
+DIAGNOSTICS = "diagnostics.json"  # written by the Diagnostics callback (lit_spine.diagnostics)
+DIAGNOSTICS_DIR = "diagnostics"  # its plots and ERF_MAPS
+ERF_MAPS = f"{DIAGNOSTICS_DIR}/erf.npz"  # the effective receptive field maps, by name
 
 # meta.json, written once at the start of each fit (a resume rewrites it).
 META_FIELDS = {
@@ -175,6 +183,19 @@ def read_status(run_dir: Path) -> str | None:
     return (read_summary(run_dir) or {}).get("status")
 
 
+def folder_status(run_dir: Path) -> str:
+    """A run's status as its folder says it, for a process that no longer writes to it:
+    summary.json's status, where "running" means the fit stopped without saying so
+    (interrupted); without a summary, "pending" for a folder never started and "interrupted"
+    for one that was (a killed process leaves no summary behind)."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status is None:
+        started = run_dir.is_dir() and any(run_dir.iterdir())
+        return "interrupted" if started else "pending"
+    return "interrupted" if status == "running" else status
+
+
 def read_meta(run_dir: Path) -> dict[str, Any]:
     return read_json(Path(run_dir) / META)
 
@@ -207,6 +228,20 @@ def read_metrics(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
+def read_diagnostics(run_dir: Path) -> dict[str, Any] | None:
+    """diagnostics.json, or None when the run has none (diagnostics off or failed)."""
+    return read_json(Path(run_dir) / DIAGNOSTICS) or None
+
+
+def read_erf_map(run_dir: Path, name: str) -> np.ndarray | None:
+    """One map ("init" or "trained") of ERF_MAPS, None when the file or the map is missing."""
+    try:
+        with np.load(Path(run_dir) / ERF_MAPS) as maps:
+            return maps[name]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def read_curve(run_dir: Path, column: str) -> dict[int, float]:
     """epoch -> last logged value of `column` in metrics.csv. Lightning's rows are sparse, and
     a resumed fit can log the epoch it resumed at a second time: the last value counts."""
@@ -231,14 +266,19 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def load_run(path: str | os.PathLike) -> pd.DataFrame:
-    """One run as a one-row DataFrame: `run_dir`, the flat config keys as `config.<key>`, the
-    summary fields as `summary.<field>` (values as `flatten` leaves them)."""
+    """One run as a one-row DataFrame (columns as in `load_runs`)."""
     return load_runs([path])
 
 
 def load_runs(paths_or_root: str | os.PathLike | list) -> pd.DataFrame:
-    """Many runs, one row each (columns as in `load_run`). A single path is searched for run
-    folders below it; a list names run folders (or folders holding them)."""
+    """Many runs, one row each: `run_dir`, the flat config keys as `config.<key>`, the summary
+    fields as `summary.<field>` and meta.json's fields (config_flat left out: it is the
+    config) as `meta.<field>`. A single path is searched for run folders below it; a list
+    names run folders (or folders holding them), in that order.
+
+    Every column has dtype object, so a value keeps the type `flatten` gave it (an int stays
+    an int next to a run that lacks the key, a list stays a list); a key a run lacks is NaN in
+    its row, and `row_fields` gives a row's fields without those."""
     if isinstance(paths_or_root, str | os.PathLike):
         paths_or_root = [paths_or_root]
     run_dirs: list[Path] = []
@@ -252,8 +292,22 @@ def load_runs(paths_or_root: str | os.PathLike | list) -> pd.DataFrame:
         row: dict[str, Any] = {"run_dir": str(run_dir)}
         row.update({f"config.{k}": v for k, v in read_config(run_dir).items()})
         row.update({f"summary.{k}": v for k, v in (read_summary(run_dir) or {}).items()})
+        meta = read_meta(run_dir)
+        row.update({f"meta.{k}": v for k, v in meta.items() if k != "config_flat"})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, dtype=object)
+
+
+def row_fields(row: pd.Series, group: str) -> dict[str, Any]:
+    """The `group` ("config", "summary" or "meta") fields of one `load_runs` row, prefix
+    removed, in column order, without the keys this run lacks (NaN cells; a float NaN stored
+    in a file reads the same as a missing key)."""
+    prefix = f"{group}."
+    return {
+        key[len(prefix) :]: value
+        for key, value in row.items()
+        if key.startswith(prefix) and not (isinstance(value, float) and math.isnan(value))
+    }
 
 
 # ----------------------------------------------------------------------------- metrics.csv

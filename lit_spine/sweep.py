@@ -4,14 +4,15 @@ Offline (the default) plans runs with W&B's open-source `sweeps` engine (the pla
 `wandb agent`: grid enumerates every point, random and bayes draw `--count` runs, bayes sees
 the metrics of finished runs) and builds each command with W&B's own macro rules (`${args}`,
 `${args_no_hyphens}`, `${args_json}`, `${args_json_file}`, `${program}`, `${interpreter}`,
-`${env}`, `${envvar:NAME}`). Runs go to `<out>/<sweep name>/runs/<run id>/`; the plan and every
-run's status live in `<out>/<sweep name>/state.json`, rewritten atomically after every change,
-so a rerun after Ctrl-C or a crash skips finished runs and redoes only the others.
+`${env}`, `${envvar:NAME}`). Runs go to `<out>/<sweep name>/runs/<run id>/`; the plan lives in
+`<out>/<sweep name>/state.json`, rewritten atomically after every change, and every run's status
+in its own folder, so a rerun after Ctrl-C or a crash skips finished runs and redoes only the
+others.
 
 This module runs a sweep (`run_sweep`: the offline and online modes, the closing summary; its
-command line is lit_spine.commands.sweep); its
-parts, one concept each: lit_spine.sweep_plan (sweep file, planner, commands),
-lit_spine.sweep_state (state.json), lit_spine.sweep_proc (child processes and signals).
+command line is lit_spine.commands.sweep); its parts, one concept each: lit_spine.sweep_plan
+(sweep file, planner, commands), lit_spine.sweep_state (state.json, statuses from the run
+folders), lit_spine.sweep_proc (child processes and signals).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import filelock
 
+from lit_spine import runs as run_folder
 from lit_spine.sweep_plan import (
     WANDB_DEFAULT_COMMAND,
     Planner,
@@ -41,7 +44,7 @@ from lit_spine.sweep_plan import expand_command as expand_command  # re-exported
 from lit_spine.sweep_plan import resolve_executable as resolve_executable  # re-exported
 from lit_spine.sweep_proc import Runner, cpu_count, fmt_seconds, visible_gpus
 from lit_spine.sweep_state import PlannedRun as PlannedRun  # re-exported
-from lit_spine.sweep_state import SweepError, SweepState, read_summary, reconcile
+from lit_spine.sweep_state import SweepError, SweepState, read_summary, run_error
 
 DEFAULT_OUT = "sweep_runs"
 
@@ -207,8 +210,11 @@ def _run_offline(
     state: SweepState, planner: Planner, workers: int, max_runs: int | None, report: bool
 ) -> int:
     sweep_dir = state.dir
-    for note in reconcile(state):
-        print(f"[sweep {state.name}] {note}")
+    if state.legacy_fields:
+        print(
+            f"[sweep {state.name}] {state.path} has per-run statuses from an older version: "
+            "ignored, each run's status is read from its folder"
+        )
     if planner.plans_ahead:
         while (nxt := planner.next_params(state)) is not None:
             add_run(state, *nxt)
@@ -241,8 +247,9 @@ def _run_offline(
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-    counts = state.counts()
-    failed = [r for r in state.runs if r.status == "failed"]
+    statuses = state.statuses()
+    counts = Counter(statuses.values())
+    failed = [r for r in state.runs if statuses[r.id] == "failed"]
     left = len(state.runs) - counts.get("finished", 0) - len(failed)
     print(
         f"[sweep {state.name}] done: {counts.get('finished', 0)}/{len(state.runs)} finished, "
@@ -252,8 +259,9 @@ def _run_offline(
         flush=True,
     )
     for run in failed:
-        log = sweep_dir / run.run_dir / "stdout.log"
-        print(f"  {run.id}: {run.error}; log: {log}. Rerun the same command to retry.")
+        log = state.run_path(run) / run_folder.LOG
+        error = run_error(state.run_path(run))
+        print(f"  {run.id}: {error}; log: {log}. Rerun the same command to retry.")
     if report and counts.get("finished", 0):
         from lit_spine.report import print_report
 
@@ -266,7 +274,8 @@ def throughput_line(state: SweepState, wall_s: float) -> str:
     """Total wall time and training images/s of the finished runs (from their summary.json)."""
     rates = []
     for run in state.runs:
-        summary = read_summary(state.dir / run.run_dir) if run.status == "finished" else None
+        finished = state.status(run) == "finished"
+        summary = read_summary(state.run_path(run)) if finished else None
         if summary and summary.get("images_per_s"):
             rates.append(float(summary["images_per_s"]))
     if not rates:

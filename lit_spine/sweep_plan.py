@@ -26,7 +26,14 @@ from typing import Any
 import yaml
 
 from lit_spine import runs as run_folder
-from lit_spine.sweep_state import PlannedRun, SweepError, SweepState, metric_of, run_is_finished
+from lit_spine.sweep_state import (
+    PlannedRun,
+    SweepError,
+    SweepState,
+    metric_of,
+    run_is_finished,
+    run_metric,
+)
 
 # wandb's default when a sweep file has no `command` (wandb/sdk/launch/sweeps/utils.py).
 WANDB_DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -205,11 +212,12 @@ class Planner:
         runs = []
         name = self.metric["name"]
         for run in state.runs:
-            status = {"pending": "running", "interrupted": "running"}.get(run.status, run.status)
-            summary = {name: run.metric} if run.metric is not None else {}
-            history = (
-                _read_history(state.dir / run.run_dir, name) if run.status == "finished" else []
-            )
+            run_dir = state.run_path(run)
+            folder = state.status(run)
+            status = {"pending": "running", "interrupted": "running"}.get(folder, folder)
+            metric = run_metric(run_dir, name)
+            summary = {name: metric} if metric is not None else {}
+            history = _read_history(run_dir, name) if folder == "finished" else []
             runs.append(
                 SweepRun(
                     name=run.id,

@@ -1,9 +1,10 @@
 """A sweep's processes: up to `--workers` child runs at once, their environment and signals.
 
 `Runner` starts the planned runs as child processes (one folder, log and share of CPU
-threads, and of the GPUs where there are several, per run), records each start and end in
-the state, and on Ctrl-C or SIGTERM stops the children once, gracefully (SIGINT: Lightning
-saves last.ckpt), then harder. Each child gets its own process group, and on Linux the
+threads, and of the GPUs where there are several, per run), counts each start in the plan,
+writes into the run folder the end of a run that did not write it itself, and on Ctrl-C or
+SIGTERM stops the children once, gracefully (SIGINT: Lightning saves last.ckpt), then
+harder. Each child gets its own process group, and on Linux the
 kernel's parent-death signal (prctl PR_SET_PDEATHSIG), so that no run outlives a killed
 sweep; elsewhere that last guard is missing and everything else works the same.
 """
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +28,10 @@ from lit_spine.sweep_plan import Planner, add_run, resolve_executable
 from lit_spine.sweep_state import (
     PlannedRun,
     SweepState,
-    read_summary,
     record_status,
     run_is_finished,
+    run_metric,
+    runtime_s,
     utc_now,
 )
 
@@ -93,7 +96,7 @@ def run_env(state: SweepState, run: PlannedRun, threads: int, gpu: str | None) -
     """Environment of one run: its folder, its share of CPU threads and GPUs, W&B settings."""
     from lit_spine.report import cell_label
 
-    run_dir = (state.dir / run.run_dir).resolve()
+    run_dir = state.run_path(run).resolve()
     env = dict(os.environ)
     env["LIT_SPINE_RUN_DIR"] = str(run_dir)
     env["LIT_SPINE_SWEEP_DIR"] = str(state.dir.resolve())
@@ -151,16 +154,22 @@ class Runner:
         self.t_start = time.monotonic()
         self.started = 0
         self.failed_here: set[str] = set()
+        self.durations: dict[str, float] = {}  # wall seconds of the runs finished here
 
     # -- progress
     def _progress(self, event: str) -> None:
-        counts = self.state.counts()
-        done = counts.get("finished", 0)
+        statuses = self.state.statuses()
+        counts = Counter(statuses.values())
+        done, failed = counts["finished"], counts["failed"]
         total = len(self.state.runs)
         if not self.planner.plans_ahead:
             total = max(total, self.planner.count or 0)
-        durations = [
-            r.duration_s for r in self.state.runs if r.status == "finished" and r.duration_s
+        # Wall time of the runs finished here; until one has, the fitting time (runtime_s)
+        # that the folders of runs finished earlier report, which leaves out process start-up.
+        durations = list(self.durations.values()) or [
+            seconds
+            for r in self.state.runs
+            if statuses[r.id] == "finished" and (seconds := runtime_s(self.state.run_path(r)))
         ]
         remaining = total - done
         eta = None
@@ -168,7 +177,7 @@ class Runner:
             eta = sum(durations) / len(durations) * remaining / self.workers
         print(
             f"[sweep {self.state.name}] {done}/{total} done, {len(self.active)} running, "
-            f"{counts.get('failed', 0)} failed | elapsed {fmt_seconds(time.monotonic() - self.t_start)}"
+            f"{failed} failed | elapsed {fmt_seconds(time.monotonic() - self.t_start)}"
             f" | ETA {fmt_seconds(eta) if remaining else '0s'} | {event}",
             flush=True,
         )
@@ -180,10 +189,9 @@ class Runner:
         busy = {a.run.id for a in self.active.values()}
         for run in self.state.runs:
             # A run that failed in this invocation is retried by the next one, not now.
-            if (
-                run.status in ("pending", "failed", "interrupted")
-                and run.id not in busy | self.failed_here
-            ):
+            if run.id in busy | self.failed_here:
+                continue
+            if self.state.status(run) in ("pending", "failed", "interrupted"):
                 return run
         nxt = self.planner.next_params(self.state)
         if nxt is None:
@@ -194,13 +202,12 @@ class Runner:
 
     # -- starting and finishing
     def _start(self, run: PlannedRun, slot: int) -> None:
-        run_dir = self.state.dir / run.run_dir
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        run_dir = self.state.run_path(run)
+        ckpt = run_dir / run_folder.LAST_CHECKPOINT
         command = list(run.command)
-        run.resumed_from = None
-        if run.status == "interrupted" and ckpt.is_file():
+        resumed = self.state.status(run) == "interrupted" and ckpt.is_file()
+        if resumed:
             command.append(f"--ckpt_path={ckpt.resolve()}")
-            run.resumed_from = str(ckpt)
         elif run_dir.exists() and any(run_dir.iterdir()):
             # A previous attempt left files: keep them for post-mortem, start clean.
             attempts = self.state.dir / "attempts"
@@ -211,7 +218,7 @@ class Runner:
             run_folder.write_sweep_args(run_dir, run.params)
         gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
         env = run_env(self.state, run, self.threads, gpu)
-        log = open(run_dir / "stdout.log", "a", buffering=1)  # noqa: SIM115
+        log = open(run_dir / run_folder.LOG, "a", buffering=1)  # noqa: SIM115
         log.write(f"# {utc_now()} attempt {run.attempts + 1}: {' '.join(command)}\n")
         argv = resolve_executable(command)
         try:
@@ -225,50 +232,40 @@ class Runner:
             )
         except OSError as err:
             log.close()
-            run.status, run.error = "failed", f"could not start {argv[0]!r}: {err}"
-            record_status(run_dir, "failed", run.error)
+            record_status(run_dir, "failed", f"could not start {argv[0]!r}: {err}")
             self.failed_here.add(run.id)
-            self.state.save()
             self._progress(f"FAILED to start {run.id}: {err}")
             return
-        run.status, run.started, run.ended = "running", utc_now(), None
         run.attempts += 1
-        run.returncode = run.error = None
         self.active[slot] = Active(run, proc, slot, time.monotonic(), log)
         self.started += 1
         self.state.save()
         where = f" on GPU {gpu}" if gpu is not None else ""
-        resumed = " (resuming from last.ckpt)" if run.resumed_from else ""
-        self._progress(f"started {run.id}{where}{resumed}")
+        note = " (resuming from last.ckpt)" if resumed else ""
+        self._progress(f"started {run.id}{where}{note}")
 
     def _finish(self, active: Active, returncode: int) -> None:
         run = active.run
         active.log.close()
-        run.ended = utc_now()
-        run.duration_s = round(time.monotonic() - active.t0, 2)
-        run.returncode = returncode
-        run_dir = self.state.dir / run.run_dir
-        summary = read_summary(run_dir) or {}
+        duration = round(time.monotonic() - active.t0, 2)
+        run_dir = self.state.run_path(run)
         metric_name = self.planner.metric["name"]
-        value = summary.get(metric_name)
-        run.metric = float(value) if isinstance(value, int | float) else None
-        if returncode == 0 and summary.get("status") == "finished":
-            run.status = "finished"
-            shown = f"{metric_name}={run.metric:.4f}" if run.metric is not None else "no metric"
-            event = f"finished {run.id} ({shown}, {fmt_seconds(run.duration_s)})"
+        if run_is_finished(run_dir):  # a finished result stands, whatever the exit code
+            self.durations[run.id] = duration
+            metric = run_metric(run_dir, metric_name)
+            shown = f"{metric_name}={metric:.4f}" if metric is not None else "no metric"
+            code = f", exit code {returncode}" if returncode != 0 else ""
+            event = f"finished {run.id} ({shown}, {fmt_seconds(duration)}{code})"
         else:
-            run.status = "failed"
             self.failed_here.add(run.id)
-            run.error = (
+            error = (
                 f"exit code {returncode}"
                 if returncode != 0
-                else "exit code 0 but summary.json does not say status: finished"
+                else f"exit code 0 but {run_folder.SUMMARY} does not say status: finished"
             )
-            if summary.get("status") != "finished":  # a finished result is never overwritten
-                record_status(run_dir, "failed", run.error)
-            event = f"FAILED {run.id}: {run.error}; log: {run_dir / 'stdout.log'}"
+            record_status(run_dir, "failed", error)
+            event = f"FAILED {run.id}: {error}; log: {run_dir / run_folder.LOG}"
         del self.active[active.slot]
-        self.state.save()
         self._progress(event)
 
     def _stop_all(self) -> None:
@@ -290,15 +287,10 @@ class Runner:
                 active.proc.wait()
         for active in list(self.active.values()):
             active.log.close()
-            run = active.run
-            run.ended, run.returncode = utc_now(), active.proc.returncode
-            run.duration_s = round(time.monotonic() - active.t0, 2)
-            run_dir = self.state.dir / run.run_dir
-            run.status = "finished" if run_is_finished(run_dir) else "interrupted"
-            if run.status == "interrupted":
+            run_dir = self.state.run_path(active.run)
+            if not run_is_finished(run_dir):
                 record_status(run_dir, "interrupted")
         self.active.clear()
-        self.state.save()
 
     def run(self) -> None:
         """Start runs while slots are free; return when nothing is left to start or running."""

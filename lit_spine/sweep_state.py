@@ -1,18 +1,20 @@
-"""A sweep's state: the planned runs and their progress, kept in `<sweep dir>/state.json`.
+"""A sweep's plan, kept in `<sweep dir>/state.json`; each run's status, read from its folder.
 
-`SweepState` is the plan (the sweep file's config and hash, one `PlannedRun` per run with
-its parameters, command and folder) plus what the runner records about each attempt (times,
-exit code, metric). It is rewritten atomically after every change, so a rerun after Ctrl-C
-or a crash continues from it. A run's status is its folder's (summary.json, through
-lit_spine.runs; `folder_status`): when a child ends without saying how, the sweep writes the
-status into the folder (`record_status`), and every start takes each status from the folders
-(`reconcile`): the statuses state.json shows are never read back as the truth.
+`SweepState` is the plan only: the sweep file's config and hash, the `--config` overlay, and
+one `PlannedRun` per run (its id, parameters, command, folder and how many attempts it has
+had, which names the folders of earlier attempts). It is rewritten atomically whenever the
+plan changes, so a rerun after Ctrl-C or a crash continues from it. Nothing in it can
+disagree with the run folders: a run's status, metric and error are read from its folder
+whenever they are needed (`SweepState.status`, through lit_spine.runs.folder_status), and
+when a child ends without saying how, the sweep writes the status into the folder
+(`record_status`). A state.json written before this (with per-run statuses and attempt
+records) still loads; those fields are ignored (`SweepState.legacy_fields`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ from lit_spine.utils import atomic_write_json
 
 STATE_VERSION = 1
 DEFAULT_METRIC = {"name": "val/mAP_best", "goal": "maximize"}
+# Per-run fields older state files recorded; the run folders say all of it now.
+LEGACY_RUN_FIELDS = (
+    "status", "started", "ended", "duration_s", "returncode", "metric", "resumed_from", "error",
+)  # fmt: skip
 
 
 class SweepError(Exception):
@@ -42,21 +48,13 @@ def utc_now() -> str:
 
 @dataclass
 class PlannedRun:
-    """One run of the sweep as recorded in state.json."""
+    """One run of the sweep's plan as recorded in state.json."""
 
     id: str
     params: dict[str, Any]
     command: list[str]
     run_dir: str  # relative to the sweep folder
-    status: str = "pending"  # pending | running | finished | failed | interrupted
-    attempts: int = 0
-    started: str | None = None
-    ended: str | None = None
-    duration_s: float | None = None
-    returncode: int | None = None
-    metric: float | None = None
-    resumed_from: str | None = None
-    error: str | None = None
+    attempts: int = 0  # starts so far; attempt n's leftover folder is attempts/<id>.<n>
     search_info: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -67,7 +65,7 @@ class PlannedRun:
 
 @dataclass
 class SweepState:
-    """The sweep's plan and progress, persisted to `<sweep dir>/state.json`."""
+    """The sweep's plan, persisted to `<sweep dir>/state.json`; statuses from the folders."""
 
     path: Path
     sweep_file: str
@@ -77,10 +75,31 @@ class SweepState:
     runs: list[PlannedRun] = field(default_factory=list)
     created: str = field(default_factory=utc_now)
     overlay: list[str] = field(default_factory=list)  # `--config` files added to every run
+    legacy_fields: bool = False  # loaded from a state.json with per-run statuses (ignored)
 
     @property
     def dir(self) -> Path:
         return self.path.parent
+
+    def run_path(self, run: PlannedRun) -> Path:
+        """The run's folder."""
+        return self.dir / run.run_dir
+
+    def status(self, run: PlannedRun) -> str:
+        """pending, finished, failed or interrupted, as the run's folder says it
+        (lit_spine.runs.folder_status; a run in progress reads as interrupted)."""
+        return run_folder.folder_status(self.run_path(run))
+
+    def statuses(self) -> dict[str, str]:
+        """Run id -> status, every one read from its folder now."""
+        return {run.id: self.status(run) for run in self.runs}
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status."""
+        counts: dict[str, int] = {}
+        for status in self.statuses().values():
+            counts[status] = counts.get(status, 0) + 1
+        return counts
 
     def save(self) -> None:
         """Write atomically: a crash leaves the previous or the new state, never half."""
@@ -100,11 +119,16 @@ class SweepState:
 
     @classmethod
     def load(cls, path: Path) -> SweepState:
-        """Read a state file written by `save`."""
+        """Read a state file written by `save`, or by an older version (its per-run statuses
+        and attempt records are dropped: the folders say them)."""
         data = json.loads(path.read_text())
         if data.get("version") != STATE_VERSION:
             raise SweepError(f"{path}: state version {data.get('version')} is not {STATE_VERSION}")
-        runs = [PlannedRun(**run) for run in data["runs"]]
+        known = {f.name for f in fields(PlannedRun)}
+        runs, legacy = [], False
+        for run in data["runs"]:
+            legacy = legacy or any(k in run for k in LEGACY_RUN_FIELDS)
+            runs.append(PlannedRun(**{k: v for k, v in run.items() if k in known}))
         return cls(
             path=path,
             sweep_file=data["sweep_file"],
@@ -114,14 +138,8 @@ class SweepState:
             runs=runs,
             created=data.get("created", utc_now()),
             overlay=list(data.get("overlay", [])),
+            legacy_fields=legacy,
         )
-
-    def counts(self) -> dict[str, int]:
-        """Number of runs per status."""
-        counts: dict[str, int] = {}
-        for run in self.runs:
-            counts[run.status] = counts.get(run.status, 0) + 1
-        return counts
 
 
 read_summary = run_folder.read_summary  # the run folder's summary.json, None when missing
@@ -129,18 +147,24 @@ read_summary = run_folder.read_summary  # the run folder's summary.json, None wh
 
 def run_is_finished(run_dir: Path) -> bool:
     """A run counts as finished only when its folder says so (summary.json status finished)."""
-    return run_folder.read_status(run_dir) == "finished"
+    return run_folder.folder_status(run_dir) == "finished"
 
 
-def folder_status(run_dir: Path) -> str:
-    """A run's status as its folder says it: summary.json's status, where "running" means the
-    fit stopped without saying so (interrupted); without a summary, pending for a folder never
-    started and interrupted for one that was (a killed sweep leaves no summary behind)."""
-    status = run_folder.read_status(run_dir)
-    if status is None:
-        started = run_dir.is_dir() and any(run_dir.iterdir())
-        return "interrupted" if started else "pending"
-    return "interrupted" if status == "running" else status
+def run_metric(run_dir: Path, name: str) -> float | None:
+    """The run's summary value of `name` (the sweep metric, say), None when not a number."""
+    value = (read_summary(run_dir) or {}).get(name)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def runtime_s(run_dir: Path) -> float | None:
+    """The run's seconds of fitting (summary.json runtime_s), None when it has none."""
+    return run_metric(run_dir, "runtime_s")
+
+
+def run_error(run_dir: Path) -> str:
+    """Why the run failed, as its summary.json says (`error`, written by `record_status`)."""
+    summary = read_summary(run_dir) or {}
+    return summary.get("error") or f"{run_folder.SUMMARY} says {summary.get('status', 'nothing')}"
 
 
 def record_status(run_dir: Path, status: str, error: str | None = None) -> None:
@@ -152,16 +176,3 @@ def record_status(run_dir: Path, status: str, error: str | None = None) -> None:
     if error is not None:
         summary["error"] = error
     run_folder.write_summary(run_dir, summary)
-
-
-def reconcile(state: SweepState) -> list[str]:
-    """Take every run's status from its folder (`folder_status`), after a crash, a deletion or
-    a run that finished unwatched; return notes where a run recorded as finished is not."""
-    notes = []
-    for run in state.runs:
-        run_dir = state.dir / run.run_dir
-        status = folder_status(run_dir)
-        if run.status == "finished" and status != "finished":
-            notes.append(f"{run.id}: marked finished but {run_dir}/summary.json is not; redoing")
-        run.status = status
-    return notes

@@ -74,7 +74,7 @@ def _write_config(run_dir: Path, params: dict[str, object], epochs: int) -> None
     run_folder.write_config(run_dir, config)
     run_folder.write_meta(run_dir, {"config_flat": flat, "params": 1234})
     (run_dir / run_folder.CHECKPOINTS).mkdir(exist_ok=True)
-    (run_dir / run_folder.CHECKPOINTS / "last.ckpt").write_text("fake")
+    (run_dir / run_folder.LAST_CHECKPOINT).write_text("fake")
 
 
 def write_run(

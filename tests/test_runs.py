@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import test_train
@@ -160,3 +161,46 @@ def test_read_curve_takes_each_epoch_once_in_order(tmp_path):
     assert runs.read_curve(tmp_path, "val/mAP") == {0: 0.10, 1: 0.25, 2: 0.30}
     assert _read_history(tmp_path, "val/mAP") == [{"val/mAP": v} for v in (0.10, 0.25, 0.30)]
     assert runs.read_curve(tmp_path, "val/absent") == {}
+
+
+def test_load_runs_keeps_each_value_type_across_runs(tmp_path):
+    """An int key one run lacks stays an int in the others (a plain DataFrame would make it
+    3.0), a list stays a list, a None stays None; row_fields leaves out the missing key."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    runs.write_meta(first, {"config_flat": {"x": 3, "sched": [0.1, 0.2], "opt": None}, "params": 7})
+    runs.write_meta(second, {"config_flat": {"sched": [0.0], "opt": None, "extra": "y"}})
+    runs.write_summary(first, {"status": "finished", "epochs": 2})
+    runs.write_summary(second, {"status": "failed"})
+    table = runs.load_runs([first, second])
+    assert "meta.config_flat" not in table and table.loc[0, "meta.params"] == 7
+    rows = [row for _, row in table.iterrows()]
+    config = [runs.row_fields(row, "config") for row in rows]
+    assert config == [
+        {"x": 3, "sched": [0.1, 0.2], "opt": None},
+        {"sched": [0.0], "opt": None, "extra": "y"},
+    ]
+    assert type(config[0]["x"]) is int
+    assert runs.row_fields(rows[1], "summary") == {"status": "failed"}
+    assert type(runs.row_fields(rows[0], "summary")["epochs"]) is int
+    assert runs.row_fields(rows[1], "meta") == {}
+
+
+def test_folder_status_and_diagnostics_readers(tmp_path):
+    assert runs.folder_status(tmp_path / "never") == "pending"
+    run = tmp_path / "run"
+    run.mkdir()
+    assert runs.folder_status(run) == "pending"  # an empty folder was never started
+    (run / runs.LOG).write_text("started\n")
+    assert runs.folder_status(run) == "interrupted"  # started, killed before a summary
+    runs.write_summary(run, {"status": "running"})
+    assert runs.folder_status(run) == "interrupted"  # no process writes to it any more
+    runs.write_summary(run, {"status": "finished"})
+    assert runs.folder_status(run) == "finished"
+
+    assert runs.read_diagnostics(run) is None and runs.read_erf_map(run, "trained") is None
+    (run / runs.DIAGNOSTICS).write_text(json.dumps({"erf": {"spacing_mm": [1.0, 1.0]}}))
+    assert runs.read_diagnostics(run) == {"erf": {"spacing_mm": [1.0, 1.0]}}
+    (run / runs.DIAGNOSTICS_DIR).mkdir()
+    np.savez_compressed(run / runs.ERF_MAPS, trained=np.eye(3))
+    np.testing.assert_array_equal(runs.read_erf_map(run, "trained"), np.eye(3))
+    assert runs.read_erf_map(run, "init") is None

@@ -259,6 +259,11 @@ def write_sweep(
     return path
 
 
+def statuses(sweep_dir: Path) -> dict[str, str]:
+    """Run id -> status of a sweep's runs, in plan order, read from their folders."""
+    return sweep.SweepState.load(sweep_dir / "state.json").statuses()
+
+
 def starts(marker: Path) -> list[dict]:
     return [json.loads(line) for line in marker.read_text().splitlines()] if marker.exists() else []
 
@@ -270,10 +275,12 @@ def test_grid_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert sweep_command.main([str(path), "--workers", "2", "--out", str(out)]) == 0
     state = json.loads((out / "tiny" / "state.json").read_text())
-    assert [r["status"] for r in state["runs"]] == ["finished"] * 4
+    assert list(statuses(out / "tiny").values()) == ["finished"] * 4
+    assert all("status" not in r and "metric" not in r for r in state["runs"])  # the plan only
     assert state["metric"] == {"name": "val/mAP_best", "goal": "maximize"}
     assert all(r["command"][-1].startswith("--") for r in state["runs"])
-    assert {r["metric"] for r in state["runs"]} == {0.5, 0.51, 0.6, 0.61}
+    summaries = [run_folder.read_summary(out / "tiny" / r["run_dir"]) for r in state["runs"]]
+    assert {s["val/mAP_best"] for s in summaries} == {0.5, 0.51, 0.6, 0.61}
     launched = starts(marker)
     assert len(launched) == 4
     cpus = sweep.cpu_count()
@@ -306,10 +313,10 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     path = write_sweep(tmp_path)
     out = tmp_path / "out"
     assert sweep_command.main([str(path), "--workers", "2", "--out", str(out), "--no-report"]) == 1
-    state = json.loads((out / "tiny" / "state.json").read_text())
+    state = sweep.SweepState.load(out / "tiny" / "state.json")
     status = {
-        r["params"]["model.net.init_args.norm"] + str(r["params"]["seed_everything"]): r["status"]
-        for r in state["runs"]
+        r.params["model.net.init_args.norm"] + str(r.params["seed_everything"]): state.status(r)
+        for r in state.runs
     }
     assert status == {
         "batchnorm0": "finished",
@@ -324,8 +331,7 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     assert len(rerun) == 2 and all("groupnorm" in s["run_dir"] for s in rerun)
     assert all(not any(a.startswith("--ckpt_path") for a in s["argv"]) for s in rerun)
     assert len(list((out / "tiny" / "attempts").iterdir())) == 2  # failed attempts kept aside
-    state = json.loads((out / "tiny" / "state.json").read_text())
-    assert all(r["status"] == "finished" for r in state["runs"])
+    assert set(statuses(out / "tiny").values()) == {"finished"}
 
 
 def sweep_argv(path: Path, out: Path, *extra: str) -> list[str]:
@@ -354,8 +360,7 @@ def test_ctrl_c_stops_children_and_rerun_resumes(tmp_path):
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
     assert "Rerun the same command to continue" in output
-    state = json.loads(state_file.read_text())
-    assert sorted(r["status"] for r in state["runs"]) == [
+    assert sorted(statuses(state_file.parent).values()) == [
         "interrupted",
         "interrupted",
         "pending",
@@ -369,8 +374,7 @@ def test_ctrl_c_stops_children_and_rerun_resumes(tmp_path):
     assert len(rerun) == 4
     resumed = [s for s in rerun if any(a.startswith("--ckpt_path=") for a in s["argv"])]
     assert len(resumed) == 2  # the interrupted runs continue from checkpoints/last.ckpt
-    state = json.loads(state_file.read_text())
-    assert all(r["status"] == "finished" for r in state["runs"])
+    assert set(statuses(state_file.parent).values()) == {"finished"}
 
 
 def test_changed_sweep_file(tmp_path, monkeypatch, capsys):
@@ -410,8 +414,7 @@ def test_bayes_and_random_plan_count_runs_offline(tmp_path, monkeypatch):
             )
             == 0
         )
-        state = json.loads((out / method / "state.json").read_text())
-        assert len(state["runs"]) == 3 and all(r["status"] == "finished" for r in state["runs"])
+        assert list(statuses(out / method).values()) == ["finished"] * 3
     assert len(starts(tmp_path / "marker.jsonl")) == 6
 
 
@@ -425,8 +428,7 @@ def test_dry_run_and_max_runs(tmp_path, monkeypatch, capsys):
     assert not out.exists()
     assert sweep_command.main([str(path), "--max-runs", "1", "--out", str(out), "--no-report"]) == 0
     assert len(starts(tmp_path / "marker.jsonl")) == 1
-    state = json.loads((out / "tiny" / "state.json").read_text())
-    assert sorted(r["status"] for r in state["runs"]) == [
+    assert sorted(statuses(out / "tiny").values()) == [
         "finished",
         "pending",
         "pending",
@@ -473,19 +475,18 @@ def test_real_fit_grid_with_test_models(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=850,
     )  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
-    state = json.loads((out / "real" / "state.json").read_text())
-    assert [r["status"] for r in state["runs"]].count("finished") == 1
-    finished = next(r for r in state["runs"] if r["status"] == "finished")
-    summary_path = out / "real" / finished["run_dir"] / "summary.json"
+    state = sweep.SweepState.load(out / "real" / "state.json")
+    assert list(state.statuses().values()).count("finished") == 1
+    finished = next(r for r in state.runs if state.status(r) == "finished")
+    summary_path = state.run_path(finished) / "summary.json"
     stamp = summary_path.stat().st_mtime_ns
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=850)
     logs = "\n".join(p.read_text()[-3000:] for p in out.glob("real/runs/*/stdout.log"))
     assert done.returncode == 0, done.stdout + done.stderr + logs
     assert summary_path.stat().st_mtime_ns == stamp  # the finished run was not redone
-    state = json.loads((out / "real" / "state.json").read_text())
-    assert [r["status"] for r in state["runs"]] == ["finished", "finished"]
-    for run in state["runs"]:
-        summary = json.loads((out / "real" / run["run_dir"] / "summary.json").read_text())
+    assert list(statuses(out / "real").values()) == ["finished", "finished"]
+    for run in state.runs:
+        summary = json.loads((state.run_path(run) / "summary.json").read_text())
         assert summary["status"] == "finished" and "val/mAP_best" in summary
     assert (out / "real" / "report" / "report.md").is_file()
 
@@ -545,35 +546,25 @@ def test_children_get_their_own_group_and_the_parent_death_signal_on_linux_only(
     assert start() == "True 0"
 
 
-def test_statuses_come_from_the_run_folders(tmp_path):
-    """state.json's statuses are a copy: reconcile takes each from its folder, and the sweep
-    writes into the folder the status of a run that ended without saying it."""
-    state = sweep.SweepState(
-        path=tmp_path / "state.json", sweep_file="s.yaml", name="s", hash="h", config={}
-    )
-    recorded = {
+def test_statuses_come_from_the_run_folders(tmp_path, capsys):
+    """state.json holds the plan: every status is read from the run folder, an older
+    state.json's recorded statuses are ignored (with one note), and the sweep writes into the
+    folder the status of a run that ended without saying it."""
+    recorded = {  # what an older state.json said; the folders below say otherwise
         "never-started": "failed",  # no folder
         "killed": "running",  # folder with a log, no summary
         "stopped": "pending",  # summary still says running
         "crashed": "interrupted",  # summary says failed
-        "lost": "finished",  # summary says failed: redone, with a note
+        "lost": "finished",  # summary says failed: redone
         "done": "failed",  # summary says finished
     }
-    for run_id, status in recorded.items():
-        state.runs.append(
-            sweep.PlannedRun(
-                id=run_id, params={}, command=[], run_dir=f"runs/{run_id}", status=status
-            )
-        )
     (tmp_path / "runs" / "killed").mkdir(parents=True)
     (tmp_path / "runs" / "killed" / "stdout.log").write_text("started\n")
     run_folder.write_summary(tmp_path / "runs" / "stopped", {"status": "running", "epochs": 1})
     for run_id in ("crashed", "lost"):
         run_folder.write_summary(tmp_path / "runs" / run_id, {"status": "failed"})
     run_folder.write_summary(tmp_path / "runs" / "done", {"status": "finished"})
-
-    notes = sweep_state.reconcile(state)
-    assert {r.id: r.status for r in state.runs} == {
+    expected = {
         "never-started": "pending",
         "killed": "interrupted",
         "stopped": "interrupted",
@@ -581,13 +572,66 @@ def test_statuses_come_from_the_run_folders(tmp_path):
         "lost": "failed",
         "done": "finished",
     }
-    assert len(notes) == 1 and notes[0].startswith("lost: marked finished")
+
+    state = sweep.SweepState(
+        path=tmp_path / "state.json", sweep_file="s.yaml", name="s", hash="h", config={}
+    )
+    for run_id in recorded:
+        state.runs.append(
+            sweep.PlannedRun(id=run_id, params={"id": run_id}, command=[], run_dir=f"runs/{run_id}")
+        )
+    assert state.statuses() == expected
+    assert state.counts() == {"pending": 1, "interrupted": 2, "failed": 2, "finished": 1}
+    state.save()
+    saved = json.loads(state.path.read_text())["runs"]
+    assert [sorted(r) for r in saved] == [
+        ["attempts", "command", "id", "params", "run_dir", "search_info"]
+    ] * len(recorded)
+
+    # An older state.json, with per-run statuses and attempt records, still loads.
+    for run in saved:
+        run.update(status=recorded[run["id"]], metric=0.5, duration_s=3.0, error="old")
+    old = json.loads(state.path.read_text())
+    state.path.write_text(json.dumps({**old, "runs": saved}))
+    loaded = sweep.SweepState.load(state.path)
+    assert loaded.legacy_fields and not state.legacy_fields
+    assert [r.id for r in loaded.runs] == list(recorded)
+    assert loaded.statuses() == expected
+    loaded.save()
+    assert not sweep.SweepState.load(state.path).legacy_fields
+    assert "status" not in json.loads(state.path.read_text())["runs"][0]
 
     sweep_state.record_status(tmp_path / "runs" / "stopped", "failed", "exit code 3")
     summary = run_folder.read_summary(tmp_path / "runs" / "stopped")
     assert summary["status"] == "failed" and summary["error"] == "exit code 3"
     assert summary["epochs"] == 1  # the run's own fields are kept
-    assert sweep_state.folder_status(tmp_path / "runs" / "stopped") == "failed"
+    assert run_folder.folder_status(tmp_path / "runs" / "stopped") == "failed"
+    assert sweep_state.run_error(tmp_path / "runs" / "stopped") == "exit code 3"
+    assert sweep_state.run_error(tmp_path / "runs" / "crashed") == "summary.json says failed"
+
+
+def test_an_older_state_file_resumes_with_one_note(tmp_path, monkeypatch, capsys):
+    """A sweep folder whose state.json has per-run statuses (an older version) continues: the
+    folders decide what is finished, and the state is rewritten as the plan only."""
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    argv = [str(path), "--out", str(out), "--no-report", "--max-runs", "2"]
+    assert sweep_command.main(argv) == 0
+    state_file = out / "tiny" / "state.json"
+    data = json.loads(state_file.read_text())
+    for run in data["runs"]:  # an older version's copy, wrong for every run
+        run.update(status="finished", metric=0.9, duration_s=1.0)
+    state_file.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert sweep_command.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.count("per-run statuses from an older version: ignored") == 1
+    assert "resuming: 2 finished run(s) kept" in text
+    assert len(starts(marker)) == 4
+    assert list(statuses(out / "tiny").values()) == ["finished"] * 4
+    assert all("status" not in r for r in json.loads(state_file.read_text())["runs"])
 
 
 # ----------------------------------------------------------------------------- --config overlay
@@ -659,7 +703,7 @@ def test_overlay_reaches_every_run_and_is_part_of_the_sweep(tmp_path, monkeypatc
     state = json.loads((out / "tiny" / "state.json").read_text())
     assert state["overlay"] == [str(other)]
     assert all(str(other) in r["command"] for r in state["runs"])
-    assert [r["status"] for r in state["runs"]] == ["finished"] * 4
+    assert list(statuses(out / "tiny").values()) == ["finished"] * 4
 
     assert sweep_command.main([*base, "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such file" in capsys.readouterr().err

@@ -387,6 +387,38 @@ def test_verdict_indistinguishable_pair_and_seeds_to_separate(tmp_path):
     assert pair["p_better"] == pytest.approx(np.mean(bn > gn))
 
 
+def test_verdict_seeds_to_separate_use_the_holm_step(tmp_path):
+    """Two cells indistinguishable from the best: the one with the smaller raw p faces Holm's
+    first step (alpha / 2), so its seed count is the one at alpha 0.025, never the uncorrected
+    count (which can already be met while p_Holm is above 0.05)."""
+    cells = {
+        ("groupnorm",): _seeded(0.600, (0.0, 0.01, -0.012)),
+        ("batchnorm",): _seeded(0.596, (0.006, -0.004, 0.0)),
+        ("layernorm",): _seeded(0.590, (0.004, 0.012, -0.016)),
+    }
+    rep = report.write_report([make_sweep(tmp_path / "holm", cells, NORM)])
+    v = rep.verdict
+    gn = np.array(cells[("groupnorm",)])
+    pairs = {}
+    for norm in ("batchnorm", "layernorm"):
+        d = np.array(cells[(norm,)]) - gn
+        pairs[norm] = (float(stats.ttest_rel(cells[(norm,)], gn).pvalue), d.mean(), d.std(ddof=1))
+    first = min(pairs, key=lambda k: pairs[k][0])
+    second = max(pairs, key=lambda k: pairs[k][0])
+    assert "Indistinguishable from it at n=3" in v and "Worse" not in v
+    _, mean, sd = pairs[first]
+    strict = report_stats.seeds_to_separate(mean, sd, alpha=0.025)
+    assert strict > report_stats.seeds_to_separate(mean, sd)
+    assert f"{strict} seeds per cell ({strict - 3} more) would separate norm=groupnorm " in v
+    assert "α 0.025, its Holm step" in v
+    _, mean, sd = pairs[second]
+    loose = report_stats.seeds_to_separate(mean, sd)
+    assert (
+        f"{loose} seeds per cell ({loose - 3} more) would separate norm=groupnorm from norm={second}"
+        in v
+    )
+
+
 def test_verdict_marks_unconverged_runs(tmp_path):
     cells = {("groupnorm",): _seeded(0.60), ("batchnorm",): _seeded(0.50)}
     root = make_sweep(tmp_path / "unconv", cells, NORM, unconverged={(("groupnorm",), 1)})

@@ -341,7 +341,7 @@ def test_module_one_training_step_on_rsna_batch(tmp_path):
     assert SpineModule(SpineNet("resnet18", head_channels=32)).val_rsna_logloss is None
 
 
-def test_fit_through_cli_logs_rsna_logloss(tmp_path):
+def test_fit_through_cli_logs_rsna_logloss(tmp_path, capsys):
     import csv
     import json
     from pathlib import Path
@@ -388,6 +388,34 @@ def test_fit_through_cli_logs_rsna_logloss(tmp_path):
     assert diagnostics["task"] == "rsna2024_canal"
     assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(RSNA_LEVELS)
 
+    # predict on the checkpoint writes the competition's submission file and the points;
+    # evaluate scores them against the phantom's labels with the same log loss.
+    from lit_spine.commands import evaluate as evaluate_cmd
+
+    run_lightning_cli(
+        [
+            "predict",
+            "--config", str(run / "config.yaml"),
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.enable_progress_bar=false",
+            "--wandb=disabled",
+        ]
+    )  # fmt: skip
+    out = run / "predict"
+    submission = pd.read_csv(out / "submission.csv")
+    coords = pd.read_csv(out / "coordinates.csv")
+    studies = set(coords.study_id)
+    assert len(submission) == len(coords) == 5 * len(studies) and len(studies) == 3
+    assert list((out / "overlays").glob("*.png"))
+    capsys.readouterr()
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv"),
+                              "--data-root", str(tmp_path / "phantom" / "rsna2024"),
+                              "--json"]) == 0  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert math.isfinite(metrics["rsna_canal_logloss"]) and metrics["rsna_canal_logloss"] > 0
+    assert metrics["rsna_canal_logloss_levels"] == 15 and metrics["localisation_points"] == 15
+    assert metrics["studies_not_predicted"] == 3
+
 
 def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
     import json
@@ -432,9 +460,125 @@ def test_predict_writer_refuses_a_task_without_a_writer(tmp_path):
     from types import SimpleNamespace
 
     from lit_spine.predict import PredictionWriter
+    from lit_spine.task import Task
 
     writer = PredictionWriter(tmp_path)
-    with pytest.raises(ValueError, match="task 'rsna2024_canal' has no prediction writer yet"):
-        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("rsna2024_canal")))
-    writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("tianchi2020")))
+    # rsna2024_canal has its writer now (submission.csv); a task without one is refused.
+    unwritten = Task("my_discs", ("L4/L5",), ("disc",), ("rsna2024_severity",), "Sagittal T2/STIR")
+    with pytest.raises(ValueError, match="task 'my_discs' has no prediction writer yet"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=unwritten))
+    for name in ("tianchi2020", "rsna2024_canal", "spider_disc"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task(name)))
     assert writer.batches == []
+
+
+# ---------------------------------------------------------------------------- prediction files
+def _perfect_outputs(cache, indices, wrong_grade=False):
+    """predict_step outputs that put each level at its labelled point, with the highest
+    heatmap peak in the item of its own instance and 0.8 on the true severity."""
+    n = len(indices)
+    present = cache.present[indices]
+    points = np.where(present[..., None], np.nan_to_num(cache.points[indices]), 5.0)
+    labels = cache.labels[indices]
+    grade = np.where(labels.any(-1), labels.argmax(-1), 0)
+    # 0.8 on the true severity; with wrong_grade 0.1 .. 0.5 by level (so the weights matter).
+    p_true = np.full((n, 5), 0.8) if not wrong_grade else np.tile(np.arange(1, 6) / 10, (n, 1))
+    probs = np.repeat(((1 - p_true) / 2)[..., None], 3, axis=-1).astype(np.float32)
+    np.put_along_axis(probs, grade[..., None], p_true[..., None].astype(np.float32), axis=-1)
+    return {
+        "index": np.asarray(indices),
+        "points": points.astype(np.float32),
+        "scores": np.where(present, 0.9, 0.1).astype(np.float32),
+        "vertebra_probs": np.zeros((n, 0, 0), np.float32),
+        "disc_probs": probs,
+    }
+
+
+def test_prediction_files_round_trip_through_evaluate(tmp_path, capsys):
+    import json
+
+    from lit_spine.commands import evaluate as evaluate_cmd
+    from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_rsna2024
+    from lit_spine.predict_layouts import write_layout_predictions
+
+    dm = _rsna_dm(tmp_path, slices=1)
+    dm.prepare_data()
+    dm.setup("predict")
+    data = dm.predict_dataset
+    cache, indices = data.cache, list(data.indices)
+    task = get_task("rsna2024_canal")
+    out = tmp_path / "predict"
+    paths = write_layout_predictions(out, _perfect_outputs(cache, indices), cache, task,
+                                     task.vocabulary(), None)  # fmt: skip
+    assert [p.name for p in paths] == ["submission.csv", "coordinates.csv"]
+    submission = pd.read_csv(out / "submission.csv")
+    assert list(submission.columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    studies = sorted({cache.records[i]["study_id"] for i in indices})
+    assert len(submission) == 5 * len(studies)
+    assert submission.row_id.iloc[0] == f"{studies[0]}_spinal_canal_stenosis_l1_l2"
+    assert np.allclose(submission[["normal_mild", "moderate", "severe"]].sum(1), 1.0)
+    # Each level comes from the item of its labelled instance, at its labelled point.
+    coords = pd.read_csv(out / "coordinates.csv")
+    root = tmp_path / "phantom" / "rsna2024"
+    truth = pd.read_csv(root / COORDS_CSV)
+    truth = truth[truth.condition == "Spinal Canal Stenosis"]
+    merged = coords.merge(truth, on=["study_id", "condition", "level"], suffixes=("", "_gt"))
+    assert len(merged) == len(coords) == 5 * len(studies)
+    assert (merged.instance_number == merged.instance_number_gt).all()
+    assert np.allclose(merged[["x", "y"]], merged[["x_gt", "y_gt"]].to_numpy(), atol=1e-3)
+
+    ev = evaluate_rsna2024(out / "submission.csv", root)
+    # 0.8 on every true severity: -ln 0.8 whatever the weights.
+    assert ev.metrics["rsna_canal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_canal_logloss_levels"] == 5 * len(studies)
+    assert ev.metrics["studies_not_predicted"] == 6 - len(studies)
+    assert ev.metrics["localisation_mre_mm"] == pytest.approx(0.0, abs=1e-3)
+    assert ev.metrics["localisation_same_instance_rate"] == 1.0
+    assert ev.problems == []
+
+    # Wrong severities score the competition's weighted loss; a point moved to the next
+    # instance at the same pixel is one slice gap (4.4 mm in the phantom) away.
+    write_layout_predictions(out, _perfect_outputs(cache, indices, wrong_grade=True), cache,
+                             task, task.vocabulary(), None)  # fmt: skip
+    sub = pd.read_csv(out / "submission.csv")
+    grades = pd.read_csv(root / GRADES_CSV).set_index("study_id")
+    probs, labels = [], []
+    for _, r in sub.iterrows():
+        sid, col = r.row_id.split("_", 1)
+        probs.append([r.normal_mild, r.moderate, r.severe])
+        labels.append(["Normal/Mild", "Moderate", "Severe"].index(grades.loc[int(sid), col]))
+    expected = rsna_weighted_logloss(torch.tensor(probs)[:, None], torch.tensor(labels)[:, None])
+    unweighted = -np.mean([math.log(p[g]) for p, g in zip(probs, labels)])
+    assert expected > 0.6 and expected != pytest.approx(unweighted)
+    moved = coords.copy()
+    moved.loc[0, "instance_number"] = moved.loc[0, "instance_number"] + (
+        1 if moved.loc[0, "instance_number"] < 7 else -1
+    )
+    moved.to_csv(out / "coordinates.csv", index=False)
+    # A missing grade is reported and skipped, never filled in.
+    blank = pd.read_csv(root / GRADES_CSV, dtype=str, keep_default_na=False)
+    blank.loc[blank.study_id == str(studies[0]), "spinal_canal_stenosis_l3_l4"] = ""
+    blank.to_csv(root / GRADES_CSV, index=False)
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv"),
+                              "--data-root", str(root), "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert metrics["rsna_canal_logloss_levels"] == 5 * len(studies) - 1
+    assert metrics["rsna_canal_logloss"] != pytest.approx(expected)
+    keep = [i for i, r in enumerate(sub.row_id) if r != f"{studies[0]}_spinal_canal_stenosis_l3_l4"]
+    assert metrics["rsna_canal_logloss"] == pytest.approx(
+        rsna_weighted_logloss(torch.tensor(probs)[keep, None], torch.tensor(labels)[keep, None])
+    )
+    assert metrics["localisation_same_instance_rate"] == pytest.approx(1 - 1 / len(coords))
+    assert metrics["localisation_mre_mm"] * len(coords) == pytest.approx(4.4, abs=1e-2)
+    assert any("spinal_canal_stenosis_l3_l4 is empty" in p for p in result["problems"])
+
+    # A study that is not in train.csv stops the run unless --ignore-unknown.
+    sub.loc[len(sub)] = ["999_spinal_canal_stenosis_l1_l2", 0.2, 0.3, 0.5]
+    sub.to_csv(out / "submission.csv", index=False)
+    with pytest.raises(LayoutEvaluationError, match=r"not in .*train.csv.*--ignore-unknown"):
+        evaluate_rsna2024(out / "submission.csv", root)
+    ev = evaluate_rsna2024(out / "submission.csv", root, ignore_unknown=True)
+    assert any("study 999 is not in" in p for p in ev.problems)
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv")]) == 2
+    assert "needs --data-root" in capsys.readouterr().err

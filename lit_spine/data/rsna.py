@@ -30,6 +30,25 @@ IMAGES_DIR = "train_images"
 SERIES_COLUMNS = ("study_id", "series_id", "series_description")
 COORDS_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
 CANAL_CONDITION = "Spinal Canal Stenosis"
+# The five conditions of train.csv, in the competition's order.
+RSNA_CONDITIONS = (
+    CANAL_CONDITION,
+    "Left Neural Foraminal Narrowing",
+    "Right Neural Foraminal Narrowing",
+    "Left Subarticular Stenosis",
+    "Right Subarticular Stenosis",
+)
+# The competition's submission file (sample_submission.csv): one row per study, condition
+# and level, `row_id` = f"{study_id}_{grade_column(condition, level)}", then the three
+# severity probabilities in the order of RSNA_SEVERITIES.
+SUBMISSION_COLUMNS = ("row_id", "normal_mild", "moderate", "severe")
+
+
+def point_conditions(task: Task) -> dict[str, tuple[str, str]]:
+    """Each point of an rsna2024 task -> (condition, level) as the CSVs spell them."""
+    if task.name == "rsna2024_canal":
+        return {lv: (CANAL_CONDITION, lv) for lv in task.point_names}
+    raise ValueError(f"task {task.name!r} is not an rsna2024 task; use rsna2024_canal")
 
 
 class RsnaFormatError(ValueError):

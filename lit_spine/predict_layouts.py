@@ -41,7 +41,7 @@ SPIDER_PREDICTION_COLUMNS = (
     "patient", "series", "slice_index", "level", "x", "y", "x_mm", "y_mm", "point_score",
     "labels", "grade",
 )  # fmt: skip
-WRITTEN_TASKS = ("tianchi2020", "rsna2024_canal", "spider_disc")
+WRITTEN_TASKS = ("tianchi2020", "rsna2024_canal", "rsna2024_foraminal", "spider_disc")
 
 
 def point_probabilities(merged: dict, task: Task, row: int, k: int) -> np.ndarray:

@@ -206,6 +206,14 @@ def test_inspect_rsna2024_json(rsna_root, capsys):
     assert out["problems"] == []
     assert inspect.main(["--format", "rsna2024", str(rsna_root / "nowhere")]) == 2
     assert "train_series_descriptions.csv: file not found" in capsys.readouterr().err
+    # The foraminal task: Sagittal T1 (series number 1), ten points per study.
+    args = ["--format", "rsna2024", "--task", "rsna2024_foraminal", "--json", str(rsna_root)]
+    assert inspect.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "rsna2024_foraminal" and out["points"] == 40
+    assert [s["series_id"] % 10 for s in out["studies"]] == [1, 1, 1, 1]
+    assert inspect.main(["--format", "spider", "--task", "rsna2024_canal", str(rsna_root)]) == 2
+    assert "--task is for --format rsna2024" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- training path
@@ -478,11 +486,14 @@ def _perfect_outputs(cache, indices, wrong_grade=False):
     heatmap peak in the item of its own instance and 0.8 on the true severity."""
     n = len(indices)
     present = cache.present[indices]
+    n_points = present.shape[1]
     points = np.where(present[..., None], np.nan_to_num(cache.points[indices]), 5.0)
     labels = cache.labels[indices]
     grade = np.where(labels.any(-1), labels.argmax(-1), 0)
     # 0.8 on the true severity; with wrong_grade 0.1 .. 0.5 by level (so the weights matter).
-    p_true = np.full((n, 5), 0.8) if not wrong_grade else np.tile(np.arange(1, 6) / 10, (n, 1))
+    p_true = np.full((n, n_points), 0.8)
+    if wrong_grade:
+        p_true = np.tile(np.arange(n_points) % 5 / 10 + 0.1, (n, 1))
     probs = np.repeat(((1 - p_true) / 2)[..., None], 3, axis=-1).astype(np.float32)
     np.put_along_axis(probs, grade[..., None], p_true[..., None].astype(np.float32), axis=-1)
     return {
@@ -582,3 +593,109 @@ def test_prediction_files_round_trip_through_evaluate(tmp_path, capsys):
     assert any("study 999 is not in" in p for p in ev.problems)
     assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv")]) == 2
     assert "needs --data-root" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- foraminal task
+def test_foraminal_task_reads_each_side_on_its_own_t1_slice(rsna_root, tmp_path):
+    from lit_spine.data.cache import CacheSettings
+    from lit_spine.data.rsna_cache import build_rsna2024_cache
+    from lit_spine.task import RSNA_FORAMINAL_POINTS
+
+    task = get_task("rsna2024_foraminal")
+    assert task.num_points == 10 and task.series == "Sagittal T1"
+    assert RSNA_FORAMINAL_POINTS[0] == "L1/L2 left" and RSNA_FORAMINAL_POINTS[5] == "L1/L2 right"
+    data = read_rsna2024(rsna_root, "rsna2024_foraminal")
+    assert data.problems == [] and len(data.studies) == 4
+    series = pd.read_csv(rsna_root / SERIES_CSV)
+    coords = pd.read_csv(rsna_root / COORDS_CSV)
+    grades = pd.read_csv(rsna_root / GRADES_CSV)
+    for st in data.studies:
+        (t1,) = series[(series.study_id == st.study_id)
+                       & (series.series_description == "Sagittal T1")].series_id  # fmt: skip
+        assert st.series_id == t1 and set(st.points) == set(RSNA_FORAMINAL_POINTS)
+        for point, p in st.points.items():
+            level, side = point.split()
+            (rec,) = coords[(coords.study_id == st.study_id) & (coords.level == level)
+                            & (coords.condition == f"{side.title()} Neural Foraminal Narrowing")
+                            ].itertuples()  # fmt: skip
+            assert (p.instance_number, p.x, p.y) == pytest.approx(
+                (rec.instance_number, rec.x, rec.y)
+            )
+            col = f"{side}_neural_foraminal_narrowing_{level.lower().replace('/', '_')}"
+            row = grades[grades.study_id == st.study_id].iloc[0]
+            assert ["Normal/Mild", "Moderate", "Severe"][st.grades[point]] == row[col]
+        # Left and right lie on different parasagittal slices.
+        left = {p.instance_number for k, p in st.points.items() if k.endswith("left")}
+        right = {p.instance_number for k, p in st.points.items() if k.endswith("right")}
+        assert len(left) == len(right) == 1 and left != right
+
+    # The cache: one item per side, centred on that side's slice; the other side is absent
+    # from it (not moved onto a slice it does not lie on).
+    settings = CacheSettings(image_size=64, neighbors=1)
+    cache = build_rsna2024_cache(rsna_root, settings, tmp_path / "cache",
+                                 task="rsna2024_foraminal", progress=False)  # fmt: skip
+    assert len(cache.records) == 2 * 4 and cache.present.shape == (8, 10)
+    for row, rec in enumerate(cache.records):
+        st = next(s for s in data.studies if s.study_id == rec["study_id"])
+        present = [p for k, p in enumerate(RSNA_FORAMINAL_POINTS) if cache.present[row, k]]
+        assert present == rec["levels"] and len(present) == 5
+        assert {st.points[p].instance_number for p in present} == {rec["instance_number"]}
+        assert len({p.split()[1] for p in present}) == 1
+    assert cache.labels.any(-1)[cache.present].all()
+    # A point whose instance file is gone is reported and left out, not moved.
+    root = _copy(rsna_root, tmp_path)
+    st = read_rsna2024(root, "rsna2024_foraminal").studies[0]
+    st.points["L1/L2 left"].path.unlink()
+    again = read_rsna2024(root, "rsna2024_foraminal")
+    assert "L1/L2 left" not in again.studies[0].points
+    assert any("not found; point skipped" in p for p in again.problems)
+    with pytest.raises(ValueError, match="is not an rsna2024 task"):
+        read_rsna2024(rsna_root, "spider_disc")
+
+
+def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+    from lit_spine.module import SpineModule
+    from lit_spine.predict_layouts import write_layout_predictions
+
+    dm = _rsna_dm(tmp_path, task="rsna2024_foraminal", slices=1, augment=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["points"].shape[1:] == (10, 2) and batch["labels"].shape[1:] == (10, 3)
+    net = SpineNet("resnet18", vocab="rsna2024_severity", task="rsna2024_foraminal",
+                   head_channels=32)  # fmt: skip
+    module = SpineModule(net)
+    assert module.rsna_logloss_name == "rsna_foraminal_logloss"
+    losses = module.loss_fn(module(batch["image"], batch["points"]), batch)
+    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
+    with torch.no_grad():
+        pred = module._predict(batch["image"])
+    module._update_rsna_logloss(pred["disc_probs"], batch)
+    (grades,) = module.val_rsna_logloss.grades
+    probs = module.val_rsna_logloss.probs[0]
+    # The mean of the left and the right condition's weighted log loss.
+    sides = [rsna_weighted_logloss(probs[:, g], grades[:, g])
+             for g in (slice(0, 5), slice(5, 10)) if (grades[:, g] >= 0).any()]  # fmt: skip
+    assert len(sides) >= 1
+    assert float(module.val_rsna_logloss.compute()) == pytest.approx(sum(sides) / len(sides))
+
+    # Prediction files: left and right rows of the competition's conditions, each from the
+    # item of its own slice; evaluate scores both conditions.
+    data = dm.val_dataset
+    cache, indices = data.cache, list(data.indices)
+    task = get_task("rsna2024_foraminal")
+    out = tmp_path / "predict"
+    write_layout_predictions(out, _perfect_outputs(cache, indices), cache, task,
+                             task.vocabulary(), None)  # fmt: skip
+    submission = pd.read_csv(out / "submission.csv")
+    studies = sorted({cache.records[i]["study_id"] for i in indices})
+    assert len(submission) == 10 * len(studies)
+    assert f"{studies[0]}_left_neural_foraminal_narrowing_l1_l2" in set(submission.row_id)
+    assert f"{studies[0]}_right_neural_foraminal_narrowing_l5_s1" in set(submission.row_id)
+    ev = evaluate_rsna2024(out / "submission.csv", tmp_path / "phantom" / "rsna2024")
+    assert ev.metrics["rsna_left_foraminal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_right_foraminal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_mean_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["localisation_same_instance_rate"] == 1.0
+    assert ev.metrics["localisation_mre_mm"] == pytest.approx(0.0, abs=1e-3)

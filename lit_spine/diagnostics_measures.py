@@ -51,14 +51,16 @@ def neighbour_levels(
     """For each point, the same-type points directly above and below it (a one-level shift).
 
     `kinds` gives each point's kind (a task's `point_kinds`); without it a name holding '-'
-    is a disc (the tianchi2020 names)."""
+    is a disc (the tianchi2020 names). A name with a side after the level ('L1/L2 left', the
+    foraminal task) has neighbours only on its own side."""
     if kinds is None:
         kinds = ["disc" if "-" in n else "vertebra" for n in names]
     if len(kinds) != len(names):
         raise ValueError(f"{len(names)} point names but {len(kinds)} point kinds")
+    sides = [n.split(" ", 1)[1] if " " in n else "" for n in names]
     out = []
     for k, kind in enumerate(kinds):
-        same = [j for j, other in enumerate(kinds) if other == kind]
+        same = [j for j, other in enumerate(kinds) if other == kind and sides[j] == sides[k]]
         pos = same.index(k)
         out.append(tuple(same[p] for p in (pos - 1, pos + 1) if 0 <= p < len(same)))
     return out

@@ -1,9 +1,11 @@
-"""The RSNA 2024 competition's sample-weighted log loss for one condition (docs/datasets.md).
+"""The RSNA 2024 competition's sample-weighted log loss per condition (docs/datasets.md).
 
 Per level, the three severity probabilities are normalised to sum 1 and clipped to
 [eps, 1 - eps]; each graded level contributes -log p(true grade) with weight 1 (Normal/Mild),
 2 (Moderate) or 4 (Severe); the score is the weighted mean. Levels without a grade (-1) are
-left out. Hand-written: a few numpy/torch lines (scikit-learn's log_loss is not a dependency).
+left out. A task with several conditions (the foraminal task: left and right) scores each
+condition on its own points and logs the mean, as the competition averages its conditions.
+Hand-written: a few numpy/torch lines (scikit-learn's log_loss is not a dependency).
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from torchmetrics import Metric
 
 SEVERITY_WEIGHTS = (1.0, 2.0, 4.0)
 EPS = 1e-15
+# task -> (logged name under val/, the point columns of each condition, None = one condition)
+RSNA_LOGLOSS: dict[str, tuple[str, tuple[tuple[int, ...], ...] | None]] = {
+    "rsna2024_canal": ("rsna_canal_logloss", None),
+    "rsna2024_foraminal": ("rsna_foraminal_logloss", (tuple(range(5)), tuple(range(5, 10)))),
+}
 
 
 def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float = EPS) -> float:
@@ -33,12 +40,14 @@ def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float 
 
 
 class RsnaCanalLogLoss(Metric):
-    """Accumulates softmax probabilities and grades; logged as `val/rsna_canal_logloss`."""
+    """Accumulates probabilities and grades; logged as `val/rsna_canal_logloss` (or, with
+    `groups`, the mean over conditions of each group of point columns)."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, groups: tuple[tuple[int, ...], ...] | None = None) -> None:
         super().__init__()
+        self.groups = groups
         self.add_state("probs", default=[], dist_reduce_fx="cat")
         self.add_state("grades", default=[], dist_reduce_fx="cat")
 
@@ -49,4 +58,10 @@ class RsnaCanalLogLoss(Metric):
     def compute(self) -> torch.Tensor:
         probs = torch.cat(self.probs) if isinstance(self.probs, list) else self.probs
         grades = torch.cat(self.grades) if isinstance(self.grades, list) else self.grades
-        return torch.tensor(rsna_weighted_logloss(probs, grades), dtype=torch.float64)
+        if self.groups is None:
+            return torch.tensor(rsna_weighted_logloss(probs, grades), dtype=torch.float64)
+        scored = [list(g) for g in self.groups if (grades[:, list(g)] >= 0).any()]
+        if not scored:
+            raise ValueError("no graded level: the log loss is undefined")
+        losses = [rsna_weighted_logloss(probs[:, g], grades[:, g]) for g in scored]
+        return torch.tensor(sum(losses) / len(losses), dtype=torch.float64)

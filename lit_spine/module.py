@@ -22,7 +22,7 @@ from torchmetrics import MaxMetric
 
 from lit_spine.losses import SpineLoss, class_probabilities
 from lit_spine.metrics import SpineDetectionMetric, decode_heatmaps, select_predictions
-from lit_spine.metrics_rsna import RsnaCanalLogLoss
+from lit_spine.metrics_rsna import RSNA_LOGLOSS, RsnaCanalLogLoss
 from lit_spine.task import get_task
 from lit_spine.utils import choose
 
@@ -53,7 +53,8 @@ class SpineModule(pl.LightningModule):
 
     The points, vocabulary and so the losses and metrics follow the net's task (`net.task`,
     linked from `data.task`). On the rsna2024_canal task validation also logs the
-    competition's sample-weighted log loss as `val/rsna_canal_logloss` (docs/datasets.md).
+    competition's sample-weighted log loss as `val/rsna_canal_logloss` (rsna2024_foraminal:
+    `val/rsna_foraminal_logloss`, the mean over left and right; docs/datasets.md).
 
     Args:
         net: the network (backbone + heads), built from its own config section.
@@ -153,7 +154,8 @@ class SpineModule(pl.LightningModule):
         # The running best of val/mAP over epochs (its own metric object: it must never be reset).
         self.val_map_best = MaxMetric()
         # The competition's own score, for the task it was defined for only.
-        self.val_rsna_logloss = RsnaCanalLogLoss() if self.task.name == "rsna2024_canal" else None
+        self.rsna_logloss_name, groups = RSNA_LOGLOSS.get(self.task.name, (None, None))
+        self.val_rsna_logloss = RsnaCanalLogLoss(groups) if self.rsna_logloss_name else None
         self._compiled = False
         self.lr_effective: float | None = None  # set by configure_optimizers
 
@@ -294,9 +296,9 @@ class SpineModule(pl.LightningModule):
             try:
                 value = self.val_rsna_logloss.compute().float()
             except ValueError as err:  # no graded level in this split: undefined, not 0
-                rank_zero_warn(f"val: val/rsna_canal_logloss not logged: {err}")
+                rank_zero_warn(f"val: val/{self.rsna_logloss_name} not logged: {err}")
             else:
-                self.log("val/rsna_canal_logloss", value, sync_dist=True)
+                self.log(f"val/{self.rsna_logloss_name}", value, sync_dist=True)
             self.val_rsna_logloss.reset()
         if self.trainer.sanity_checking:
             return

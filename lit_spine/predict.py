@@ -1,8 +1,10 @@
-"""Turn `predict` outputs into a prediction file (annotation schema, with scores) and overlays.
+"""Turn `predict` outputs into a prediction file and overlays.
 
-Points come out of the network in cache-image pixels; they are mapped back to the pixels of
-the original annotated DICOM image so that `lit-spine evaluate` scores the file against the
-dataset's own annotation.
+For tianchi2020 the file is the annotation schema with scores (`predictions.json`); for the
+rsna2024 and spider tasks it is the layout's own CSV format (`lit_spine/predict_layouts.py`,
+docs/datasets.md "Prediction files"). Points come out of the network in cache-image pixels;
+they are mapped back to the pixels of the original image so that `lit-spine evaluate`
+scores the file against the dataset's own labels.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
 from lit_spine.metrics import PredictionRows, select_predictions
-from lit_spine.task import POINT_NAMES, Vocabulary
+from lit_spine.predict_layouts import WRITTEN_TASKS, write_layout_predictions
+from lit_spine.task import POINT_NAMES, Vocabulary, get_task
 
 
 def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabulary) -> list[Point]:
@@ -54,11 +57,10 @@ class PredictionWriter(pl.Callback):
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         task = getattr(pl_module, "task", None)
-        if task is not None and task.name != "tianchi2020":
-            # The file written here is the 2020 annotation schema (11 named points).
+        if task is not None and task.name not in WRITTEN_TASKS:
             raise ValueError(
-                f"lit-spine predict: task {task.name!r} has no prediction writer yet; the "
-                "prediction file is the tianchi2020 annotation schema (docs/datasets.md, Status)"
+                f"lit-spine predict: task {task.name!r} has no prediction writer yet; "
+                f"written are: {', '.join(WRITTEN_TASKS)} (docs/datasets.md, Prediction files)"
             )
         self.batches = []
 
@@ -72,6 +74,7 @@ class PredictionWriter(pl.Callback):
         dataset = trainer.datamodule.predict_dataset
         cache = dataset.cache
         vocab = pl_module.vocab
+        task = getattr(pl_module, "task", None) or get_task("tianchi2020")
         threshold = pl_module.hparams.multi_label_threshold
         rows = select_predictions(
             torch.from_numpy(merged["points"]),
@@ -80,7 +83,31 @@ class PredictionWriter(pl.Callback):
             torch.from_numpy(merged["disc_probs"]),
             vocab,
             multi_label_threshold=threshold,
+            task=task,
         )
+        if task.name == "tianchi2020":
+            pred_paths = [self._write_annotations(cache, merged, rows, vocab)]
+        else:
+            pred_paths = write_layout_predictions(self.out_dir, merged, cache, task, vocab, rows)
+        paths = self._overlays(cache, merged, task.point_names)
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger" and paths:
+                logger.log_image(key="predict/overlays", images=[str(p) for p in paths])
+        problems = list(getattr(cache, "problems", []))
+        left_out = (
+            f"; {len(problems)} data problems while caching (unreadable files skipped, "
+            "unusable studies left out: listed above and in the cache's index.json)"
+            if problems
+            else ""
+        )
+        n_items = len(merged["index"])
+        print(
+            f"lit-spine: wrote {', '.join(str(p) for p in pred_paths)} ({n_items} items) and "
+            f"{len(paths)} overlays" + left_out
+        )
+
+    def _write_annotations(self, cache, merged: dict, rows: PredictionRows, vocab) -> Path:
+        """predictions.json in the 2020 annotation schema."""
         studies = []
         for row, index in enumerate(merged["index"].tolist()):
             rec = cache.records[index]
@@ -96,23 +123,9 @@ class PredictionWriter(pl.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pred_path = self.out_dir / "predictions.json"
         write_annotations(pred_path, studies)
-        paths = self._overlays(cache, merged)
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger" and paths:
-                logger.log_image(key="predict/overlays", images=[str(p) for p in paths])
-        problems = list(getattr(cache, "problems", []))
-        left_out = (
-            f"; {len(problems)} data problems while caching (unreadable files skipped, "
-            "unusable studies left out: listed above and in the cache's index.json)"
-            if problems
-            else ""
-        )
-        print(
-            f"lit-spine: wrote {pred_path} ({len(studies)} studies) and {len(paths)} overlays"
-            + left_out
-        )
+        return pred_path
 
-    def _overlays(self, cache, merged: dict) -> list[Path]:
+    def _overlays(self, cache, merged: dict, point_names: tuple[str, ...]) -> list[Path]:
         if self.overlays <= 0:
             return []
         import matplotlib
@@ -130,7 +143,7 @@ class PredictionWriter(pl.Callback):
             ax.imshow(image, cmap="gray", vmin=0, vmax=1)
             gt, present = cache.points[index], cache.present[index]
             pred = merged["points"][row]
-            for k, name in enumerate(POINT_NAMES):
+            for k, name in enumerate(point_names):
                 if present[k]:
                     ax.plot(*gt[k], "o", ms=5, mfc="none", mec="lime")
                 ax.plot(*pred[k], "x", ms=5, color="red")
@@ -139,7 +152,10 @@ class PredictionWriter(pl.Callback):
                 f"{cache.records[index]['study']}: true (green o) vs predicted (red x)", fontsize=8
             )
             ax.axis("off")
-            path = folder / f"{cache.records[index]['study']}.png"
+            rec = cache.records[index]
+            # An rsna2024 study has one item per labelled instance: one overlay each.
+            suffix = f"_{rec['instance_number']}" if "instance_number" in rec else ""
+            path = folder / f"{rec['study']}{suffix}.png"
             fig.savefig(path, bbox_inches="tight")
             plt.close(fig)
             paths.append(path)

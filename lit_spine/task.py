@@ -183,6 +183,12 @@ VOCABULARIES["rsna2024_severity"] = Vocabulary(
     disc={"v1": "Normal/Mild", "v2": "Moderate", "v3": "Severe"},
 )
 RSNA_LEVELS: tuple[str, ...] = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+# Neural foraminal narrowing: the five levels on the left, then on the right; each side's
+# points lie on their own parasagittal slices of the Sagittal T1 series.
+RSNA_SIDES: tuple[str, ...] = ("left", "right")
+RSNA_FORAMINAL_POINTS: tuple[str, ...] = tuple(
+    f"{level} {side}" for side in RSNA_SIDES for level in RSNA_LEVELS
+)
 
 # SPIDER (van der Graaf et al. 2024): Pfirrmann grade of the five lumbar discs, points from
 # the masks on the mid-sagittal slice of the T2 series (docs/datasets.md, "SPIDER").
@@ -209,6 +215,15 @@ TASKS: dict[str, Task] = {
         vocabularies=("rsna2024_severity",),
         series="Sagittal T2/STIR",
         description="RSNA 2024: spinal canal stenosis at the 5 disc levels L1/L2 .. L5/S1",
+    ),
+    "rsna2024_foraminal": Task(
+        name="rsna2024_foraminal",
+        point_names=RSNA_FORAMINAL_POINTS,
+        point_kinds=("disc",) * len(RSNA_FORAMINAL_POINTS),
+        vocabularies=("rsna2024_severity",),
+        series="Sagittal T1",
+        description="RSNA 2024: left and right neural foraminal narrowing at the 5 disc "
+        "levels, each point on its own parasagittal slice",
     ),
     "spider_disc": Task(
         name="spider_disc",

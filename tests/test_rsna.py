@@ -206,6 +206,14 @@ def test_inspect_rsna2024_json(rsna_root, capsys):
     assert out["problems"] == []
     assert inspect.main(["--format", "rsna2024", str(rsna_root / "nowhere")]) == 2
     assert "train_series_descriptions.csv: file not found" in capsys.readouterr().err
+    # The foraminal task: Sagittal T1 (series number 1), ten points per study.
+    args = ["--format", "rsna2024", "--task", "rsna2024_foraminal", "--json", str(rsna_root)]
+    assert inspect.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "rsna2024_foraminal" and out["points"] == 40
+    assert [s["series_id"] % 10 for s in out["studies"]] == [1, 1, 1, 1]
+    assert inspect.main(["--format", "spider", "--task", "rsna2024_canal", str(rsna_root)]) == 2
+    assert "--task is for --format rsna2024" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- training path
@@ -341,7 +349,7 @@ def test_module_one_training_step_on_rsna_batch(tmp_path):
     assert SpineModule(SpineNet("resnet18", head_channels=32)).val_rsna_logloss is None
 
 
-def test_fit_through_cli_logs_rsna_logloss(tmp_path):
+def test_fit_through_cli_logs_rsna_logloss(tmp_path, capsys):
     import csv
     import json
     from pathlib import Path
@@ -388,6 +396,34 @@ def test_fit_through_cli_logs_rsna_logloss(tmp_path):
     assert diagnostics["task"] == "rsna2024_canal"
     assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(RSNA_LEVELS)
 
+    # predict on the checkpoint writes the competition's submission file and the points;
+    # evaluate scores them against the phantom's labels with the same log loss.
+    from lit_spine.commands import evaluate as evaluate_cmd
+
+    run_lightning_cli(
+        [
+            "predict",
+            "--config", str(run / "config.yaml"),
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.enable_progress_bar=false",
+            "--wandb=disabled",
+        ]
+    )  # fmt: skip
+    out = run / "predict"
+    submission = pd.read_csv(out / "submission.csv")
+    coords = pd.read_csv(out / "coordinates.csv")
+    studies = set(coords.study_id)
+    assert len(submission) == len(coords) == 5 * len(studies) and len(studies) == 3
+    assert list((out / "overlays").glob("*.png"))
+    capsys.readouterr()
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv"),
+                              "--data-root", str(tmp_path / "phantom" / "rsna2024"),
+                              "--json"]) == 0  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert math.isfinite(metrics["rsna_canal_logloss"]) and metrics["rsna_canal_logloss"] > 0
+    assert metrics["rsna_canal_logloss_levels"] == 15 and metrics["localisation_points"] == 15
+    assert metrics["studies_not_predicted"] == 3
+
 
 def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
     import json
@@ -432,9 +468,234 @@ def test_predict_writer_refuses_a_task_without_a_writer(tmp_path):
     from types import SimpleNamespace
 
     from lit_spine.predict import PredictionWriter
+    from lit_spine.task import Task
 
     writer = PredictionWriter(tmp_path)
-    with pytest.raises(ValueError, match="task 'rsna2024_canal' has no prediction writer yet"):
-        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("rsna2024_canal")))
-    writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task("tianchi2020")))
+    # rsna2024_canal has its writer now (submission.csv); a task without one is refused.
+    unwritten = Task("my_discs", ("L4/L5",), ("disc",), ("rsna2024_severity",), "Sagittal T2/STIR")
+    with pytest.raises(ValueError, match="task 'my_discs' has no prediction writer yet"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=unwritten))
+    for name in ("tianchi2020", "rsna2024_canal", "spider_disc"):
+        writer.on_predict_epoch_start(None, SimpleNamespace(task=get_task(name)))
     assert writer.batches == []
+
+
+# ---------------------------------------------------------------------------- prediction files
+def _perfect_outputs(cache, indices, wrong_grade=False):
+    """predict_step outputs that put each level at its labelled point, with the highest
+    heatmap peak in the item of its own instance and 0.8 on the true severity."""
+    n = len(indices)
+    present = cache.present[indices]
+    n_points = present.shape[1]
+    points = np.where(present[..., None], np.nan_to_num(cache.points[indices]), 5.0)
+    labels = cache.labels[indices]
+    grade = np.where(labels.any(-1), labels.argmax(-1), 0)
+    # 0.8 on the true severity; with wrong_grade 0.1 .. 0.5 by level (so the weights matter).
+    p_true = np.full((n, n_points), 0.8)
+    if wrong_grade:
+        p_true = np.tile(np.arange(n_points) % 5 / 10 + 0.1, (n, 1))
+    probs = np.repeat(((1 - p_true) / 2)[..., None], 3, axis=-1).astype(np.float32)
+    np.put_along_axis(probs, grade[..., None], p_true[..., None].astype(np.float32), axis=-1)
+    return {
+        "index": np.asarray(indices),
+        "points": points.astype(np.float32),
+        "scores": np.where(present, 0.9, 0.1).astype(np.float32),
+        "vertebra_probs": np.zeros((n, 0, 0), np.float32),
+        "disc_probs": probs,
+    }
+
+
+def test_prediction_files_round_trip_through_evaluate(tmp_path, capsys):
+    import json
+
+    from lit_spine.commands import evaluate as evaluate_cmd
+    from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_rsna2024
+    from lit_spine.predict_layouts import write_layout_predictions
+
+    dm = _rsna_dm(tmp_path, slices=1)
+    dm.prepare_data()
+    dm.setup("predict")
+    data = dm.predict_dataset
+    cache, indices = data.cache, list(data.indices)
+    task = get_task("rsna2024_canal")
+    out = tmp_path / "predict"
+    paths = write_layout_predictions(out, _perfect_outputs(cache, indices), cache, task,
+                                     task.vocabulary(), None)  # fmt: skip
+    assert [p.name for p in paths] == ["submission.csv", "coordinates.csv"]
+    submission = pd.read_csv(out / "submission.csv")
+    assert list(submission.columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    studies = sorted({cache.records[i]["study_id"] for i in indices})
+    assert len(submission) == 5 * len(studies)
+    assert submission.row_id.iloc[0] == f"{studies[0]}_spinal_canal_stenosis_l1_l2"
+    assert np.allclose(submission[["normal_mild", "moderate", "severe"]].sum(1), 1.0)
+    # Each level comes from the item of its labelled instance, at its labelled point.
+    coords = pd.read_csv(out / "coordinates.csv")
+    root = tmp_path / "phantom" / "rsna2024"
+    truth = pd.read_csv(root / COORDS_CSV)
+    truth = truth[truth.condition == "Spinal Canal Stenosis"]
+    merged = coords.merge(truth, on=["study_id", "condition", "level"], suffixes=("", "_gt"))
+    assert len(merged) == len(coords) == 5 * len(studies)
+    assert (merged.instance_number == merged.instance_number_gt).all()
+    assert np.allclose(merged[["x", "y"]], merged[["x_gt", "y_gt"]].to_numpy(), atol=1e-3)
+
+    ev = evaluate_rsna2024(out / "submission.csv", root)
+    # 0.8 on every true severity: -ln 0.8 whatever the weights.
+    assert ev.metrics["rsna_canal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_canal_logloss_levels"] == 5 * len(studies)
+    assert ev.metrics["studies_not_predicted"] == 6 - len(studies)
+    assert ev.metrics["localisation_mre_mm"] == pytest.approx(0.0, abs=1e-3)
+    assert ev.metrics["localisation_same_instance_rate"] == 1.0
+    assert ev.problems == []
+
+    # Wrong severities score the competition's weighted loss; a point moved to the next
+    # instance at the same pixel is one slice gap (4.4 mm in the phantom) away.
+    write_layout_predictions(out, _perfect_outputs(cache, indices, wrong_grade=True), cache,
+                             task, task.vocabulary(), None)  # fmt: skip
+    sub = pd.read_csv(out / "submission.csv")
+    grades = pd.read_csv(root / GRADES_CSV).set_index("study_id")
+    probs, labels = [], []
+    for _, r in sub.iterrows():
+        sid, col = r.row_id.split("_", 1)
+        probs.append([r.normal_mild, r.moderate, r.severe])
+        labels.append(["Normal/Mild", "Moderate", "Severe"].index(grades.loc[int(sid), col]))
+    expected = rsna_weighted_logloss(torch.tensor(probs)[:, None], torch.tensor(labels)[:, None])
+    unweighted = -np.mean([math.log(p[g]) for p, g in zip(probs, labels)])
+    assert expected > 0.6 and expected != pytest.approx(unweighted)
+    moved = coords.copy()
+    moved.loc[0, "instance_number"] = moved.loc[0, "instance_number"] + (
+        1 if moved.loc[0, "instance_number"] < 7 else -1
+    )
+    moved.to_csv(out / "coordinates.csv", index=False)
+    # A missing grade is reported and skipped, never filled in.
+    blank = pd.read_csv(root / GRADES_CSV, dtype=str, keep_default_na=False)
+    blank.loc[blank.study_id == str(studies[0]), "spinal_canal_stenosis_l3_l4"] = ""
+    blank.to_csv(root / GRADES_CSV, index=False)
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv"),
+                              "--data-root", str(root), "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    metrics = result["metrics"]
+    assert metrics["rsna_canal_logloss_levels"] == 5 * len(studies) - 1
+    assert metrics["rsna_canal_logloss"] != pytest.approx(expected)
+    keep = [i for i, r in enumerate(sub.row_id) if r != f"{studies[0]}_spinal_canal_stenosis_l3_l4"]
+    assert metrics["rsna_canal_logloss"] == pytest.approx(
+        rsna_weighted_logloss(torch.tensor(probs)[keep, None], torch.tensor(labels)[keep, None])
+    )
+    assert metrics["localisation_same_instance_rate"] == pytest.approx(1 - 1 / len(coords))
+    assert metrics["localisation_mre_mm"] * len(coords) == pytest.approx(4.4, abs=1e-2)
+    assert any("spinal_canal_stenosis_l3_l4 is empty" in p for p in result["problems"])
+
+    # A study that is not in train.csv stops the run unless --ignore-unknown.
+    sub.loc[len(sub)] = ["999_spinal_canal_stenosis_l1_l2", 0.2, 0.3, 0.5]
+    sub.to_csv(out / "submission.csv", index=False)
+    with pytest.raises(LayoutEvaluationError, match=r"not in .*train.csv.*--ignore-unknown"):
+        evaluate_rsna2024(out / "submission.csv", root)
+    ev = evaluate_rsna2024(out / "submission.csv", root, ignore_unknown=True)
+    assert any("study 999 is not in" in p for p in ev.problems)
+    assert evaluate_cmd.main(["--format", "rsna2024", "--pred", str(out / "submission.csv")]) == 2
+    assert "needs --data-root" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- foraminal task
+def test_foraminal_task_reads_each_side_on_its_own_t1_slice(rsna_root, tmp_path):
+    from lit_spine.data.cache import CacheSettings
+    from lit_spine.data.rsna_cache import build_rsna2024_cache
+    from lit_spine.task import RSNA_FORAMINAL_POINTS
+
+    task = get_task("rsna2024_foraminal")
+    assert task.num_points == 10 and task.series == "Sagittal T1"
+    assert RSNA_FORAMINAL_POINTS[0] == "L1/L2 left" and RSNA_FORAMINAL_POINTS[5] == "L1/L2 right"
+    data = read_rsna2024(rsna_root, "rsna2024_foraminal")
+    assert data.problems == [] and len(data.studies) == 4
+    series = pd.read_csv(rsna_root / SERIES_CSV)
+    coords = pd.read_csv(rsna_root / COORDS_CSV)
+    grades = pd.read_csv(rsna_root / GRADES_CSV)
+    for st in data.studies:
+        (t1,) = series[(series.study_id == st.study_id)
+                       & (series.series_description == "Sagittal T1")].series_id  # fmt: skip
+        assert st.series_id == t1 and set(st.points) == set(RSNA_FORAMINAL_POINTS)
+        for point, p in st.points.items():
+            level, side = point.split()
+            (rec,) = coords[(coords.study_id == st.study_id) & (coords.level == level)
+                            & (coords.condition == f"{side.title()} Neural Foraminal Narrowing")
+                            ].itertuples()  # fmt: skip
+            assert (p.instance_number, p.x, p.y) == pytest.approx(
+                (rec.instance_number, rec.x, rec.y)
+            )
+            col = f"{side}_neural_foraminal_narrowing_{level.lower().replace('/', '_')}"
+            row = grades[grades.study_id == st.study_id].iloc[0]
+            assert ["Normal/Mild", "Moderate", "Severe"][st.grades[point]] == row[col]
+        # Left and right lie on different parasagittal slices.
+        left = {p.instance_number for k, p in st.points.items() if k.endswith("left")}
+        right = {p.instance_number for k, p in st.points.items() if k.endswith("right")}
+        assert len(left) == len(right) == 1 and left != right
+
+    # The cache: one item per side, centred on that side's slice; the other side is absent
+    # from it (not moved onto a slice it does not lie on).
+    settings = CacheSettings(image_size=64, neighbors=1)
+    cache = build_rsna2024_cache(rsna_root, settings, tmp_path / "cache",
+                                 task="rsna2024_foraminal", progress=False)  # fmt: skip
+    assert len(cache.records) == 2 * 4 and cache.present.shape == (8, 10)
+    for row, rec in enumerate(cache.records):
+        st = next(s for s in data.studies if s.study_id == rec["study_id"])
+        present = [p for k, p in enumerate(RSNA_FORAMINAL_POINTS) if cache.present[row, k]]
+        assert present == rec["levels"] and len(present) == 5
+        assert {st.points[p].instance_number for p in present} == {rec["instance_number"]}
+        assert len({p.split()[1] for p in present}) == 1
+    assert cache.labels.any(-1)[cache.present].all()
+    # A point whose instance file is gone is reported and left out, not moved.
+    root = _copy(rsna_root, tmp_path)
+    st = read_rsna2024(root, "rsna2024_foraminal").studies[0]
+    st.points["L1/L2 left"].path.unlink()
+    again = read_rsna2024(root, "rsna2024_foraminal")
+    assert "L1/L2 left" not in again.studies[0].points
+    assert any("not found; point skipped" in p for p in again.problems)
+    with pytest.raises(ValueError, match="is not an rsna2024 task"):
+        read_rsna2024(rsna_root, "spider_disc")
+
+
+def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+    from lit_spine.module import SpineModule
+    from lit_spine.predict_layouts import write_layout_predictions
+
+    dm = _rsna_dm(tmp_path, task="rsna2024_foraminal", slices=1, augment=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["points"].shape[1:] == (10, 2) and batch["labels"].shape[1:] == (10, 3)
+    net = SpineNet("resnet18", vocab="rsna2024_severity", task="rsna2024_foraminal",
+                   head_channels=32)  # fmt: skip
+    module = SpineModule(net)
+    assert module.rsna_logloss_name == "rsna_foraminal_logloss"
+    losses = module.loss_fn(module(batch["image"], batch["points"]), batch)
+    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
+    with torch.no_grad():
+        pred = module._predict(batch["image"])
+    module._update_rsna_logloss(pred["disc_probs"], batch)
+    (grades,) = module.val_rsna_logloss.grades
+    probs = module.val_rsna_logloss.probs[0]
+    # The mean of the left and the right condition's weighted log loss.
+    sides = [rsna_weighted_logloss(probs[:, g], grades[:, g])
+             for g in (slice(0, 5), slice(5, 10)) if (grades[:, g] >= 0).any()]  # fmt: skip
+    assert len(sides) >= 1
+    assert float(module.val_rsna_logloss.compute()) == pytest.approx(sum(sides) / len(sides))
+
+    # Prediction files: left and right rows of the competition's conditions, each from the
+    # item of its own slice; evaluate scores both conditions.
+    data = dm.val_dataset
+    cache, indices = data.cache, list(data.indices)
+    task = get_task("rsna2024_foraminal")
+    out = tmp_path / "predict"
+    write_layout_predictions(out, _perfect_outputs(cache, indices), cache, task,
+                             task.vocabulary(), None)  # fmt: skip
+    submission = pd.read_csv(out / "submission.csv")
+    studies = sorted({cache.records[i]["study_id"] for i in indices})
+    assert len(submission) == 10 * len(studies)
+    assert f"{studies[0]}_left_neural_foraminal_narrowing_l1_l2" in set(submission.row_id)
+    assert f"{studies[0]}_right_neural_foraminal_narrowing_l5_s1" in set(submission.row_id)
+    ev = evaluate_rsna2024(out / "submission.csv", tmp_path / "phantom" / "rsna2024")
+    assert ev.metrics["rsna_left_foraminal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_right_foraminal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_mean_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["localisation_same_instance_rate"] == 1.0
+    assert ev.metrics["localisation_mre_mm"] == pytest.approx(0.0, abs=1e-3)

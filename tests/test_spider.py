@@ -280,7 +280,7 @@ def test_datamodule_one_training_step(tmp_path):
         _dm(tmp_path, task="rsna2024_canal", vocab="rsna2024_severity")
 
 
-def test_fit_through_cli(tmp_path):
+def test_fit_through_cli(tmp_path, capsys):
     from pathlib import Path
 
     from lit_spine.train_cli import run_lightning_cli
@@ -318,3 +318,84 @@ def test_fit_through_cli(tmp_path):
     diagnostics = json.loads((run / "diagnostics.json").read_text())
     assert diagnostics["task"] == "spider_disc"
     assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(RSNA_LEVELS)
+
+    # predict on the checkpoint writes predictions.csv; evaluate scores it with the metric.
+    from lit_spine.commands import evaluate as evaluate_cmd
+
+    run_lightning_cli(
+        [
+            "predict",
+            "--config", str(run / "config.yaml"),
+            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.enable_progress_bar=false",
+            "--wandb=disabled",
+        ]
+    )  # fmt: skip
+    pred = pd.read_csv(run / "predict" / "predictions.csv")
+    assert len(pred) == 2 * 5 and set(pred.level) == set(RSNA_LEVELS)
+    grade_probs = pred[[f"pfirrmann_{g}" for g in range(1, 6)]].to_numpy()
+    assert ((grade_probs >= 0) & (grade_probs <= 1)).all()  # sigmoid head: need not sum to 1
+    assert (grade_probs.argmax(1) + 1 == pred.grade).all()
+    capsys.readouterr()
+    assert evaluate_cmd.main(["--format", "spider", "--pred", str(run / "predict" / "predictions.csv"),
+                              "--data-root", str(tmp_path / "phantom" / "spider"),
+                              "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert (
+        result["metrics"]["studies_scored"] == 2 and result["metrics"]["studies_not_predicted"] == 2
+    )
+    assert result["detection"]["n_gt_points"] == 10
+
+
+def test_prediction_file_round_trip_through_evaluate(tmp_path, capsys):
+    from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_spider
+    from lit_spine.metrics import select_predictions
+    from lit_spine.predict_layouts import write_layout_predictions
+
+    dm = _dm(tmp_path, slices=1)
+    dm.prepare_data()
+    dm.setup("predict")
+    cache, indices = dm.predict_dataset.cache, list(dm.predict_dataset.indices)
+    task = get_task("spider_disc")
+    vocab = task.vocabulary()
+    n = len(indices)
+    labels = cache.labels[indices]
+    probs = np.where(labels, 0.9, 0.025).astype(np.float32)
+    merged = {
+        "index": np.asarray(indices),
+        "points": np.nan_to_num(cache.points[indices]).astype(np.float32),
+        "scores": np.full((n, 5), 0.95, np.float32),
+        "vertebra_probs": np.zeros((n, 0, 0), np.float32),
+        "disc_probs": probs,
+    }
+    rows = select_predictions(*(torch.from_numpy(merged[k]) for k in
+                                ("points", "scores", "vertebra_probs", "disc_probs")),
+                              vocab, task=task)  # fmt: skip
+    out = tmp_path / "predict"
+    (path,) = write_layout_predictions(out, merged, cache, task, vocab, rows)
+    pred = pd.read_csv(path)
+    root = tmp_path / "phantom" / "spider"
+    data = read_spider(root)
+    truth = {st.patient: st for st in data.studies}
+    for _, r in pred.iterrows():
+        st = truth[r.patient]
+        p = st.points[r.level]
+        assert (r.series, r.slice_index) == (st.series, st.slice_index)
+        assert (r.x, r.y) == pytest.approx((p.x, p.y), abs=1e-3)
+        assert (r.x_mm, r.y_mm) == pytest.approx((p.x_mm, p.y_mm), abs=1e-3)
+        assert r.grade == st.grades[r.level] + 1 and str(r.labels) == str(r.grade)
+    ev = evaluate_spider(path, root)
+    assert ev.metrics["map"] == pytest.approx(1.0) and ev.metrics["studies_scored"] == n
+    assert ev.detection.localisation["all"].mre_mm == pytest.approx(0.0, abs=1e-3)
+
+    # A point 10 mm off (in rows) misses at R = 8 mm; its grade no longer counts.
+    row_mm = truth[pred.patient[0]].spacing_mm[0]
+    pred.loc[0, "y"] += 10.0 / row_mm
+    pred.loc[len(pred)] = pred.loc[1].copy()
+    pred.loc[len(pred) - 1, "patient"] = 999
+    pred.to_csv(path, index=False)
+    with pytest.raises(LayoutEvaluationError, match="999.*--ignore-unknown"):
+        evaluate_spider(path, root)
+    ev = evaluate_spider(path, root, ignore_unknown=True)
+    assert ev.detection.localisation["all"].mre_mm == pytest.approx(10.0 / (5 * n), abs=1e-3)
+    assert ev.detection.tp == 5 * n - 1 and any("patient 999" in p for p in ev.problems)

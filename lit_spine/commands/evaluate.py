@@ -1,7 +1,10 @@
-"""`lit-spine evaluate`: score a prediction file against an annotation file (docs/metric.md).
+"""`lit-spine evaluate`: score a prediction file against the data's labels (docs/metric.md).
 
-Calls `lit_spine.evaluate.evaluate_files` and prints `format_table` + `format_problems`, or
-the JSON of `Evaluation.to_dict`. The radius and spacing options are checked while parsing.
+`--format tianchi2020` (default) calls `lit_spine.evaluate.evaluate_files` and prints
+`format_table` + `format_problems`, or the JSON of `Evaluation.to_dict`; `--format rsna2024`
+and `--format spider` call `lit_spine.evaluate_layouts` on the prediction files of those
+layouts, with the labels read from `--data-root` (docs/datasets.md, "Prediction files").
+The radius and spacing options are checked while parsing.
 """
 
 from __future__ import annotations
@@ -61,18 +64,36 @@ def build_parser():
     """The `lit-spine evaluate` parser."""
     parser = common.command_parser(
         NAME,
-        "Score a prediction file against an annotation file (docs/metric.md): "
+        "Score a prediction file against the data's labels (docs/metric.md): "
         "point detection at R (P/R/F1, AP, mAP), the 2020 baseline's macro-F1 and "
-        "key-point recall, radial errors in mm.",
+        "key-point recall, radial errors in mm; for rsna2024 the competition's weighted "
+        "log loss and the localisation error (docs/datasets.md).",
+    )
+    common.add_layout(
+        parser,
+        "--format",
+        "layout of the prediction file: tianchi2020 (predictions.json), rsna2024 "
+        "(submission.csv), spider (predictions.csv)",
     )
     parser.add_argument(
-        "--pred", required=True, help="prediction file (annotation schema, optional 'score')"
+        "--pred",
+        required=True,
+        help="prediction file (tianchi2020: annotation schema, optional 'score'; rsna2024: "
+        "submission.csv; spider: predictions.csv)",
     )
-    parser.add_argument("--gt", required=True, help="annotation file (ground truth)")
+    parser.add_argument(
+        "--gt", help="annotation file (ground truth; tianchi2020 only, required there)"
+    )
     parser.add_argument(
         "--data-root",
-        help="the split's image folder (<root>/<split>) or the dataset "
-        "root; the annotated images' PixelSpacing is read",
+        help="tianchi2020: the split's image folder (<root>/<split>) or the dataset root, "
+        "whose annotated images' PixelSpacing is read; rsna2024 / spider (required): the "
+        "layout's root, whose labels are the ground truth",
+    )
+    parser.add_argument(
+        "--coordinates",
+        help="rsna2024: the predicted points (default: coordinates.csv beside --pred, when "
+        "it exists)",
     )
     parser.add_argument(
         "--spacing-mm",
@@ -119,15 +140,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lit-spine evaluate`; exit 2 with a one-line message on unusable input."""
     from lit_spine.data.annotation import AnnotationError
     from lit_spine.data.dicom import DatasetError
+    from lit_spine.data.spider import SpiderFormatError
     from lit_spine.evaluate import EvaluationError
+    from lit_spine.evaluate_layouts import LayoutEvaluationError
 
     args = common.parse(build_parser(), argv)
-    return common.run(
-        NAME, lambda: _evaluate(args), (AnnotationError, EvaluationError, DatasetError)
+    errors = (AnnotationError, EvaluationError, DatasetError)
+    errors += (LayoutEvaluationError, SpiderFormatError)
+    return common.run(NAME, lambda: _evaluate(args), errors)
+
+
+def _evaluate_layout(args) -> int:
+    from lit_spine.evaluate_layouts import (
+        evaluate_rsna2024,
+        evaluate_spider,
+        format_layout,
     )
+
+    if not args.data_root:
+        raise common.UsageError(
+            f"--format {args.format} needs --data-root: the layout's root, whose labels are "
+            "the ground truth"
+        )
+    if args.gt or args.spacing_mm:
+        raise common.UsageError(
+            f"--gt and --spacing-mm are for --format tianchi2020; {args.format} reads its "
+            "labels and pixel spacing from --data-root"
+        )
+    if args.format == "rsna2024":
+        evaluation = evaluate_rsna2024(
+            args.pred, args.data_root, args.coordinates, args.radius_mm, tuple(args.sdr_mm),
+            args.ignore_unknown,
+        )  # fmt: skip
+    else:
+        if args.coordinates:
+            raise common.UsageError("--coordinates is for --format rsna2024")
+        evaluation = evaluate_spider(
+            args.pred, args.data_root, args.radius_mm, args.baseline_radius_mm,
+            tuple(args.sdr_mm), args.ignore_unknown,
+        )  # fmt: skip
+    if evaluation.problems:
+        print(
+            f"lit-spine {NAME}: warning: {len(evaluation.problems)} problems, listed "
+            + ("in the JSON's 'problems'" if args.json else "under the table"),
+            file=sys.stderr,
+        )
+    if args.json:
+        for p in evaluation.problems:
+            print(f"lit-spine {NAME}: warning: {one_line(p)}", file=sys.stderr)
+        print(json.dumps(evaluation.to_dict()))
+    else:
+        print(format_layout(evaluation))
+    return 0
 
 
 def _evaluate(args) -> int:
+    if args.format != "tianchi2020":
+        return _evaluate_layout(args)
+    if not args.gt:
+        raise common.UsageError("--gt (the annotation file) is required for --format tianchi2020")
+    if args.coordinates:
+        raise common.UsageError("--coordinates is for --format rsna2024")
     from lit_spine.evaluate import evaluate_files, format_problems, format_table
 
     evaluation = evaluate_files(

@@ -39,6 +39,10 @@ def build_parser():
         "dataset layout (rsna2024: ROOT holds the competition CSVs; spider: ROOT holds "
         "images/, masks/ and radiological_gradings.csv)",
     )
+    parser.add_argument(
+        "--task",
+        help="rsna2024 only: rsna2024_canal (default) or rsna2024_foraminal (docs/datasets.md)",
+    )
     common.add_json(
         parser, 'print {"studies": [one object per study], "problems": [dataset-level problems]}'
     )
@@ -68,9 +72,14 @@ def _inspect(args) -> int:
         inspect_spider,
     )
 
-    if args.format in ("rsna2024", "spider"):
-        read = inspect_rsna2024 if args.format == "rsna2024" else inspect_spider
-        summary, problems, text = read(args.root)
+    if args.task and args.format != "rsna2024":
+        raise common.UsageError("--task is for --format rsna2024 (its two tasks)")
+    if args.format == "rsna2024":
+        summary, problems, text = inspect_rsna2024(args.root, args.task or "rsna2024_canal")
+        payload = json.dumps(summary, indent=1) if args.json else text
+        return _print(payload, problems if args.json else [])
+    if args.format == "spider":
+        summary, problems, text = inspect_spider(args.root)
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     vocab = common.check_vocab(args.vocab)

@@ -52,7 +52,7 @@ __all__ = [
 # The layouts the data module reads and the tasks each one can feed (docs/datasets.md).
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "tianchi2020": ("tianchi2020",),
-    "rsna2024": ("rsna2024_canal",),
+    "rsna2024": ("rsna2024_canal", "rsna2024_foraminal"),
     "spider": ("spider_disc",),
 }
 # Layouts that publish one labelled set, split by study (patient) into folds.
@@ -77,8 +77,8 @@ class SpineDataModule(pl.LightningDataModule):
             masks/ and radiological_gradings.csv; None uses the phantom.
         format: dataset layout, "tianchi2020", "rsna2024" or "spider" (docs/datasets.md).
         task: what is learned (`lit_spine.task`): "tianchi2020" for the 2020 layout,
-            "rsna2024_canal" for rsna2024, "spider_disc" for spider; linked to the model so
-            its heads follow the task.
+            "rsna2024_canal" or "rsna2024_foraminal" for rsna2024, "spider_disc" for
+            spider; linked to the model so its heads follow the task.
         train_split: training split name(s) under the root; a comma-separated list concatenates splits.
         val_split: validation split name.
         test_split: test split name.

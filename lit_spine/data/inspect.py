@@ -247,12 +247,12 @@ def format_table(reports: list[dict], dataset_problems: list[str], max_problems:
     return "\n".join(lines)
 
 
-def inspect_rsna2024(root: str) -> tuple[dict, list[str], str]:
-    """An RSNA 2024 dataset (`--format rsna2024`): the JSON summary (studies found, series
-    chosen, points and grades), the problems and the text report."""
+def inspect_rsna2024(root: str, task: str = "rsna2024_canal") -> tuple[dict, list[str], str]:
+    """An RSNA 2024 dataset (`--format rsna2024`) for `task`: the JSON summary (studies found,
+    series chosen, points and grades), the problems and the text report."""
     from lit_spine.data.rsna import read_rsna2024
 
-    data = read_rsna2024(root)
+    data = read_rsna2024(root, task)
     studies = [
         {
             "study_id": st.study_id,
@@ -271,7 +271,7 @@ def inspect_rsna2024(root: str) -> tuple[dict, list[str], str]:
         f"{summary['points']} points, {summary['grades']} grades (task {summary['task']})"
     ]
     for st in studies:
-        levels = " ".join(f"{lv}@{p['instance_number']}" for lv, p in st["points"].items())
+        levels = ", ".join(f"{lv}@{p['instance_number']}" for lv, p in st["points"].items())
         lines.append(f"  study {st['study_id']} series {st['series_id']}: {levels}")
     lines.append(f"{len(data.problems)} problem(s)")
     lines += [f"  {p}" for p in data.problems]

@@ -8,9 +8,12 @@ The competition publishes (docs/datasets.md):
                                    spinal_canal_stenosis_l1_l2 in {Normal/Mild, Moderate, Severe}
     train_images/<study_id>/<series_id>/<instance_number>.dcm
 
-`read_rsna2024` gives one `RsnaStudy` per study that has the task's series, with each level's
-point on the instance the coordinates name and its grade. Missing grades, missing coordinates,
-missing files and malformed rows are reported (file, row, column) and skipped, never invented.
+`read_rsna2024` gives one `RsnaStudy` per study that has the task's series, with each
+point on the instance the coordinates name and its grade: `rsna2024_canal` reads the Spinal
+Canal Stenosis rows on Sagittal T2/STIR, `rsna2024_foraminal` the Left / Right Neural
+Foraminal Narrowing rows on Sagittal T1 (`point_conditions` maps a task's points to the
+CSVs' condition and level). Missing grades, missing coordinates, missing files and malformed
+rows are reported (file, row, column) and skipped, never invented.
 """
 
 from __future__ import annotations
@@ -30,6 +33,33 @@ IMAGES_DIR = "train_images"
 SERIES_COLUMNS = ("study_id", "series_id", "series_description")
 COORDS_COLUMNS = ("study_id", "series_id", "instance_number", "condition", "level", "x", "y")
 CANAL_CONDITION = "Spinal Canal Stenosis"
+# The five conditions of train.csv, in the competition's order.
+RSNA_CONDITIONS = (
+    CANAL_CONDITION,
+    "Left Neural Foraminal Narrowing",
+    "Right Neural Foraminal Narrowing",
+    "Left Subarticular Stenosis",
+    "Right Subarticular Stenosis",
+)
+# The competition's submission file (sample_submission.csv): one row per study, condition
+# and level, `row_id` = f"{study_id}_{grade_column(condition, level)}", then the three
+# severity probabilities in the order of RSNA_SEVERITIES.
+SUBMISSION_COLUMNS = ("row_id", "normal_mild", "moderate", "severe")
+
+
+def point_conditions(task: Task) -> dict[str, tuple[str, str]]:
+    """Each point of an rsna2024 task -> (condition, level) as the CSVs spell them."""
+    if task.name == "rsna2024_canal":
+        return {lv: (CANAL_CONDITION, lv) for lv in task.point_names}
+    if task.name == "rsna2024_foraminal":
+        # 'L1/L2 left' -> ('Left Neural Foraminal Narrowing', 'L1/L2')
+        return {
+            point: (f"{point.split()[1].title()} Neural Foraminal Narrowing", point.split()[0])
+            for point in task.point_names
+        }
+    raise ValueError(
+        f"task {task.name!r} is not an rsna2024 task; use rsna2024_canal or rsna2024_foraminal"
+    )
 
 
 class RsnaFormatError(ValueError):
@@ -44,7 +74,8 @@ def grade_column(condition: str, level: str) -> str:
 
 @dataclass
 class RsnaPoint:
-    """One level's annotation: the instance it lies on, pixel (x, y), grade index or None."""
+    """One point's annotation: the instance it lies on, pixel (x, y) and its file; `level` is
+    the task's point name (for the foraminal task, e.g. 'L1/L2 left')."""
 
     level: str
     instance_number: int
@@ -116,13 +147,13 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
     """Read the layout under `root` for `task`; every skipped item is listed in `problems`."""
     root = Path(root)
     spec = get_task(task)
-    if task != "rsna2024_canal":
-        raise ValueError(f"task {task!r} has no rsna2024 reader; use rsna2024_canal")
+    conditions = point_conditions(spec)  # point -> (condition, level); other tasks refused
+    point_of = {cl: point for point, cl in conditions.items()}
     problems: list[str] = []
     series = _read_csv(root / SERIES_CSV, SERIES_COLUMNS)
     coords = _read_csv(root / COORDS_CSV, COORDS_COLUMNS)
     grades_path = root / GRADES_CSV
-    columns = {level: grade_column(CANAL_CONDITION, level) for level in spec.point_names}
+    columns = {point: grade_column(*conditions[point]) for point in spec.point_names}
     grades = _read_csv(grades_path, ("study_id", *columns.values()))
 
     # Series choice: the task's description; several such series in a study -> the first
@@ -139,7 +170,7 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
             continue
         if rec["series_description"].strip() == spec.series:
             candidates.setdefault(sid, []).append(ser)
-    canal = coords[coords["condition"] == CANAL_CONDITION]
+    canal = coords[coords["condition"].isin({c for c, _ in conditions.values()})]
     with_coords = {(_int(a), _int(b)) for a, b in zip(canal["study_id"], canal["series_id"])}
     for sid, sers in candidates.items():
         labelled = [s for s in sers if (sid, s) in with_coords]
@@ -163,10 +194,11 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
                 f"series {studies[sid].series_id}; skipped"
             )
             continue
-        level = rec["level"].strip()
-        if level not in spec.point_names:
+        level = point_of.get((rec["condition"], rec["level"].strip()))
+        if level is None:
+            levels = sorted({lv for _, lv in conditions.values()})
             problems.append(
-                f"{where}: column level {rec['level']!r} is not one of {', '.join(spec.point_names)}"
+                f"{where}: column level {rec['level']!r} is not one of {', '.join(levels)}"
             )
             continue
         inst, x, y = _int(rec["instance_number"]), _float(rec["x"]), _float(rec["y"])
@@ -179,7 +211,8 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
             problems.append(f"{where}: column(s) {', '.join(bad)} not a valid number; skipped")
             continue
         if level in studies[sid].points:
-            problems.append(f"{where}: second {level} point for this study; the first is kept")
+            what = level if level == rec["level"].strip() else f"{rec['condition']} {level}"
+            problems.append(f"{where}: second {what} point for this study; the first is kept")
             continue
         path = root / IMAGES_DIR / str(sid) / str(ser) / f"{inst}.dcm"
         if not path.is_file():

@@ -6,7 +6,9 @@ Writes the competition's three CSVs and a `train_images/<study_id>/<series_id>/
 Each study has a Sagittal T1, a Sagittal T2/STIR and an Axial T2 series. On the Sagittal
 T2/STIR series a bright vertical canal runs down the image with a disc at each level; the
 canal is narrowed at a level in proportion to its spinal canal stenosis grade, drawn on the
-instance the coordinates name (not always the middle one). Deterministic for a seed.
+instance the coordinates name (not always the middle one). On the Sagittal T1 series the
+left foramina lie on the last instance and the right ones on the first, drawn the same way
+and narrowed by the left / right neural foraminal narrowing grade. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ def write_rsna2024_phantom(
             )
             mid = n_slices // 2 + 1
             on = {}  # instance -> {level: (x, y)}
+            on_grades = {}  # instance -> {level: grade} drawn there (default: the canal's)
             if description == "Sagittal T2/STIR":
                 for lv, xy in canal_xy.items():
                     inst = mid + int(rng.integers(-1, 2))
@@ -162,8 +165,12 @@ def write_rsna2024_phantom(
                         }
                     )
             elif description == "Sagittal T1":
+                # Each side's foramina on its own parasagittal instance, narrowed by grade.
                 for side, inst in (("Left", n_slices), ("Right", 1)):
+                    condition = f"{side} Neural Foraminal Narrowing"
+                    on_grades[inst] = grades[condition]
                     for lv, (x, y) in canal_xy.items():
+                        on.setdefault(inst, {})[lv] = (x - size * 0.1, y)
                         coord_rows.append(
                             {
                                 "study_id": study_id,
@@ -184,7 +191,8 @@ def write_rsna2024_phantom(
                     if description.startswith("Axial")
                     else _sagittal_plane(offset, size, spacing)
                 )
-                pixels = _canal_image(rng, size, on.get(inst, {}), grades["Spinal Canal Stenosis"])
+                drawn = on_grades.get(inst, grades["Spinal Canal Stenosis"])
+                pixels = _canal_image(rng, size, on.get(inst, {}), drawn)
                 ds = pd_dicom.build_dataset(
                     info,
                     sinfo,
@@ -219,7 +227,8 @@ def ensure_rsna2024_phantom(
     """
     from lit_spine.phantom.marker import ensure_layout
 
-    params = {"studies": int(studies), "seed": int(seed), "size": int(size)}
+    # version 2: the Sagittal T1 foramina are drawn (a version-1 folder is rewritten).
+    params = {"studies": int(studies), "seed": int(seed), "size": int(size), "version": 2}
     return ensure_layout(
         root,
         params,

@@ -1,0 +1,458 @@
+"""Score rsna2024 and spider prediction files against the layout's own labels.
+
+The files are those `lit-spine predict` writes (`lit_spine/predict_layouts.py`,
+docs/datasets.md "Prediction files"); the labels are read from the data root.
+
+- rsna2024: the competition's sample-weighted log loss (weights 1/2/4) per condition of the
+  submission file, computed by `metrics_rsna.rsna_weighted_logloss`, the function behind
+  `val/rsna_canal_logloss`, over the graded (study, level) pairs of the predicted studies;
+  and, where a coordinates file is given, the localisation error in mm: the distance
+  between the predicted and the labelled point in patient coordinates (each pixel placed
+  with its own file's ImagePositionPatient, ImageOrientationPatient and PixelSpacing), so a
+  point on a neighbouring slice counts the slice gap too. Hand-written: no library scores
+  this file format.
+- spider: the suite's metric (`metrics.score_detections`, docs/metric.md) with the mask
+  centroids and Pfirrmann grades that `data/spider.py` reads as ground truth.
+
+Missing labels (an empty grade, a level without coordinates, an image without a usable
+header) are reported and the item is left out, never filled in. Studies of the data that
+the prediction file does not name are counted, not scored (a prediction of one fold).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lit_spine.data.rsna import (
+    COORDS_COLUMNS,
+    COORDS_CSV,
+    GRADES_CSV,
+    IMAGES_DIR,
+    RSNA_CONDITIONS,
+    SUBMISSION_COLUMNS,
+    RsnaFormatError,
+    _float,
+    _int,
+    _read_csv,
+    grade_column,
+)
+from lit_spine.metrics import (
+    DetectionReport,
+    GroundTruthArrays,
+    PredictionArrays,
+    check_radii,
+    score_detections,
+)
+from lit_spine.metrics_rsna import rsna_weighted_logloss
+from lit_spine.predict_layouts import (
+    COORDINATES_CSV,
+    PREDICTION_COORDS_COLUMNS,
+    SPIDER_PREDICTION_COLUMNS,
+    pfirrmann_column,
+)
+from lit_spine.task import RSNA_LEVELS, RSNA_SEVERITIES, get_task
+
+# train.csv column -> (condition, level), for reading a row_id back.
+GRADE_COLUMNS = {grade_column(c, lv): (c, lv) for c in RSNA_CONDITIONS for lv in RSNA_LEVELS}
+# The logged name of a condition's log loss; the canal one is `val/rsna_canal_logloss`'s.
+LOGLOSS_NAMES = {
+    "Spinal Canal Stenosis": "rsna_canal_logloss",
+    "Left Neural Foraminal Narrowing": "rsna_left_foraminal_logloss",
+    "Right Neural Foraminal Narrowing": "rsna_right_foraminal_logloss",
+    "Left Subarticular Stenosis": "rsna_left_subarticular_logloss",
+    "Right Subarticular Stenosis": "rsna_right_subarticular_logloss",
+}
+
+
+class LayoutEvaluationError(ValueError):
+    """A prediction file or the labels cannot be scored as they are."""
+
+
+@dataclass
+class LayoutEvaluation:
+    """What `evaluate_rsna2024` / `evaluate_spider` found: figures, counts and problems."""
+
+    format: str
+    metrics: dict[str, float | int | None]
+    problems: list[str] = field(default_factory=list)
+    detection: DetectionReport | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        out = {"format": self.format, "metrics": self.metrics, "problems": self.problems}
+        if self.detection is not None:
+            out["detection"] = self.detection.to_dict()
+        return out
+
+
+def _read_pred(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    try:
+        return _read_csv(path, tuple(columns))
+    except RsnaFormatError as err:
+        raise LayoutEvaluationError(
+            f"{err} ({what}: the columns lit-spine predict writes, docs/datasets.md)"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- rsna2024
+def read_submission(path: Path, problems: list[str]) -> dict[tuple[int, str, str], np.ndarray]:
+    """(study_id, condition, level) -> the three probabilities of a submission file; bad
+    rows are reported (file, row, column) and skipped."""
+    frame = _read_pred(path, SUBMISSION_COLUMNS, "a submission file")
+    out: dict[tuple[int, str, str], np.ndarray] = {}
+    for row, rec in frame.iterrows():
+        where = f"{path} row {row + 2}"
+        head, _, rest = rec["row_id"].strip().partition("_")
+        study = _int(head)
+        if study is None or rest not in GRADE_COLUMNS:
+            problems.append(
+                f"{where}: row_id {rec['row_id']!r} is not <study_id>_<condition>_<level> "
+                "(e.g. 4000000_spinal_canal_stenosis_l1_l2); row skipped"
+            )
+            continue
+        probs = [_float(rec[c]) for c in SUBMISSION_COLUMNS[1:]]
+        if any(p is None or p < 0 for p in probs) or sum(probs) <= 0:
+            bad = ", ".join(f"{c} {rec[c]!r}" for c in SUBMISSION_COLUMNS[1:])
+            problems.append(f"{where}: probabilities {bad} are not non-negative numbers with "
+                            "a positive sum; row skipped")  # fmt: skip
+            continue
+        key = (study, *GRADE_COLUMNS[rest])
+        if key in out:
+            problems.append(f"{where}: second row for {rec['row_id']!r}; the first is kept")
+            continue
+        out[key] = np.array(probs, dtype=np.float64)
+    return out
+
+
+def _patient_xyz(header, x: float, y: float) -> np.ndarray | None:
+    """Patient coordinates (mm) of pixel (x = column, y = row), or None without geometry."""
+    if header.position is None or header.orientation is None or header.spacing_mm is None:
+        return None
+    row_mm, col_mm = header.spacing_mm
+    o = np.asarray(header.orientation, dtype=np.float64)
+    return np.asarray(header.position, float) + x * col_mm * o[:3] + y * row_mm * o[3:]
+
+
+def _coordinates(path: Path, columns, problems: list[str]) -> dict[tuple, dict]:
+    """(study_id, condition, level) -> {series_id, instance_number, x, y} of a coordinates
+    file (the labels' or the predicted ones); bad rows are reported and skipped."""
+    frame = _read_pred(path, columns, "a coordinates file")
+    out: dict[tuple, dict] = {}
+    for row, rec in frame.iterrows():
+        where = f"{path} row {row + 2}"
+        values = {
+            "study_id": _int(rec["study_id"]),
+            "series_id": _int(rec["series_id"]),
+            "instance_number": _int(rec["instance_number"]),
+            "x": _float(rec["x"]),
+            "y": _float(rec["y"]),
+        }
+        bad = [f"{c} {rec[c]!r}" for c, v in values.items() if v is None]
+        if bad:
+            problems.append(f"{where}: column(s) {', '.join(bad)} not a valid number; skipped")
+            continue
+        key = (values["study_id"], rec["condition"].strip(), rec["level"].strip())
+        if key in out:
+            problems.append(f"{where}: second point for {key[1]} {key[2]}; the first is kept")
+            continue
+        out[key] = values
+    return out
+
+
+def _rsna_localisation(
+    root: Path,
+    coords_path: Path,
+    studies: set[int],
+    radius_mm: float,
+    sdr_radii_mm: Sequence[float],
+    problems: list[str],
+) -> dict[str, float | int | None]:
+    from lit_spine.data.dicom import DicomFileError, read_header
+
+    predicted = _coordinates(coords_path, PREDICTION_COORDS_COLUMNS, problems)
+    truth = _coordinates(root / COORDS_CSV, COORDS_COLUMNS, problems)
+    headers: dict[Path, object] = {}
+
+    def header(p: dict):
+        path = (
+            root / IMAGES_DIR / str(p["study_id"]) / str(p["series_id"])
+            / f"{p['instance_number']}.dcm"
+        )  # fmt: skip
+        if path not in headers:
+            try:
+                headers[path] = read_header(path) if path.is_file() else f"{path} not found"
+            except DicomFileError as err:
+                headers[path] = f"{path}: {err.reason}"
+        return path, headers[path]
+
+    errors, same = [], 0
+    for key, pred in sorted(predicted.items()):
+        where = f"{coords_path}: study {key[0]} {key[1]} {key[2]}"
+        if key[0] not in studies:
+            continue  # the study is not scored (reported with the submission)
+        gt = truth.get(key)
+        if gt is None:
+            problems.append(f"{where}: no labelled point in {COORDS_CSV}; not scored")
+            continue
+        points = []
+        for p in (pred, gt):
+            path, h = header(p)
+            if isinstance(h, str):
+                points.append(h)
+                continue
+            xyz = _patient_xyz(h, p["x"], p["y"])
+            points.append(
+                xyz
+                if xyz is not None
+                else f"{path} has no position, orientation "
+                f"or usable pixel spacing ({h.spacing_problem or 'missing tags'})"
+            )
+        bad = [p for p in points if isinstance(p, str)]
+        if bad:
+            problems.append(f"{where}: {'; '.join(bad)}; distance not computed")
+            continue
+        errors.append(float(np.linalg.norm(points[0] - points[1])))
+        same += (pred["series_id"], pred["instance_number"]) == (
+            gt["series_id"],
+            gt["instance_number"],
+        )
+    n = len(errors)
+    e = np.array(errors)
+    out: dict[str, float | int | None] = {
+        "localisation_points": n,
+        "localisation_mre_mm": float(e.mean()) if n else None,
+        "localisation_median_mm": float(np.median(e)) if n else None,
+        f"localisation_hit_rate@{radius_mm:g}mm": float((e <= radius_mm).mean()) if n else None,
+        "localisation_same_instance_rate": same / n if n else None,
+    }
+    for r in sdr_radii_mm:
+        out[f"localisation_sdr@{r:g}mm"] = float((e <= r).mean()) if n else None
+    return out
+
+
+def evaluate_rsna2024(
+    pred: str | Path,
+    data_root: str | Path,
+    coordinates: str | Path | None = None,
+    radius_mm: float = 8.0,
+    sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
+    ignore_unknown: bool = False,
+) -> LayoutEvaluation:
+    """Score a submission file (and its coordinates file) against `data_root`'s labels.
+
+    `coordinates` defaults to `coordinates.csv` beside `pred` when that file exists.
+    """
+    pred, root = Path(pred), Path(data_root)
+    check_radii(radius_mm, radius_mm, sdr_radii_mm)
+    problems: list[str] = []
+    submitted = read_submission(pred, problems)
+    if not submitted:
+        raise LayoutEvaluationError(f"{pred}: no usable submission row; nothing to score")
+    conditions = sorted({c for _, c, _ in submitted}, key=RSNA_CONDITIONS.index)
+    grades_path = root / GRADES_CSV
+    try:
+        columns = [grade_column(c, lv) for c in conditions for lv in RSNA_LEVELS]
+        grades = _read_csv(grades_path, ("study_id", *columns))
+    except RsnaFormatError as err:
+        raise LayoutEvaluationError(str(err)) from None
+    truth: dict[int, dict] = {}
+    for row, rec in grades.iterrows():
+        sid = _int(rec["study_id"])
+        if sid is None:
+            problems.append(f"{grades_path} row {row + 2}: study_id {rec['study_id']!r} is not "
+                            "an integer; row skipped")  # fmt: skip
+            continue
+        truth.setdefault(sid, {"row": row + 2, "rec": rec})
+    studies = {s for s, _, _ in submitted}
+    unknown = sorted(studies - set(truth))
+    if unknown and not ignore_unknown:
+        raise LayoutEvaluationError(
+            f"{pred}: {len(unknown)} predicted studies are not in {grades_path} (first: "
+            f"{unknown[:5]}); check --data-root, or pass --ignore-unknown to skip them"
+        )
+    for sid in unknown:
+        problems.append(f"{pred}: study {sid} is not in {grades_path}; not scored")
+    studies -= set(unknown)
+    metrics: dict[str, float | int | None] = {
+        "studies_scored": len(studies),
+        "studies_not_predicted": len(set(truth) - studies),
+    }
+    losses = []
+    for condition in conditions:
+        probs, labels = [], []
+        for sid in sorted(studies):
+            rec, row = truth[sid]["rec"], truth[sid]["row"]
+            for level in RSNA_LEVELS:
+                col = grade_column(condition, level)
+                text = rec[col].strip()
+                p = submitted.get((sid, condition, level))
+                if p is None:
+                    problems.append(f"{pred}: no row for {sid}_{col}; level not scored")
+                elif not text:
+                    problems.append(f"{grades_path} row {row} (study {sid}): column {col} is "
+                                    "empty; grade missing, level not scored")  # fmt: skip
+                elif text not in RSNA_SEVERITIES:
+                    problems.append(
+                        f"{grades_path} row {row} (study {sid}): column {col} value {text!r} "
+                        f"is not one of {', '.join(RSNA_SEVERITIES)}; level not scored"
+                    )
+                else:
+                    probs.append(p)
+                    labels.append(RSNA_SEVERITIES.index(text))
+        name = LOGLOSS_NAMES[condition]
+        metrics[f"{name}_levels"] = len(labels)
+        if labels:
+            value = rsna_weighted_logloss(np.array(probs)[:, None], np.array(labels)[:, None])
+            metrics[name] = value
+            losses.append(value)
+        else:
+            metrics[name] = None
+            problems.append(f"{condition}: no graded level of a predicted study; its log loss "
+                            "is undefined")  # fmt: skip
+    if len(losses) > 1:
+        metrics["rsna_mean_logloss"] = float(np.mean(losses))
+    if coordinates is None and (pred.parent / COORDINATES_CSV).is_file():
+        coordinates = pred.parent / COORDINATES_CSV
+    if coordinates is not None:
+        metrics |= _rsna_localisation(
+            root, Path(coordinates), studies, radius_mm, sdr_radii_mm, problems
+        )
+    return LayoutEvaluation("rsna2024", metrics, list(dict.fromkeys(problems)))
+
+
+# ---------------------------------------------------------------------------- spider
+def evaluate_spider(
+    pred: str | Path,
+    data_root: str | Path,
+    radius_mm: float = 8.0,
+    baseline_radius_mm: float = 6.0,
+    sdr_radii_mm: Sequence[float] = (2.0, 4.0, 6.0, 8.0),
+    ignore_unknown: bool = False,
+) -> LayoutEvaluation:
+    """Score a spider predictions file with the suite's metric against `data_root`."""
+    from lit_spine.data.spider import read_spider
+
+    pred = Path(pred)
+    task = get_task("spider_disc")
+    vocab = task.vocabulary()
+    grade_columns = [pfirrmann_column(int(c[1:])) for c in vocab.disc]
+    frame = _read_pred(pred, (*SPIDER_PREDICTION_COLUMNS, *grade_columns), "a spider file")
+    data = read_spider(data_root, task.name)
+    problems = [f"{data_root}: {p}" for p in data.problems]
+    truth = {st.patient: st for st in data.studies}
+    by_patient: dict[int, list[tuple[int, pd.Series]]] = {}
+    for row, rec in frame.iterrows():
+        patient = _int(rec["patient"])
+        if patient is None:
+            problems.append(f"{pred} row {row + 2}: patient {rec['patient']!r} is not an "
+                            "integer; row skipped")  # fmt: skip
+            continue
+        by_patient.setdefault(patient, []).append((row + 2, rec))
+    unknown = sorted(set(by_patient) - set(truth))
+    if unknown and not ignore_unknown:
+        raise LayoutEvaluationError(
+            f"{pred}: {len(unknown)} predicted patients are not usable studies of {data_root} "
+            f"(first: {unknown[:5]}); check --data-root, or pass --ignore-unknown to skip them"
+        )
+    gt_rows, pred_rows, spacing = [], [], []
+    for patient in unknown:
+        problems.append(f"{pred}: patient {patient} is not a usable study of {data_root}; "
+                        "not scored")  # fmt: skip
+    for patient in sorted(set(by_patient) - set(unknown)):
+        st = truth[patient]
+        rows = by_patient[patient]
+        if any(_int(r["slice_index"]) != st.slice_index or r["series"] != st.series
+               for _, r in rows):  # fmt: skip
+            problems.append(
+                f"{pred}: patient {patient} predicted on another series or slice than the "
+                f"labels' ({st.series}, mid slice {st.slice_index}); patient not scored"
+            )
+            continue
+        s = len(spacing)
+        spacing.append(st.spacing_mm[:2])
+        for level, point in st.points.items():
+            if level not in task.point_index:
+                continue
+            labels = np.zeros(vocab.num_classes, dtype=bool)
+            if level in st.grades:  # no grade: a point without a class (reported by the reader)
+                labels[vocab.class_index("disc", vocab.codes("disc")[st.grades[level]])] = True
+            gt_rows.append((s, task.point_index[level], (point.x, point.y), labels))
+        for line, rec in rows:
+            where = f"{pred} row {line}"
+            level = rec["level"].strip()
+            if level not in task.point_index:
+                problems.append(f"{where}: level {rec['level']!r} is not one of "
+                                f"{', '.join(task.point_names)}; row skipped")  # fmt: skip
+                continue
+            x, y, score = _float(rec["x"]), _float(rec["y"]), _float(rec["point_score"])
+            probs = [_float(rec[c]) for c in grade_columns]
+            grades = [_int(g) for g in rec["labels"].split()]
+            codes = [f"v{g}" for g in grades if g is not None]
+            if (
+                None in (x, y, score, *probs)
+                or not codes
+                or len(codes) != len(grades)
+                or any(c not in vocab.disc for c in codes)
+            ):
+                problems.append(f"{where}: x, y, point_score, labels or {grade_columns[0]}.. "
+                                "not valid; row skipped")  # fmt: skip
+                continue
+            for code in codes:
+                p = probs[vocab.codes("disc").index(code)]
+                pred_rows.append(
+                    (s, task.point_index[level], vocab.class_index("disc", code), (x, y),
+                     min(max(score * p, 0.0), 1.0))
+                )  # fmt: skip
+    if not spacing:
+        raise LayoutEvaluationError(f"{pred}: no patient could be scored. Problems:\n  "
+                                    + "\n  ".join(problems[:20]))  # fmt: skip
+    gt = GroundTruthArrays(
+        np.array([r[0] for r in gt_rows], dtype=np.int64),
+        np.array([r[1] for r in gt_rows], dtype=np.int64),
+        np.array([r[2] for r in gt_rows], dtype=np.float64).reshape(-1, 2),
+        np.array([r[3] for r in gt_rows], dtype=bool).reshape(-1, vocab.num_classes),
+    )
+    preds = PredictionArrays(
+        np.array([r[0] for r in pred_rows], dtype=np.int64),
+        np.array([r[1] for r in pred_rows], dtype=np.int64),
+        np.array([r[2] for r in pred_rows], dtype=np.int64),
+        np.array([r[3] for r in pred_rows], dtype=np.float64).reshape(-1, 2),
+        np.array([r[4] for r in pred_rows], dtype=np.float64),
+    )
+    report = score_detections(
+        gt, preds, np.array(spacing, dtype=np.float64), vocab, radius_mm, baseline_radius_mm,
+        sdr_radii_mm, task=task,
+    )  # fmt: skip
+    metrics: dict[str, float | int | None] = {
+        "studies_scored": len(spacing),
+        "studies_not_predicted": len(set(truth) - set(by_patient)),
+    }
+    metrics |= {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in report.flat().items()}  # fmt: skip
+    return LayoutEvaluation("spider", metrics, list(dict.fromkeys(problems)), report)
+
+
+def format_layout(evaluation: LayoutEvaluation) -> str:
+    """A readable table of a layout evaluation, then its problems."""
+    from lit_spine.evaluate import format_table
+
+    lines = []
+    if evaluation.detection is not None:
+        lines += [format_table(evaluation.detection), ""]
+        shown = {k: v for k, v in evaluation.metrics.items() if k.startswith("studies_")}
+    else:
+        shown = evaluation.metrics
+    width = max(len(k) for k in shown) + 2
+    for key, value in shown.items():
+        text = "-" if value is None else f"{value:.4f}" if isinstance(value, float) else value
+        lines.append(f"{key:<{width}}{text}")
+    if evaluation.problems:
+        lines += ["", f"Problems ({len(evaluation.problems)})"]
+        lines += [f"  {p}" for p in evaluation.problems]
+    return "\n".join(lines)

@@ -19,29 +19,21 @@ CPU_BEGIN, CPU_END = "<!-- cpu -->", "<!-- /cpu -->"
 GPU_BEGIN, GPU_END = "<!-- gpu -->", "<!-- /gpu -->"
 # timm's own published benchmark CSVs (huggingface/pytorch-image-models, results/), copied for
 # comparison, as no installed package ships them: samples/s of the bare encoder.
-TIMM_PUBLISHED = {  # kind: (CSV, GPU and software, {model: (samples/s, batch, image size)})
-    "train": (
-        "results/benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv",
-        "RTX 3090, AMP, NCHW, PyTorch 1.12, CUDA 11.3",
-        {
-            "mobilenetv3_small_100": (5749.13, 512, 224),
-            "resnet18": (2764.22, 512, 224),
-            "mobilenetv3_large_100": (2167.29, 512, 224),
-            "efficientnet_b0": (1459.11, 384, 224),
-        },
-    ),
-    "infer": (
-        "results/benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv",
-        "RTX 4090, AMP, NCHW, PyTorch 2.4.0, CUDA 12.4",
-        {
-            "mobilenetv3_small_100": (43953.49, 1024, 224),
-            "mobilenetv3_large_100": (14191.17, 1024, 224),
-            "resnet18": (13537.15, 1024, 224),
-            "convnext_atto": (12819.99, 1024, 224),
-            "efficientnet_b0": (7082.56, 1024, 256),
-        },
-    ),
-}
+TIMM_SOURCES = {
+    "train": ("benchmark-train-amp-nchw-pt112-cu113-rtx3090.csv", "RTX 3090, AMP, NCHW, PyTorch 1.12, CUDA 11.3"),
+    "infer": ("benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv", "RTX 4090, AMP, NCHW, PyTorch 2.4.0, CUDA 12.4"),
+}  # fmt: skip
+TIMM_PUBLISHED = """kind model samples_per_s batch image_size
+train mobilenetv3_small_100 5749.13 512 224
+train resnet18 2764.22 512 224
+train mobilenetv3_large_100 2167.29 512 224
+train efficientnet_b0 1459.11 384 224
+infer mobilenetv3_small_100 43953.49 1024 224
+infer mobilenetv3_large_100 14191.17 1024 224
+infer resnet18 13537.15 1024 224
+infer convnext_atto 12819.99 1024 224
+infer efficientnet_b0 7082.56 1024 256
+"""
 PREAMBLE = (
     "Written by `lit-spine bench --out BENCHMARKS.md` (`make bench`) from real runs only. Each "
     "figure is the median of repeated runs, with min and max; each ratio is a ratio of two "
@@ -74,16 +66,10 @@ def machine_info(device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info |= {
-            "gpu": f"{props.name} ({props.total_memory / 2**30:.0f} GiB)",
-            "cuda": torch.version.cuda,
-        }
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
     commit, dirty = git_state()
-    git = (
-        "unknown"
-        if commit is None
-        else commit[:7] + (" (with uncommitted changes)" if dirty else "")
-    )
+    git = commit[:7] + (" (with uncommitted changes)" if dirty else "") if commit else "unknown"
     return info | package_versions() | {"git_commit": git}
 
 
@@ -129,32 +115,23 @@ def grid_table(rec: Recorder) -> str:
     """Backbone x norm: images/s (min-max), cost relative to BatchNorm, peak memory."""
     rows = []
     for f in (f for f in rec.figures if f.name.startswith("grid/")):
-        x = f.extra
+        x, s = f.extra, summarize(f.values)
         if not f.values:
             rows.append([x["backbone"], x["norm"], "skipped", "", "", "", x.get("skipped", "")])
             continue
-        base, s = rec.get(f"grid/{x['backbone']}/batchnorm"), summarize(f.values)
-        rel = base.median / f.median if base is not None and base.values and f.median else math.nan
-        notes = ", ".join(
-            f"{k}={v}" for k, v in x.items() if k in ("batch", "params_m", "norm_group_size")
-        )
-        rows.append(
-            [
-                x["backbone"],
-                x["norm"],
-                _fmt(s["median"]),
-                f"{_fmt(s['min'])}-{_fmt(s['max'])}",
-                "1.00x"
-                if x["norm"] == "batchnorm"
-                else (f"{rel:.2f}x" if math.isfinite(rel) else "n/a"),
-                _fmt(x.get("peak_mem_mb")),
-                notes,
-            ]
-        )
-    return _table(
-        ["backbone", "norm", "images/s", "min-max", "step time vs BN", "peak mem (MB)", "notes"],
-        rows,
-    )
+        base = rec.get(f"grid/{x['backbone']}/batchnorm")
+        rel = base.median / f.median if base is not None and base.values else math.nan
+        vs_bn = "1.00x" if x["norm"] == "batchnorm" else _fmt_x(rel)
+        keys = ("batch", "params_m", "norm_group_size")
+        notes = ", ".join(f"{k}={v}" for k, v in x.items() if k in keys)
+        spread, mem = f"{_fmt(s['min'])}-{_fmt(s['max'])}", _fmt(x.get("peak_mem_mb"))
+        rows.append([x["backbone"], x["norm"], _fmt(s["median"]), spread, vs_bn, mem, notes])
+    header = ["backbone", "norm", "images/s", "min-max", "step time vs BN", "peak mem (MB)"]
+    return _table([*header, "notes"], rows)
+
+
+def _fmt_x(v: float) -> str:
+    return f"{v:.2f}x" if math.isfinite(v) else "n/a"
 
 
 def mfu_table(rec: Recorder) -> str:
@@ -164,86 +141,61 @@ def mfu_table(rec: Recorder) -> str:
         x = f.extra
         dtype = "bf16" if x["variant"].startswith("bf16") else "fp32"
         p = rec.get(f"peak_flops/{dtype}")
+        peak = f"{_fmt(p.median if p else None)} ({dtype})"
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "n/a"
-        rows.append(
-            [
-                x["backbone"],
-                x["variant"],
-                _fmt(f.median),
-                _fmt(x["achieved_gflops"]),
-                f"{_fmt(p.median if p else None)} ({dtype})",
-                mfu,
-            ]
-        )
-    return _table(
-        ["backbone", "variant", "images/s", "achieved GFLOP/s", "peak GFLOP/s", "MFU"], rows
-    )
-
-
-def summary_text(rec: Recorder, info: dict[str, Any], seconds: float) -> str:
-    """The readable summary printed after the JSON lines."""
-    where = f"{info.get('gpu') or info['cpu']} ({info['device']})"
-    figs = [_figure_row(f) for f in rec.figures if not f.name.startswith("grid/")]
-    out = [
-        f"\nlit-spine bench on {where}, {seconds:.0f} s",
-        _table(FIGURE_HEADER, figs),
-        _table(RATIO_HEADER, [_ratio_row(r) for r in rec.ratios]),
-    ]
-    if any(f.name.startswith("grid/") for f in rec.figures):
-        out.append(grid_table(rec))
-    return "\n\n".join(out + [f"note: {n}" for n in rec.notes])
+        rows.append([x["backbone"], x["variant"], _fmt(f.median), _fmt(x["achieved_gflops"]), peak, mfu])  # fmt: skip
+    header = ["backbone", "variant", "images/s", "achieved GFLOP/s", "peak GFLOP/s", "MFU"]
+    return _table(header, rows)
 
 
 def timm_table() -> str:
     """timm's published encoder throughput for the suite's backbones (reference only)."""
-    parts = [
-        f"*{kind}* (timm `{source}`, {gpu}; bare encoder, ImageNet head):\n\n"
-        + _table(
-            ["model", f"{kind} samples/s", "batch", "image size"],
-            [[m, _fmt(v[0]), str(v[1]), str(v[2])] for m, v in rows.items()],
-        )
-        for kind, (source, gpu, rows) in TIMM_PUBLISHED.items()
-    ]
+    rows = [line.split() for line in TIMM_PUBLISHED.splitlines()[1:]]
+    parts = []
+    for kind, (source, gpu) in TIMM_SOURCES.items():
+        table = [[m, _fmt(float(v)), b, size] for k, m, v, b, size in rows if k == kind]
+        head = f"*{kind}* (timm `results/{source}`, {gpu}; bare encoder, ImageNet head):"
+        parts.append(head + "\n\n" + _table(["model", f"{kind} samples/s", "batch", "image size"], table))  # fmt: skip
     return "\n\n".join(parts + ["convnext_atto is absent from timm's published training CSVs."])
+
+
+GRID_TEXT = (
+    "The real `SpineModule` training step (forward, SpineLoss, backward, AdamW) on one "
+    "synthetic batch; 'step time vs BN' is BatchNorm's images/s over this norm's (above 1 = "
+    "slower)."
+)
+MFU_TEXT = (
+    "The real `SpineModule` training step (forward under the autocast Lightning uses, "
+    "SpineLoss, backward, AdamW) per variant, and a plain fp32 NCHW PyTorch loop of the same "
+    "net, batch {batch}, {size} px, timed with torch.utils.benchmark. Training FLOPs = 3x the "
+    "forward FLOPs `describe` counts (backward ~ 2x forward); MFU divides the achieved FLOP/s "
+    "by the measured peak of the same dtype (the larger of a dense GEMM and a 3x3 "
+    "convolution, this run)."
+)
 
 
 def run_markdown(rec: Recorder, info: dict[str, Any], seconds: float, cfg) -> str:
     """The Markdown block of this run: machine, targets, figures, ratios, grid, MFU, notes."""
     figs = [_figure_row(f) for f in rec.figures if not f.name.startswith("grid/")]
+    targets = [_ratio_row(r) for r in rec.ratios if "target" in r]
+    others = [_ratio_row(r) for r in rec.ratios if "target" not in r]
     out = [
         f"## {'GPU' if 'gpu' in info else 'CPU'} run: {info.get('gpu') or info['cpu']}",
         f"Run of `lit-spine bench` on {info['date']}, {seconds:.0f} s in all, {cfg.repeats} "
         f"repeats per figure, image size {cfg.image_size}.",
         _table(["machine", ""], [[k, str(v)] for k, v in info.items()]),
         "### Targets",
-        _table(
-            ["ratio", "value (ratio of medians)", *RATIO_HEADER[2:]],
-            [_ratio_row(r) for r in rec.ratios if "target" in r],
-        ),
+        _table(["ratio", "value (ratio of medians)", *RATIO_HEADER[2:]], targets),
         "### Figures (median, min, max over the repeats)",
         _table(FIGURE_HEADER, figs),
         "### Ratios",
-        _table(RATIO_HEADER, [_ratio_row(r) for r in rec.ratios if "target" not in r]),
+        _table(RATIO_HEADER, others),
     ]
     if any(f.name.startswith("grid/") for f in rec.figures):
-        out += [
-            "### Backbone x norm: training cost at the default size",
-            "The real `SpineModule` training step (forward, SpineLoss, backward, AdamW) on one "
-            "synthetic batch; 'step time vs BN' is BatchNorm's images/s over this norm's "
-            "(above 1 = slower).",
-            grid_table(rec),
-        ]
+        out += ["### Backbone x norm: training cost at the default size", GRID_TEXT, grid_table(rec)]  # fmt: skip
     if any(f.name.startswith("step/") for f in rec.figures):
-        out += [
-            "### Training step: precision, memory format, MFU",
-            "The real `SpineModule` training step (forward under the autocast Lightning uses, "
-            "SpineLoss, backward, AdamW) per variant, and a plain fp32 NCHW PyTorch loop of the "
-            f"same net, batch {cfg.step_batch}, {cfg.step_image_size} px, timed with "
-            "torch.utils.benchmark. Training FLOPs = 3x the forward FLOPs `describe` counts "
-            "(backward ~ 2x forward); MFU divides the achieved FLOP/s by the measured peak of "
-            "the same dtype (the larger of a dense GEMM and a 3x3 convolution, this run).",
-            mfu_table(rec),
-        ]
+        text = MFU_TEXT.format(batch=cfg.step_batch, size=cfg.step_image_size)
+        out += ["### Training step: precision, memory format, MFU", text, mfu_table(rec)]
     if rec.notes:
         out += ["### Notes", "\n".join(f"- {n}" for n in rec.notes)]
     return "\n\n".join(out)
@@ -257,14 +209,12 @@ def write_markdown(path: Path, body: str, gpu_run: bool) -> None:
         for b, e in ((CPU_BEGIN, CPU_END), (GPU_BEGIN, GPU_END))
         if (m := re.search(re.escape(b) + ".*?" + re.escape(e), old, flags=re.S))
     }
-    timm = (
-        f"### timm's published encoder throughput (reference, not measured here)\n\n{timm_table()}"
-    )
+    timm = "### timm's published encoder throughput (reference, not measured here)"
+    timm += "\n\n" + timm_table()
     if gpu_run:
         gpu = f"{GPU_BEGIN}\n{body}\n\n{timm}\n{GPU_END}"
-        cpu = kept.get(
-            CPU_BEGIN, f"{CPU_BEGIN}\n## CPU run\n\nNo CPU run has been recorded yet.\n{CPU_END}"
-        )
+        none = "## CPU run\n\nNo CPU run has been recorded yet."
+        cpu = kept.get(CPU_BEGIN, f"{CPU_BEGIN}\n{none}\n{CPU_END}")
     else:
         cpu = f"{CPU_BEGIN}\n{body}\n{CPU_END}"
         gpu = kept.get(GPU_BEGIN) or (

@@ -120,7 +120,9 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     seconds, info = time.perf_counter() - start, report.machine_info(device)
-    print(report.summary_text(rec, info, seconds), flush=True)
+    where = f"{info.get('gpu') or info['cpu']} ({info['device']})"
+    body = report.run_markdown(rec, info, seconds, cfg)
+    print(f"\nlit-spine bench on {where}, {seconds:.0f} s\n\n{body}", flush=True)
     if args.json_out:
         figures = [f.record() | {"values": f.values} for f in rec.figures]
         atomic_write_json(
@@ -135,7 +137,6 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
             },
         )
     if args.out:
-        body = report.run_markdown(rec, info, seconds, cfg)
         report.write_markdown(Path(args.out), body, gpu_run=device.type == "cuda")
         print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0

@@ -105,7 +105,7 @@ class Bench:
 
 
 def timed(fn) -> float:
-    """Seconds of one call of `fn` (torch.utils.benchmark, this process's threads)."""
+    """Seconds of exactly one call of `fn` (a fresh phantom, one pass over the images)."""
     return st.time_call(fn, torch.get_num_threads(), 0.0, warmup=0)
 
 

@@ -12,6 +12,7 @@ Kaplan et al. 2020 use the same 2x rule).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,12 +187,17 @@ def held_memory_mb(step: Callable[[], None]) -> float:
 
 def time_call(fn: Callable, threads: int, min_run_time: float, warmup: int = 2) -> float:
     """Median seconds per call of `fn` (blocked_autorange for `min_run_time` s, after `warmup`
-    untimed calls), or the seconds of one call when `min_run_time` is 0."""
+    untimed calls), or, with `min_run_time` 0, the seconds of exactly one call (a long job, or
+    one step of several interleaved ones: `Timer.timeit` would add two untimed calls)."""
     for _ in range(warmup):
         fn()  # oneDNN primitives, AdamW state and compiled graphs are built in the warm-up
+    if min_run_time <= 0:
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # as Timer does: queued GPU work is part of the call
+        return time.perf_counter() - start
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    if min_run_time <= 0:  # one call (a whole epoch, a long job)
-        return float(timer.timeit(1).median)
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 

@@ -350,7 +350,7 @@ def bench_grid(b: Bench) -> None:
             name = f"grid/{backbone}/{norm}"
             rec.figure(name, "images/s", rates, backbone=backbone, norm=norm, **more)
         base = rec.get(f"grid/{backbone}/batchnorm")
-        for norm in (n for n in cells if n != "batchnorm" and base.values):
+        for norm in (n for n in cells if n != "batchnorm" and base is not None and base.values):
             meaning = f"{norm} step time / batchnorm step time (above 1: slower)"
             fig = rec.get(f"grid/{backbone}/{norm}")
             rec.ratio(f"grid_cost/{backbone}/{norm}_vs_batchnorm", base, fig, meaning=meaning)

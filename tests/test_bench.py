@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from lit_spine import bench, perf, sweep
+from lit_spine import bench, sweep
 from lit_spine import runs as run_folder
-from lit_spine.bench import Figure, check_target, ratio_record, summarize
+from lit_spine.bench import report, sections, step
+from lit_spine.bench.figures import Figure, check_target, ratio_record, summarize
 from lit_spine.commands import bench as bench_command
 from lit_spine.hardware import cpu_bf16_native
 
@@ -95,12 +96,12 @@ def test_figure_record_is_json_safe():
 
 def test_markdown_keeps_an_earlier_gpu_section(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    bench.write_markdown(out, "## CPU run: first", gpu_run=False)
+    report.write_markdown(out, "## CPU run: first", gpu_run=False)
     text = out.read_text()
     assert "No GPU was available to this run" in text and "## CPU run: first" in text
-    gpu_block = f"{bench.GPU_BEGIN}\n## GPU run: H100\n\nmeasured {bench.GPU_END}"
-    out.write_text(text.replace(text[text.index(bench.GPU_BEGIN) :], gpu_block))
-    bench.write_markdown(out, "## CPU run: second", gpu_run=False)
+    gpu_block = f"{report.GPU_BEGIN}\n## GPU run: H100\n\nmeasured {report.GPU_END}"
+    out.write_text(text.replace(text[text.index(report.GPU_BEGIN) :], gpu_block))
+    report.write_markdown(out, "## CPU run: second", gpu_run=False)
     text = out.read_text()
     assert "## GPU run: H100" in text and "No GPU was available" not in text
     assert "## CPU run: second" in text and "first" not in text
@@ -139,9 +140,9 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
     if cpu_bf16_native():
         expected |= BF16_FIGURES
     assert names >= expected, sorted(expected - names)
-    suite = bench.suite_variant(cuda=False).name
+    suite = step.suite_variant(cuda=False).name
     target = next(r for r in records if r["figure"] == f"step_vs_plain_fp32/resnet18/{suite}")
-    assert target["target"] == bench.STEP_TARGET and isinstance(target["meets"], bool)
+    assert target["target"] == sections.STEP_TARGET and isinstance(target["meets"], bool)
     for r in records:
         if r["figure"].startswith("step/"):
             # achieved FLOP/s = images/s x 3 x forward FLOPs; MFU divides by this run's peak
@@ -169,7 +170,7 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
         "peak_flops/fp32",
     ):
         assert name in md
-    assert bench.CPU_BEGIN in md and bench.GPU_END in md
+    assert report.CPU_BEGIN in md and report.GPU_END in md
     saved = json.loads((tmp_path / "b.json").read_text())
     assert {f["figure"] for f in saved["figures"]} >= QUICK_FIGURES
     assert not list((tmp_path / "work").iterdir())  # the temporary phantom is cleaned up
@@ -177,16 +178,16 @@ def test_quick_run_prints_every_figure_and_writes_markdown(tmp_path, capsys):
 
 
 def test_training_flops_count_the_backward_as_twice_the_forward():
-    assert perf.train_flops_per_image(1e9) == pytest.approx(3e9)
-    assert perf.Variant("bf16-mixed", channels_last=True).name == "bf16+cl"
-    assert perf.Variant().dtype == torch.float32
+    assert step.train_flops_per_image(1e9) == pytest.approx(3e9)
+    assert step.Variant("bf16-mixed", channels_last=True).name == "bf16+cl"
+    assert step.Variant().dtype == torch.float32
 
 
 def test_the_bench_times_the_precision_the_sweep_preset_trains_with():
-    suite = bench.suite_variant(cuda=False)
+    suite = step.suite_variant(cuda=False)
     assert suite.channels_last is True  # experiments/sweep_cpu.yaml
     assert suite.precision == ("bf16-mixed" if cpu_bf16_native() else "32-true")
-    assert bench.suite_variant(cuda=True) == perf.Variant("bf16-mixed", channels_last=True)
+    assert step.suite_variant(cuda=True) == step.Variant("bf16-mixed", channels_last=True)
 
 
 def test_a_sweep_worker_gets_its_share_of_intra_and_inter_op_threads():
@@ -223,7 +224,7 @@ def test_quick_sweep_section_times_the_old_and_the_new_preset(tmp_path, capsys):
         assert records[side]["n"] == 1 and records[side]["median"] > 0
         assert records[f"{side}/images_per_s"]["median"] > 0
     speedup = records["sweep_run_speedup"]
-    assert speedup["target"] == bench.SWEEP_TARGET and isinstance(speedup["meets"], bool)
+    assert speedup["target"] == sections.SWEEP_TARGET and isinstance(speedup["meets"], bool)
 
 
 def test_the_sweep_bench_reads_the_diagnostics_share_of_a_run(tmp_path):
@@ -231,6 +232,6 @@ def test_the_sweep_bench_reads_the_diagnostics_share_of_a_run(tmp_path):
     diagnostics.json (`cost.fraction_of_fit`), NaN where the run wrote none."""
     run = tmp_path / "run"
     run.mkdir()
-    assert math.isnan(bench._diagnostics_share(run))
+    assert math.isnan(sections.diagnostics_share(run))
     (run / "diagnostics.json").write_text(json.dumps({"cost": {"fraction_of_fit": 0.025}}))
-    assert bench._diagnostics_share(run) == pytest.approx(2.5)
+    assert sections.diagnostics_share(run) == pytest.approx(2.5)

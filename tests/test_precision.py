@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_spine import hardware, perf
+from lit_spine import hardware
+from lit_spine.bench import step
 from lit_spine.losses import SpineLoss
 from lit_spine.metrics import decode_heatmaps
 from lit_spine.train_cli import run_lightning_cli
@@ -30,8 +31,8 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
 
 
 def test_losses_norm_statistics_and_decoding_stay_fp32_under_cpu_autocast():
-    module = perf.build_module("resnet18", perf.Variant("bf16-mixed", channels_last=True), "cpu")
-    batch = perf.make_batch(2, 64, torch.device("cpu"))
+    module = step.build_module("resnet18", step.Variant("bf16-mixed", channels_last=True), "cpu")
+    batch = step.make_batch(2, 64, torch.device("cpu"))
     conv_dtypes = []
     first_conv = next(m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))

@@ -1,6 +1,6 @@
 """`lit-spine bench`: time training, data, metric and phantom; write BENCHMARKS.md.
 
-Checks the options and calls `lit_spine.bench.run_bench` with them.
+Checks the options and calls `lit_spine.bench.run.run_bench` with them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _check(args) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `lit-spine bench`: exit 0, 1 when a section failed, 2 on bad options."""
-    from lit_spine.bench import run_bench
+    from lit_spine.bench.run import run_bench
 
     args = common.parse(build_parser(), argv)
     return common.run(NAME, lambda: run_bench(args, _check(args)), ())

@@ -31,6 +31,7 @@ from lit_spine.report_stats import (
     ALPHA,
     bootstrap_ci,
     holm,
+    holm_levels,
     mean_ci,
     mean_difference_statistic,
     p_better_paired,
@@ -305,14 +306,17 @@ def paired_difference(
 def compare_all(
     cells: Sequence[Cell], reference: Cell, metric: str, seed_keys: Sequence[str], goal: str
 ) -> list[tuple[Cell, dict]]:
-    """Every other cell against `reference`, with Holm-adjusted p-values (p_holm) over them."""
+    """Every other cell against `reference`, with Holm-adjusted p-values (p_holm) over them and
+    the level each comparison faces in Holm's step-down (holm_alpha)."""
     diffs = [
         (c, paired_difference(c, reference, metric, seed_keys, goal))
         for c in cells
         if c is not reference
     ]
-    for (_, d), adjusted in zip(diffs, holm([d["p"] for _, d in diffs])):
+    pvalues = [d["p"] for _, d in diffs]
+    for (_, d), adjusted, level in zip(diffs, holm(pvalues), holm_levels(pvalues)):
         d["p_holm"] = adjusted
+        d["holm_alpha"] = level
     return diffs
 
 

@@ -119,6 +119,17 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def holm_levels(pvalues: Sequence[float], alpha: float = ALPHA) -> list[float]:
+    """The level each p-value must reach in Holm's step-down: alpha / (k - i) for the i-th
+    smallest of the k finite ones (NaN for a NaN p), the level a seed count must be planned for
+    if the corrected test is to separate that pair."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    levels = [math.nan] * len(pvalues)
+    for rank, (_, i) in enumerate(order):
+        levels[i] = alpha / (len(order) - rank)
+    return levels
+
+
 def paired_t_power(n: int, effect: float, alpha: float = ALPHA) -> float:
     """Power of a two-sided paired t-test with n pairs at effect size |mean| / std (noncentral t)."""
     from scipy import stats

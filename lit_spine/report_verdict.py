@@ -161,15 +161,6 @@ def _effect(report: Report, d: dict) -> str:
     return text + (f", p_Holm {fmt_p(p)}" if math.isfinite(p) else ", untested")
 
 
-def _holm_levels(versus_best: Sequence[tuple]) -> dict[int, float]:
-    """The level each tested comparison with the best cell must reach under Holm's step-down:
-    ALPHA / (k - i) for the i-th smallest raw p of k tests, keyed by id() of its dict, so the
-    "seeds to separate" of the verdict is the count at which the corrected test would separate
-    the pair (an uncorrected count can already be met while p_Holm is still above ALPHA)."""
-    tested = sorted((d["p"], id(d)) for _, d in versus_best if math.isfinite(d.get("p", math.nan)))
-    return {key: ALPHA / (len(tested) - i) for i, (_, key) in enumerate(tested)}
-
-
 def verdict_text(report: Report) -> str:
     """The verdict paragraph, generated from the numbers only."""
     names, m = report.names, report.metric
@@ -255,9 +246,9 @@ def verdict_text(report: Report) -> str:
                 "optimizer steps at the same lr; use lr_scaling linear to follow the paper."
             )
     nxt = []
-    holm_alpha = _holm_levels(report.versus_best)
     for c, d in same:
-        alpha = holm_alpha.get(id(d), ALPHA)
+        alpha = d.get("holm_alpha", math.nan)
+        alpha = alpha if math.isfinite(alpha) else ALPHA
         need = d.get("seeds_needed")
         if need is not None and d["kind"] == "paired" and alpha < ALPHA:
             need = seeds_to_separate(d["diff"], d["std"], alpha=alpha)

@@ -239,6 +239,10 @@ def test_holm_by_hand():
     # 3 x 0.3 carries up
     assert report_stats.holm([0.5, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])
     assert report_stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    # The step-down levels: the smallest of k p-values faces alpha / k, the next alpha / (k - 1).
+    levels = report_stats.holm_levels([0.04, 0.01, float("nan"), 0.03])
+    assert levels[:2] == pytest.approx([0.05, 0.05 / 3]) and levels[3] == pytest.approx(0.025)
+    assert np.isnan(levels[2])
 
 
 def test_seeds_to_separate_matches_power_tables():

@@ -117,6 +117,10 @@ def main() -> int:
     params = parse(sys.argv[1:])
     run_dir = Path(os.environ["LIT_SPINE_RUN_DIR"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    epochs = int(os.environ.get("FAKE_FIT_EPOCHS", "3"))
+    # The checkpoint exists before the start is announced, so a test that interrupts a run
+    # once its start is in the marker file always finds something to resume from.
+    _write_config(run_dir, params, epochs)
     marker = os.environ.get("FAKE_FIT_MARKER")
     if marker:
         with open(marker, "a") as f:
@@ -127,14 +131,13 @@ def main() -> int:
             f.write(json.dumps({"run_dir": str(run_dir), "argv": sys.argv[1:], "env": env}) + "\n")
     fail = os.environ.get("FAKE_FIT_FAIL")
     if fail and any(f"{k}={v}" == fail for k, v in params.items()):
-        _write_config(run_dir, params, int(os.environ.get("FAKE_FIT_EPOCHS", "3")))
         run_folder.write_summary(run_dir, {"status": "failed"})
         return 3
     write_run(
         run_dir,
         params,
         default_score(params),
-        epochs=int(os.environ.get("FAKE_FIT_EPOCHS", "3")),
+        epochs=epochs,
         plateau=float(os.environ.get("FAKE_FIT_PLATEAU", "1.0")),
         sleep=float(os.environ.get("FAKE_FIT_SLEEP", "0.05")),
     )

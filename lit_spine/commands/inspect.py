@@ -41,7 +41,8 @@ def build_parser():
     )
     parser.add_argument(
         "--task",
-        help="rsna2024 only: rsna2024_canal (default) or rsna2024_foraminal (docs/datasets.md)",
+        help="rsna2024: rsna2024_canal (default) or rsna2024_foraminal; spider: spider_disc "
+        "(default) or spider_spine (docs/datasets.md)",
     )
     common.add_json(
         parser, 'print {"studies": [one object per study], "problems": [dataset-level problems]}'
@@ -72,14 +73,22 @@ def _inspect(args) -> int:
         inspect_spider,
     )
 
-    if args.task and args.format != "rsna2024":
-        raise common.UsageError("--task is for --format rsna2024 (its two tasks)")
+    from lit_spine.data.datamodule import FORMAT_TASKS
+
+    if args.task and (
+        args.format not in ("rsna2024", "spider") or args.task not in FORMAT_TASKS[args.format]
+    ):
+        raise common.UsageError(
+            f"--task {args.task!r} does not fit --format {args.format}; --task is for --format "
+            "rsna2024 (rsna2024_canal, rsna2024_foraminal) and spider (spider_disc, "
+            "spider_spine)"
+        )
     if args.format == "rsna2024":
         summary, problems, text = inspect_rsna2024(args.root, args.task or "rsna2024_canal")
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     if args.format == "spider":
-        summary, problems, text = inspect_spider(args.root)
+        summary, problems, text = inspect_spider(args.root, args.task or "spider_disc")
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     vocab = common.check_vocab(args.vocab)

@@ -130,9 +130,7 @@ def spider_frame(
         for r, ok in enumerate(rows.valid[row].tolist()):
             if ok:
                 kind, code = vocab.classes[int(rows.cls[row, r])].split("/")
-                emitted.setdefault(int(rows.point_index[row, r]), []).append(
-                    classes[kind, code][1]
-                )
+                emitted.setdefault(int(rows.point_index[row, r]), []).append(classes[kind, code][1])
         for k, level in enumerate(task.point_names):
             kind = task.point_kinds[k]
             probs = point_probabilities(merged, task, row, k)

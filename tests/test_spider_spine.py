@@ -61,14 +61,25 @@ def test_task_and_vocabulary():
         (_row(Modic=3, **{"Disc narrowing": 1}), ("v2", "v5")),
         (_row(**{"Disc herniation": 1, "Disc narrowing": 1}), ("v3", "v5")),
         (_row(**{"Disc bulging": 1}), ("v4",)),
-        (_row(Modic=1, **{"Disc herniation": 1, "Disc bulging": 1, "Disc narrowing": 1}),
-         ("v2", "v3", "v4", "v5")),  # fmt: skip
+        (
+            _row(Modic=1, **{"Disc herniation": 1, "Disc bulging": 1, "Disc narrowing": 1}),
+            ("v2", "v3", "v4", "v5"),
+        ),  # fmt: skip
         # Endplates, spondylolisthesis and Pfirrmann are not findings of this vocabulary.
         (_row(**{"UP endplate": 1, "Spondylolisthesis": 1, "Pfirrman grade": 5}), ("v1",)),
     ],
 )
 def test_findings_mapping_table(values, expected):
     assert finding_codes(values) == expected
+
+
+def test_every_finding_code_has_its_column():
+    from lit_spine.data.datamodule import FORMAT_TASKS
+    from lit_spine.data.spider import FINDING_COLUMNS, SPIDER_TASKS
+    from lit_spine.task import SPIDER_FINDING_NAMES, SPIDER_FINDINGS
+
+    assert set(FINDING_COLUMNS) | {"v1"} == set(SPIDER_FINDINGS) == set(SPIDER_FINDING_NAMES)
+    assert FORMAT_TASKS["spider"] == SPIDER_TASKS
 
 
 def test_missing_finding_column_gives_no_labels():
@@ -96,7 +107,9 @@ def test_phantom_read_back(spider):
             assert st.points[level].label == 5 - k  # L1 = 5 .. L5 = 1
         rows = grades[grades.Patient == st.patient]
         for level in RSNA_LEVELS:
-            (rec,) = rows[rows["IVD label"] == RSNA_LEVELS[::-1].index(level) + 1].to_dict("records")
+            (rec,) = rows[rows["IVD label"] == RSNA_LEVELS[::-1].index(level) + 1].to_dict(
+                "records"
+            )
             expected = tuple(code for column, code in names.items() if rec[column] > 0)
             assert st.labels[level] == (expected or ("v1",)), (st.patient, level, rec)
 

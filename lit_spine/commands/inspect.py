@@ -72,12 +72,12 @@ def _inspect(args) -> int:
         inspect_rsna2024,
         inspect_spider,
     )
+    from lit_spine.data.spider import SPIDER_TASKS
 
-    from lit_spine.data.datamodule import FORMAT_TASKS
-
-    if args.task and (
-        args.format not in ("rsna2024", "spider") or args.task not in FORMAT_TASKS[args.format]
-    ):
+    # The tasks each layout's inspect reads (FORMAT_TASKS of data/datamodule.py, which
+    # imports torch: not loaded for a header scan).
+    tasks = {"rsna2024": ("rsna2024_canal", "rsna2024_foraminal"), "spider": SPIDER_TASKS}
+    if args.task and args.task not in tasks.get(args.format, ()):
         raise common.UsageError(
             f"--task {args.task!r} does not fit --format {args.format}; --task is for --format "
             "rsna2024 (rsna2024_canal, rsna2024_foraminal) and spider (spider_disc, "

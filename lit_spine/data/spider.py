@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lit_spine.task import PFIRRMANN_GRADES, SPIDER_FINDINGS, Task, get_task
+from lit_spine.task import PFIRRMANN_GRADES, Task, get_task
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -77,7 +77,6 @@ FINDING_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
     "v4": ("Disc bulging", (1,)),
     "v5": ("Disc narrowing", (1,)),
 }
-assert set(FINDING_COLUMNS) | {"v1"} == set(SPIDER_FINDINGS)
 # Vertebra k counted from the bottom (1 = L5), as far as the lumbar and thoracic names go.
 _NAMES = ("L5", "L4", "L3", "L2", "L1", *(f"T{n}" for n in range(12, 0, -1)))
 

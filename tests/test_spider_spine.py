@@ -189,10 +189,12 @@ def test_datamodule_one_training_step(tmp_path):
     dm.setup("fit")
     assert dm.task.name == "spider_spine" and dm.task.num_points == 10
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 1, 64, 64) and batch["labels"].shape == (2, 10, 6)
+    # Per point its own kind's codes (max(1, 5) columns): vertebra v1 only; discs v1 .. v5.
+    assert batch["image"].shape == (2, 1, 64, 64) and batch["labels"].shape == (2, 10, 5)
     labels = batch["labels"]
-    assert labels[:, 0::2, 0].all() and not labels[:, 0::2, 1:].any()  # vertebra class only
-    assert not labels[:, 1::2, 0].any() and labels[:, 1::2, 1:].any(-1).all()
+    assert labels[:, 0::2, 0].all() and not labels[:, 0::2, 1:].any()
+    assert labels[:, 1::2].any(-1).all() and bool(batch["graded"].all())
+    assert not (labels[:, 1::2, 0] & labels[:, 1::2, 1:].any(-1)).any()  # normal excludes
     # The cache holds what the reader mapped, point by point.
     cache = dm.train_dataset.cache
     data = read_spider(tmp_path / "phantom" / "spider", "spider_spine")

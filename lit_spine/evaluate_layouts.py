@@ -12,7 +12,9 @@ docs/datasets.md "Prediction files"); the labels are read from the data root.
   point on a neighbouring slice counts the slice gap too. Hand-written: no library scores
   this file format.
 - spider: the suite's metric (`metrics.score_detections`, docs/metric.md) with the mask
-  centroids and Pfirrmann grades that `data/spider.py` reads as ground truth.
+  centroids and the labels (`spider_disc`: Pfirrmann grades; `spider_spine`: the disc
+  findings and the vertebra class) that `data/spider.py` reads as ground truth; the task is
+  the one whose probability columns the file has (`predict_layouts.spider_class_columns`).
 
 Missing labels (an empty grade, a level without coordinates, an image without a usable
 header) are reported and the item is left out, never filled in. Studies of the data that
@@ -54,7 +56,7 @@ from lit_spine.predict_layouts import (
     COORDINATES_CSV,
     PREDICTION_COORDS_COLUMNS,
     SPIDER_PREDICTION_COLUMNS,
-    pfirrmann_column,
+    spider_class_columns,
 )
 from lit_spine.task import RSNA_LEVELS, RSNA_SEVERITIES, get_task
 
@@ -339,10 +341,11 @@ def evaluate_spider(
     from lit_spine.data.spider import read_spider
 
     pred = Path(pred)
-    task = get_task("spider_disc")
+    frame = _read_pred(pred, SPIDER_PREDICTION_COLUMNS, "a spider file")
+    task = _spider_task_of(pred, frame)
     vocab = task.vocabulary()
-    grade_columns = [pfirrmann_column(int(c[1:])) for c in vocab.disc]
-    frame = _read_pred(pred, (*SPIDER_PREDICTION_COLUMNS, *grade_columns), "a spider file")
+    classes = spider_class_columns(task, vocab)
+    token_class = {token: (kind, code) for (kind, code), (_, token) in classes.items()}
     data = read_spider(data_root, task.name)
     problems = [f"{data_root}: {p}" for p in data.problems]
     truth = {st.patient: st for st in data.studies}
@@ -379,10 +382,11 @@ def evaluate_spider(
         for level, point in st.points.items():
             if level not in task.point_index:
                 continue
+            k = task.point_index[level]
             labels = np.zeros(vocab.num_classes, dtype=bool)
-            if level in st.grades:  # no grade: a point without a class (reported by the reader)
-                labels[vocab.class_index("disc", vocab.codes("disc")[st.grades[level]])] = True
-            gt_rows.append((s, task.point_index[level], (point.x, point.y), labels))
+            for code in st.labels.get(level, ()):  # none: a point without a class (reported)
+                labels[vocab.class_index(task.point_kinds[k], code)] = True
+            gt_rows.append((s, k, (point.x, point.y), labels))
         for line, rec in rows:
             where = f"{pred} row {line}"
             level = rec["level"].strip()
@@ -390,24 +394,23 @@ def evaluate_spider(
                 problems.append(f"{where}: level {rec['level']!r} is not one of "
                                 f"{', '.join(task.point_names)}; row skipped")  # fmt: skip
                 continue
+            kind = task.point_kinds[task.point_index[level]]
             x, y, score = _float(rec["x"]), _float(rec["y"]), _float(rec["point_score"])
-            probs = [_float(rec[c]) for c in grade_columns]
-            grades = [_int(g) for g in rec["labels"].split()]
-            codes = [f"v{g}" for g in grades if g is not None]
+            found = [token_class.get(t) for t in rec["labels"].split()]
+            columns = [classes[kind, c][0] for c in vocab.codes(kind)]
+            probs = {c: _float(rec[col]) for c, col in zip(vocab.codes(kind), columns)}
             if (
-                None in (x, y, score, *probs)
-                or not codes
-                or len(codes) != len(grades)
-                or any(c not in vocab.disc for c in codes)
+                None in (x, y, score, *probs.values())
+                or not found
+                or any(f is None or f[0] != kind for f in found)
             ):
-                problems.append(f"{where}: x, y, point_score, labels or {grade_columns[0]}.. "
-                                "not valid; row skipped")  # fmt: skip
+                problems.append(f"{where}: x, y, point_score, labels or {', '.join(columns)} "
+                                f"not valid for a {kind} point; row skipped")  # fmt: skip
                 continue
-            for code in codes:
-                p = probs[vocab.codes("disc").index(code)]
+            for _, code in found:
                 pred_rows.append(
-                    (s, task.point_index[level], vocab.class_index("disc", code), (x, y),
-                     min(max(score * p, 0.0), 1.0))
+                    (s, task.point_index[level], vocab.class_index(kind, code), (x, y),
+                     min(max(score * probs[code], 0.0), 1.0))
                 )  # fmt: skip
     if not spacing:
         raise LayoutEvaluationError(f"{pred}: no patient could be scored. Problems:\n  "
@@ -436,6 +439,20 @@ def evaluate_spider(
     metrics |= {k: (None if isinstance(v, float) and math.isnan(v) else v)
                 for k, v in report.flat().items()}  # fmt: skip
     return LayoutEvaluation("spider", metrics, list(dict.fromkeys(problems)), report)
+
+
+def _spider_task_of(pred: Path, frame: pd.DataFrame):
+    """The spider task whose probability columns a predictions file has."""
+    for name in ("spider_disc", "spider_spine"):
+        task = get_task(name)
+        wanted = {col for col, _ in spider_class_columns(task, task.vocabulary()).values()}
+        if wanted <= set(frame.columns):
+            return task
+    raise LayoutEvaluationError(
+        f"{pred}: neither the spider_disc columns (pfirrmann_1 .. pfirrmann_5) nor the "
+        "spider_spine ones (p_vertebra, p_normal, p_modic, p_herniation, p_bulging, "
+        "p_narrowing) found; write the file with lit-spine predict (docs/datasets.md)"
+    )
 
 
 def format_layout(evaluation: LayoutEvaluation) -> str:

@@ -7,10 +7,13 @@ The formats (docs/datasets.md, "Prediction files"):
   `4000000_spinal_canal_stenosis_l1_l2`), and `coordinates.csv`, the predicted points in
   the schema of `train_label_coordinates.csv` (`study_id`, `series_id`, `instance_number`,
   `condition`, `level`, `x`, `y`) plus `score` (the heatmap peak).
-- spider: `predictions.csv`, one row per patient and disc level: `patient`, `series`,
+- spider: `predictions.csv`, one row per patient and point: `patient`, `series`,
   `slice_index`, `level`, `x`, `y` (pixels of the reoriented mid-sagittal slice), `x_mm`,
-  `y_mm`, `point_score`, `labels` (the emitted Pfirrmann grades, top first, as the suite's
-  metric emits them), `grade` (the top one) and `pfirrmann_1` .. `pfirrmann_5`.
+  `y_mm`, `point_score`, `labels` (the emitted labels, top first, as the suite's metric
+  emits them), `grade` (the top one) and one probability column per class
+  (`spider_class_columns`): `pfirrmann_1` .. `pfirrmann_5` for `spider_disc`; `p_vertebra`
+  and `p_normal`, `p_modic`, `p_herniation`, `p_bulging`, `p_narrowing` for `spider_spine`
+  (a point's row fills its own kind's columns and leaves the others empty).
 
 Hand-written because the choice is the suite's: an rsna2024 study is several cache items
 (one per labelled instance) and each item predicts every level; a level's prediction is
@@ -28,7 +31,7 @@ import pandas as pd
 
 from lit_spine.data.rsna import SUBMISSION_COLUMNS, grade_column, point_conditions
 from lit_spine.metrics import PredictionRows
-from lit_spine.task import Task, Vocabulary
+from lit_spine.task import SPIDER_FINDING_NAMES, Task, Vocabulary
 from lit_spine.utils import atomic_write_text
 
 SUBMISSION_CSV = "submission.csv"
@@ -41,7 +44,9 @@ SPIDER_PREDICTION_COLUMNS = (
     "patient", "series", "slice_index", "level", "x", "y", "x_mm", "y_mm", "point_score",
     "labels", "grade",
 )  # fmt: skip
-WRITTEN_TASKS = ("tianchi2020", "rsna2024_canal", "rsna2024_foraminal", "spider_disc")
+WRITTEN_TASKS = (
+    "tianchi2020", "rsna2024_canal", "rsna2024_foraminal", "spider_disc", "spider_spine",
+)  # fmt: skip
 
 
 def point_probabilities(merged: dict, task: Task, row: int, k: int) -> np.ndarray:
@@ -53,6 +58,19 @@ def point_probabilities(merged: dict, task: Task, row: int, k: int) -> np.ndarra
 def pfirrmann_column(grade: int) -> str:
     """Probability column of Pfirrmann grade `grade` (1-5) in the spider predictions."""
     return f"pfirrmann_{grade}"
+
+
+def spider_class_columns(task: Task, vocab: Vocabulary) -> dict[tuple[str, str], tuple[str, str]]:
+    """(kind, code) -> (probability column, label token) of a spider task's classes:
+    `spider_disc` disc vN -> ('pfirrmann_N', 'N'); `spider_spine` -> ('p_<name>', '<name>')
+    with the names of `SPIDER_FINDING_NAMES` and 'vertebra' for the vertebra class."""
+    if task.name == "spider_disc":
+        return {("disc", c): (pfirrmann_column(int(c[1:])), c[1:]) for c in vocab.disc}
+    if task.name == "spider_spine":
+        out = {("vertebra", c): ("p_vertebra", "vertebra") for c in vocab.vertebra}
+        return out | {("disc", c): (f"p_{SPIDER_FINDING_NAMES[c]}", SPIDER_FINDING_NAMES[c])
+                      for c in vocab.disc}  # fmt: skip
+    raise ValueError(f"task {task.name!r} is not a spider task")
 
 
 def rsna2024_frames(merged: dict, cache, task: Task) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -101,7 +119,8 @@ def rsna2024_frames(merged: dict, cache, task: Task) -> tuple[pd.DataFrame, pd.D
 def spider_frame(
     merged: dict, cache, task: Task, vocab: Vocabulary, rows: PredictionRows
 ) -> pd.DataFrame:
-    """One row per patient and level of the spider predictions of `merged`."""
+    """One row per patient and point of the spider predictions of `merged`."""
+    classes = spider_class_columns(task, vocab)
     records = []
     for row, index in enumerate(merged["index"].tolist()):
         rec = cache.records[index]
@@ -110,11 +129,12 @@ def spider_frame(
         emitted: dict[int, list[str]] = {}
         for r, ok in enumerate(rows.valid[row].tolist()):
             if ok:
-                _, code = vocab.classes[int(rows.cls[row, r])].split("/")
-                emitted.setdefault(int(rows.point_index[row, r]), []).append(code)
+                kind, code = vocab.classes[int(rows.cls[row, r])].split("/")
+                emitted.setdefault(int(rows.point_index[row, r]), []).append(classes[kind, code][1])
         for k, level in enumerate(task.point_names):
+            kind = task.point_kinds[k]
             probs = point_probabilities(merged, task, row, k)
-            grades = [int(code[1:]) for code in emitted.get(k, [])]
+            grades = emitted.get(k, [])
             records.append(
                 {
                     "patient": int(rec["patient"]),
@@ -126,12 +146,12 @@ def spider_frame(
                     "x_mm": float(xy[k, 0]) * col_mm,
                     "y_mm": float(xy[k, 1]) * row_mm,
                     "point_score": float(merged["scores"][row, k]),
-                    "labels": " ".join(str(g) for g in grades),
+                    "labels": " ".join(grades),
                     "grade": grades[0],
                 }
-                | {pfirrmann_column(int(c[1:])): float(p) for c, p in zip(vocab.disc, probs)}
+                | {classes[kind, c][0]: float(p) for c, p in zip(vocab.codes(kind), probs)}
             )
-    columns = [*SPIDER_PREDICTION_COLUMNS, *(pfirrmann_column(int(c[1:])) for c in vocab.disc)]
+    columns = [*SPIDER_PREDICTION_COLUMNS, *dict.fromkeys(c for c, _ in classes.values())]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -143,7 +163,7 @@ def write_layout_predictions(
     if task.name.startswith("rsna2024"):
         submission, coordinates = rsna2024_frames(merged, cache, task)
         frames = {SUBMISSION_CSV: submission, COORDINATES_CSV: coordinates}
-    elif task.name == "spider_disc":
+    elif task.name in ("spider_disc", "spider_spine"):
         frames = {SPIDER_PREDICTIONS_CSV: spider_frame(merged, cache, task, vocab, rows)}
     else:
         raise ValueError(f"task {task.name!r} has no layout prediction file")

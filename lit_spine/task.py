@@ -199,6 +199,31 @@ VOCABULARIES["spider_pfirrmann"] = Vocabulary(
     disc={f"v{g}": f"Pfirrmann grade {g}" for g in PFIRRMANN_GRADES},
 )
 
+# SPIDER's other gradings as a multi-label disc vocabulary (docs/datasets.md, "The findings
+# task"): per disc, `normal` when none of the four findings is graded, else every finding
+# that is. The gradings CSV grades discs only, so the vertebra points have one class
+# ('vertebra': a localisation target, no finding). Order: the column each code comes from.
+SPIDER_FINDINGS: dict[str, str] = {
+    "v1": "normal (no Modic change, herniation, bulging or narrowing graded)",
+    "v2": "Modic change (Modic type 1-3)",
+    "v3": "disc herniation",
+    "v4": "disc bulging",
+    "v5": "disc narrowing",
+}
+# A short name per code: the prediction file's columns and `inspect`'s text use it.
+SPIDER_FINDING_NAMES: dict[str, str] = {
+    "v1": "normal", "v2": "modic", "v3": "herniation", "v4": "bulging", "v5": "narrowing",
+}  # fmt: skip
+VOCABULARIES["spider_findings"] = Vocabulary(
+    name="spider_findings",
+    vertebra={"v1": "vertebra (SPIDER grades no vertebra finding)"},
+    disc=dict(SPIDER_FINDINGS),
+)
+# L1, L1/L2, L2, ... L5, L5/S1: anatomical order, top to bottom (the vertebra above its disc).
+SPIDER_SPINE_POINTS: tuple[str, ...] = tuple(
+    name for k in range(5) for name in (f"L{k + 1}", RSNA_LEVELS[k])
+)
+
 TASKS: dict[str, Task] = {
     "tianchi2020": Task(
         name="tianchi2020",
@@ -232,6 +257,15 @@ TASKS: dict[str, Task] = {
         vocabularies=("spider_pfirrmann",),
         series="sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice",
         description="SPIDER: Pfirrmann grade 1-5 of the 5 lumbar discs L1/L2 .. L5/S1",
+    ),
+    "spider_spine": Task(
+        name="spider_spine",
+        point_names=SPIDER_SPINE_POINTS,
+        point_kinds=tuple("disc" if "/" in n else "vertebra" for n in SPIDER_SPINE_POINTS),
+        vocabularies=("spider_findings",),
+        series="sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice",
+        description="SPIDER: vertebrae L1 .. L5 and discs L1/L2 .. L5/S1 with the disc "
+        "findings Modic change, herniation, bulging, narrowing (multi-label; else normal)",
     ),
 }
 

@@ -41,7 +41,8 @@ def build_parser():
     )
     parser.add_argument(
         "--task",
-        help="rsna2024 only: rsna2024_canal (default) or rsna2024_foraminal (docs/datasets.md)",
+        help="rsna2024: rsna2024_canal (default) or rsna2024_foraminal; spider: spider_disc "
+        "(default) or spider_spine (docs/datasets.md)",
     )
     common.add_json(
         parser, 'print {"studies": [one object per study], "problems": [dataset-level problems]}'
@@ -71,15 +72,23 @@ def _inspect(args) -> int:
         inspect_rsna2024,
         inspect_spider,
     )
+    from lit_spine.data.spider import SPIDER_TASKS
 
-    if args.task and args.format != "rsna2024":
-        raise common.UsageError("--task is for --format rsna2024 (its two tasks)")
+    # The tasks each layout's inspect reads (FORMAT_TASKS of data/datamodule.py, which
+    # imports torch: not loaded for a header scan).
+    tasks = {"rsna2024": ("rsna2024_canal", "rsna2024_foraminal"), "spider": SPIDER_TASKS}
+    if args.task and args.task not in tasks.get(args.format, ()):
+        raise common.UsageError(
+            f"--task {args.task!r} does not fit --format {args.format}; --task is for --format "
+            "rsna2024 (rsna2024_canal, rsna2024_foraminal) and spider (spider_disc, "
+            "spider_spine)"
+        )
     if args.format == "rsna2024":
         summary, problems, text = inspect_rsna2024(args.root, args.task or "rsna2024_canal")
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     if args.format == "spider":
-        summary, problems, text = inspect_spider(args.root)
+        summary, problems, text = inspect_spider(args.root, args.task or "spider_disc")
         payload = json.dumps(summary, indent=1) if args.json else text
         return _print(payload, problems if args.json else [])
     vocab = common.check_vocab(args.vocab)

@@ -53,7 +53,7 @@ __all__ = [
 FORMAT_TASKS: dict[str, tuple[str, ...]] = {
     "tianchi2020": ("tianchi2020",),
     "rsna2024": ("rsna2024_canal", "rsna2024_foraminal"),
-    "spider": ("spider_disc",),
+    "spider": ("spider_disc", "spider_spine"),
 }
 # Layouts that publish one labelled set, split by study (patient) into folds.
 ONE_SET_FORMATS = ("rsna2024", "spider")
@@ -77,8 +77,8 @@ class SpineDataModule(pl.LightningDataModule):
             masks/ and radiological_gradings.csv; None uses the phantom.
         format: dataset layout, "tianchi2020", "rsna2024" or "spider" (docs/datasets.md).
         task: what is learned (`lit_spine.task`): "tianchi2020" for the 2020 layout,
-            "rsna2024_canal" or "rsna2024_foraminal" for rsna2024, "spider_disc" for
-            spider; linked to the model so its heads follow the task.
+            "rsna2024_canal" or "rsna2024_foraminal" for rsna2024, "spider_disc" or
+            "spider_spine" for spider; linked to the model so its heads follow the task.
         train_split: training split name(s) under the root; a comma-separated list concatenates splits.
         val_split: validation split name.
         test_split: test split name.
@@ -88,7 +88,7 @@ class SpineDataModule(pl.LightningDataModule):
         test_annotation: annotation file of the test split (same default).
         vocab: disease-label vocabulary, one of the task's: "tianchi2020" (released data) or
             "seed7" for tianchi2020, "rsna2024_severity" for rsna2024_canal,
-            "spider_pfirrmann" for spider_disc.
+            "spider_pfirrmann" for spider_disc, "spider_findings" for spider_spine.
         image_size: side of the square network input in pixels (letterboxed).
         slices: neighbouring sagittal slices stacked as channels (odd: 1, 3, 5, ...).
         stride: heatmap stride of the model (input pixels per heatmap pixel).

@@ -279,13 +279,14 @@ def inspect_rsna2024(root: str, task: str = "rsna2024_canal") -> tuple[dict, lis
     return payload, list(data.problems), "\n".join(lines)
 
 
-def inspect_spider(root: str) -> tuple[dict, list[str], str]:
+def inspect_spider(root: str, task: str = "spider_disc") -> tuple[dict, list[str], str]:
     """A SPIDER dataset (`--format spider`): the JSON summary (series files found, patients
-    kept, the mid-sagittal slice, mask points in pixels and mm, grades), the problems and the
-    text report."""
+    kept, the mid-sagittal slice, mask points in pixels and mm, grades, the task's labels per
+    point), the problems and the text report."""
     from lit_spine.data.spider import read_spider
+    from lit_spine.task import SPIDER_FINDING_NAMES
 
-    data = read_spider(root)
+    data = read_spider(root, task)
     studies = [
         {
             "patient": st.patient,
@@ -300,6 +301,7 @@ def inspect_spider(root: str) -> tuple[dict, list[str], str]:
             },
             "pfirrmann": {lv: g + 1 for lv, g in st.grades.items()},
             "gradings": st.gradings,
+            "labels": {lv: list(codes) for lv, codes in st.labels.items()},
         }
         for st in data.studies
     ]
@@ -310,10 +312,18 @@ def inspect_spider(root: str) -> tuple[dict, list[str], str]:
     ]
     for st in studies:
         graded = " ".join(f"{lv}:{g}" for lv, g in st["pfirrmann"].items())
-        lines.append(
+        line = (
             f"  patient {st['patient']} {st['series']} slice {st['slice_index']}/"
             f"{st['n_slices']}: {len(st['points'])} points; Pfirrmann {graded or '-'}"
         )
+        if data.task.name != "spider_disc":
+            found = " ".join(
+                f"{lv}:{'+'.join(SPIDER_FINDING_NAMES[c] for c in codes)}"
+                for lv, codes in st["labels"].items()
+                if "/" in lv
+            )
+            line += f"; findings {found or '-'}"
+        lines.append(line)
     lines.append(f"{len(data.problems)} problem(s)")
     lines += [f"  {p}" for p in data.problems]
     payload = summary | {"num_studies": len(studies), "studies": studies}

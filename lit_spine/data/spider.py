@@ -16,7 +16,10 @@ The Zenodo record publishes (docs/datasets.md, "SPIDER"):
 `read_spider` gives one `SpiderStudy` per patient with a readable T2 series: each vertebra
 and disc label present on the mid-sagittal slice becomes a point at its centroid (pixels
 and mm, from the MHA header's spacing; a header without ElementSpacing is refused, never
-given a default), and each disc its Pfirrmann grade. A level absent from that slice, a
+given a default), and each point its labels in the task's vocabulary: for `spider_disc`
+the disc's Pfirrmann grade, for `spider_spine` the disc's findings (`finding_codes`: Modic
+change, herniation, bulging, narrowing, else normal) and the one class 'vertebra' of a
+vertebra (docs/datasets.md, "The findings task"). A level absent from that slice, a
 bad file and a bad CSV row are reported (file, patient, column) and skipped, never
 invented. Volumes are reoriented to one axis order with SimpleITK (`DICOMOrient`, "PIR":
 columns posterior, rows inferior, slices to the patient's right), because SPIDER stores
@@ -64,6 +67,16 @@ CANAL_LABEL = 100
 VERTEBRA_LABELS = range(1, 26)
 PARTIAL_VERTEBRA_LABELS = range(101, 126)
 DISC_LABELS = range(201, 226)
+# The tasks this reader feeds (docs/datasets.md, "SPIDER").
+SPIDER_TASKS = ("spider_disc", "spider_spine")
+# spider_findings disc code -> (gradings column, the values that mean the finding is there).
+# Modic is 0 (none) or the Modic type 1-3; the other three are binary (0 absent, 1 present).
+FINDING_COLUMNS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "v2": ("Modic", (1, 2, 3)),
+    "v3": ("Disc herniation", (1,)),
+    "v4": ("Disc bulging", (1,)),
+    "v5": ("Disc narrowing", (1,)),
+}
 # Vertebra k counted from the bottom (1 = L5), as far as the lumbar and thoracic names go.
 _NAMES = ("L5", "L4", "L3", "L2", "L1", *(f"T{n}" for n in range(12, 0, -1)))
 
@@ -84,6 +97,18 @@ def disc_name(k: int) -> str:
 
 
 DISC_LABEL_OF = {disc_name(k): 200 + k for k in range(1, 26)}  # 'L5/S1' -> 201
+LABEL_OF = DISC_LABEL_OF | {vertebra_name(k): k for k in range(1, 26)}  # also 'L5' -> 1
+
+
+def finding_codes(values: dict[str, int]) -> tuple[str, ...] | None:
+    """The `spider_findings` disc codes of one gradings row's valid values: every finding
+    whose column says it is there (Modic 1-3, herniation / bulging / narrowing 1), or
+    ('v1',) normal when none is. None when one of the four columns has no valid value: the
+    disc's label set is then unknown (a missing finding is not taken as absent)."""
+    if any(column not in values for column, _ in FINDING_COLUMNS.values()):
+        return None
+    found = tuple(c for c, (column, yes) in FINDING_COLUMNS.items() if values[column] in yes)
+    return found or ("v1",)
 
 
 def label_level(value: int) -> tuple[str, str] | None:
@@ -125,6 +150,7 @@ class SpiderStudy:
     spacing_mm: tuple[float, float, float]  # (row, col, slice)
     points: dict[str, SpiderPoint] = field(default_factory=dict)  # vertebrae and discs
     grades: dict[str, int] = field(default_factory=dict)  # disc level -> index of its grade
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # point -> task codes
     gradings: dict[str, dict[str, int]] = field(default_factory=dict)  # disc -> other columns
 
 
@@ -149,6 +175,7 @@ class SpiderDataset:
             "studies": len(self.studies),
             "points": sum(len(levels & set(s.points)) for s in self.studies),
             "grades": sum(len(s.grades) for s in self.studies),
+            "labelled_points": sum(len(s.labels) for s in self.studies),
             "problems": list(self.problems),
         }
 
@@ -353,7 +380,7 @@ def read_study(
             del points[level]
     for level in spec.point_names:
         if level not in points:
-            label = DISC_LABEL_OF[level]
+            label = LABEL_OF[level]
             elsewhere = "present on other slices" if label in present else "absent from the mask"
             problems.append(
                 f"{where}: {level} (label {label}) not on the mid-sagittal slice {k} of {n} "
@@ -379,8 +406,8 @@ def read_spider(root: str | Path, task: str = "spider_disc") -> SpiderDataset:
     """Read the layout under `root` for `task`; every skipped item is listed in `problems`."""
     root = Path(root)
     spec = get_task(task)
-    if spec.name != "spider_disc":
-        raise ValueError(f"task {task!r} has no spider reader; use spider_disc")
+    if spec.name not in SPIDER_TASKS:
+        raise ValueError(f"task {task!r} has no spider reader; use {' or '.join(SPIDER_TASKS)}")
     problems: list[str] = []
     files = _series_files(root, problems)
     gradings = read_gradings(root / GRADINGS_CSV, problems)
@@ -420,14 +447,38 @@ def read_spider(root: str | Path, task: str = "spider_disc") -> SpiderDataset:
             study.gradings[level] = {c: v for c, v in values.items() if c != "Pfirrman grade"}
             if "Pfirrman grade" in values and level in spec.point_names:
                 study.grades[level] = PFIRRMANN_GRADES.index(values["Pfirrman grade"])
-        for level in spec.point_names:
-            if level in study.points and level not in study.grades:
-                problems.append(f"patient {patient}: {level} has a point but no Pfirrmann "
-                                "grade; its class is not scored")  # fmt: skip
+        _task_labels(study, spec, problems)
         if not any(level in study.points for level in spec.point_names):
-            problems.append(f"patient {patient}: no disc of the task on the mid-sagittal "
+            problems.append(f"patient {patient}: no point of the task on the mid-sagittal "
                             "slice; patient skipped")  # fmt: skip
             continue
         studies.append(study)
     series_found = sum(len(s) for s in files.values())
     return SpiderDataset(root, spec, studies, problems, series_found, overview_rows)
+
+
+def _task_labels(study: SpiderStudy, spec: Task, problems: list[str]) -> None:
+    """Fill `study.labels` for the task's points on the slice; a point without labels is
+    reported (present for the heatmap loss, no class target), never given one."""
+    for level, kind in zip(spec.point_names, spec.point_kinds):
+        if level not in study.points:
+            continue
+        if spec.name == "spider_disc":
+            if level in study.grades:
+                study.labels[level] = (f"v{PFIRRMANN_GRADES[study.grades[level]]}",)
+            else:
+                problems.append(f"patient {study.patient}: {level} has a point but no "
+                                "Pfirrmann grade; its class is not scored")  # fmt: skip
+        elif kind == "vertebra":
+            study.labels[level] = ("v1",)  # the one vertebra class: no grading to map
+        else:
+            codes = finding_codes(study.gradings.get(level, {}))
+            if codes is None:
+                lacking = [c for c, _ in FINDING_COLUMNS.values()
+                           if c not in study.gradings.get(level, {})]  # fmt: skip
+                problems.append(
+                    f"patient {study.patient}: {level} has a point but no valid "
+                    f"{', '.join(lacking)} grading; its findings are not scored"
+                )
+            else:
+                study.labels[level] = codes

@@ -3,7 +3,9 @@
 `build_spider_cache` reads the layout with `data/spider.py` and writes one cache row per
 patient: the network input is the mid-sagittal slice of the T2 volume (reoriented as the
 reader does) and its neighbours, the points are the mask centroids on that slice, and each
-disc's label is its Pfirrmann grade (a disc without a grade is present but ungraded). The
+point's labels are the reader's codes in the task's vocabulary (`SpiderStudy.labels`: a
+Pfirrmann grade for `spider_disc`, the findings for `spider_spine`; a point without them
+is present but ungraded). The
 normalisation and letterboxing are those of the 2020 cache (`percentile_normalise`,
 `letterbox`, `to_cache_coords`), so `SpineCache.open`, `SpineDataset` and the k-fold split
 read it as they read a 2020 cache. Records carry `patient`, `series`, `slice_index` and
@@ -39,7 +41,7 @@ from lit_spine.data.rsna_cache import open_or_build_task_cache
 from lit_spine.data.spider import GRADINGS_CSV, SpiderDataset, read_spider, read_volume
 from lit_spine.task import get_task
 
-SPIDER_CACHE_VERSION = 1
+SPIDER_CACHE_VERSION = 2  # 2: labels from SpiderStudy.labels (spider_spine)
 
 
 def spider_cache_key(data: SpiderDataset, settings: CacheSettings, task: str, vocab: str) -> str:
@@ -132,10 +134,9 @@ def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabul
                 points[k] = to_cache_coords(np.array([p.x, p.y]), scale, pad)
                 present[k] = True
                 kept.append(level)
-                grade = st.grades.get(level)
-                if grade is not None:  # missing grades stay all False (reported by the reader)
-                    kind = spec.point_kinds[k]
-                    labels[k, vocabulary.class_index(kind, vocabulary.codes(kind)[grade])] = True
+                kind = spec.point_kinds[k]
+                for code in st.labels.get(level, ()):  # unlabelled: all False (reported)
+                    labels[k, vocabulary.class_index(kind, code)] = True
             row_mm, col_mm = st.spacing_mm[:2]
             images.write(image.astype(np.float16).tobytes())
             cols["points"].append(points)

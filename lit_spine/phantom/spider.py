@@ -9,9 +9,13 @@ vertebra 1-7 counted from the bottom, 1 = L5; annulus, nucleus and fragments -> 
 201 = L5/S1; thecal sac and roots -> canal 100; the sacrum unlabelled) and
 `radiological_gradings.csv` with SPIDER's columns for the six discs T12/L1 .. L5/S1.
 Even patients are stored in the SPACE series' axis order (PIR), odd ones in the TSE
-series' (LPS), so the reader's reorientation is exercised. The Pfirrmann grade follows the
-disc state the phantom draws (normal 1-2, degenerated 3-4, bulge 3, protrusion 4,
-extrusion 5): a phantom convention, not a clinical one. Deterministic for a seed.
+series' (LPS), so the reader's reorientation is exercised. The gradings follow what the
+phantom draws, a phantom convention, not a clinical one: Pfirrmann from the disc state
+(normal 1-2, degenerated 3-4, bulge 3, protrusion 4, extrusion 5), herniation for a
+protrusion or extrusion, bulging for a bulge, narrowing for Pfirrmann >= 4, Modic the type
+of a Modic band drawn under an endplate facing the disc (0 if none), UP endplate for a
+Schmorl's node. Marker version 2 (Modic from the drawn bands); a version-1 folder is
+rewritten once. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ def spider_mask(tissue: np.ndarray) -> np.ndarray:
         out[disc] = 200 + n - b  # disc b lies below body b: L5-S1 (b = 6) -> 201
     out[(tissue == pa.CSF) | (tissue == pa.NERVE)] = 100
     return out
+
+
+def _modic(bodies, k: int) -> int:
+    """Phantom Modic type of disc k (0 = T12-L1 .. 5 = L5-S1) as drawn: the type of the
+    Modic band under the endplate facing the disc, of the body above (its inferior band) or
+    below (its superior band); the larger if both, 0 if neither. `bodies`: T11 .. L5, S1 .."""
+    above, below = bodies[k + 1].signs, bodies[k + 2].signs
+    types = [above.modic_type] if above.modic_inf > 0 else []
+    types += [below.modic_type] if below.modic_sup > 0 else []
+    return max(types, default=0)
 
 
 def _volume(slices: list[np.ndarray], planes, pixel_type):
@@ -109,7 +123,7 @@ def write_spider_phantom(
                 {
                     "Patient": patient,
                     "IVD label": 6 - k,
-                    "Modic": 0,
+                    "Modic": _modic(st.anatomy.bodies, k),
                     "UP endplate": int(st.labels.schmorl[k]),
                     "LOW endplate": 0,
                     "Spondylolisthesis": 0,
@@ -132,7 +146,7 @@ def ensure_spider_phantom(
     builders; a non-empty folder that is no spider phantom is refused."""
     from lit_spine.phantom.marker import ensure_layout
 
-    params = {"studies": int(studies), "seed": int(seed), "size": int(size)}
+    params = {"studies": int(studies), "seed": int(seed), "size": int(size), "version": 2}
     return ensure_layout(
         root,
         params,

@@ -78,3 +78,40 @@ def test_every_norm_builds_plain_and_fused():
         assert make_norm(name, 16, groups=4)(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
         fused = make_norm(name, 16, act=nn.SiLU(), groups=4)
         assert isinstance(fused.act, nn.SiLU)
+
+
+@pytest.mark.parametrize(
+    "norm, reference",
+    [
+        ("groupnorm", lambda c: nn.GroupNorm(c // 4, c)),  # 4 channels per group: NCHW detour
+        ("layernorm", lambda c: nn.GroupNorm(1, c)),  # one group: channels-last kernel
+        ("instancenorm", lambda c: nn.InstanceNorm2d(c, affine=True)),
+    ],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_per_sample_norms_equal_torch_in_both_layouts(norm, reference, fused):
+    """The layout detour changes where the numbers live, not what they are: outputs,
+    input gradients and affine gradients match torch's own layer, and channels-last input
+    comes back channels-last."""
+    c = 32
+    ours = make_norm(norm, c, nn.Identity() if fused else None, groups=c // 4)
+    ref = reference(c)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, c))
+            m.bias.copy_(torch.linspace(-1, 1, c))
+    base = torch.randn(3, c, 7, 9) * 3 + 1
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xs = [base.clone().to(memory_format=layout).requires_grad_() for _ in range(2)]
+        ys = [m(x) for m, x in zip((ours, ref), xs, strict=True)]
+        upstream = torch.randn_like(base)
+        for y in ys:
+            (y * upstream).sum().backward()
+        torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-5)
+        assert ys[0].is_contiguous(memory_format=layout)
+        for name in ("weight", "bias"):
+            g_ours, g_ref = getattr(ours, name).grad, getattr(ref, name).grad
+            torch.testing.assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-5)
+            g_ours.zero_(), g_ref.zero_()

@@ -90,3 +90,36 @@ def test_overfit_preset_still_learns_in_bf16(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.05 * sum(losses[:3]) / 3, losses
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val/sdr/8mm"] > 0.9 and summary["val/mre_mm"] < 5.0, summary
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_adamw_is_fused_unless_a_grad_scaler_unscales_and_clipping_still_holds(precision):
+    """Fused AdamW wherever no gradient scaler runs; there the module clips the gradients
+    itself (Lightning's mixed-precision plugin refuses to for fused optimizers)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from lit_spine.models.net import SpineNet
+    from lit_spine.module import SpineModule
+
+    module = SpineModule(SpineNet("test_resnet", head_channels=16), scheduler="constant")
+    if precision == "16-mixed":  # fp16 AMP with its scaler (what a GPU run gets)
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        module.trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False)
+    else:
+        module.trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False)
+    optimizer = module.configure_optimizers()
+    fused = precision != "16-mixed"
+    assert optimizer.defaults["fused"] is fused
+    if not fused:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for algorithm, clip in (("norm", 0.5), ("value", 0.01)):
+        for i, p in enumerate(params):
+            p.grad = torch.full_like(p, float(i % 7) - 3.0)
+        module.configure_gradient_clipping(optimizer, clip, algorithm)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        if algorithm == "norm":
+            assert grads.norm().item() == pytest.approx(clip, rel=1e-4)
+        else:
+            assert grads.abs().max().item() == pytest.approx(clip)

@@ -1,5 +1,5 @@
-"""RSNA 2024 layout: the phantom read back, bad rows reported, the competition log loss,
-and the net built for the rsna2024_canal task trained on phantom instances."""
+"""RSNA 2024 layout: the phantom read back, a hand-made sample in the real format, bad rows
+reported, the competition log loss, and the net built for the rsna2024_canal task trained on phantom instances."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from dicom_factory import write_slice
+from pydicom.uid import generate_uid
 
 from lit_spine.commands import phantom
 from lit_spine.data.dicom import decode_pixels
@@ -75,6 +77,73 @@ def test_phantom_layout_read_back(rsna_root):
     # Not every point is on the middle instance (7 slices: mid is 4).
     instances = {p.instance_number for st in data.studies for p in st.points.values()}
     assert instances != {4}
+
+
+def test_hand_made_sample_in_the_real_format(tmp_path):
+    """Three CSVs and a DICOM tree written here as the competition publishes them (not by the
+    phantom): the canal points are read from the instances the coordinates name, the axial
+    series and the other conditions are ignored, and a missing grade or a missing
+    coordinate is reported and skipped, never filled in."""
+    study, sagittal, axial = 4003253, 702807833, 2448190387
+    levels = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
+    conditions = [
+        "spinal_canal_stenosis", "left_neural_foraminal_narrowing",
+        "right_neural_foraminal_narrowing", "left_subarticular_stenosis",
+        "right_subarticular_stenosis",
+    ]  # fmt: skip
+    columns = ["study_id"] + [f"{c}_{lv}" for c in conditions for lv in levels]
+    grades = dict.fromkeys(columns, "Normal/Mild") | {
+        "study_id": study,
+        "spinal_canal_stenosis_l1_l2": "",  # a missing grade
+        "spinal_canal_stenosis_l3_l4": "Severe",
+        "spinal_canal_stenosis_l4_l5": "Moderate",
+    }
+    root = tmp_path / "rsna"
+    root.mkdir()
+    pd.DataFrame([grades], columns=columns).to_csv(root / GRADES_CSV, index=False)
+    pd.DataFrame(
+        [(study, sagittal, "Sagittal T2/STIR"), (study, axial, "Axial T2")],
+        columns=["study_id", "series_id", "series_description"],
+    ).to_csv(root / SERIES_CSV, index=False)
+    canal = "Spinal Canal Stenosis"
+    coords = [  # no row for L5/S1: a missing coordinate
+        (study, sagittal, 2, canal, "L1/L2", 20.5, 10.0),
+        (study, sagittal, 2, canal, "L2/L3", 21.0, 18.0),
+        (study, sagittal, 3, canal, "L3/L4", 22.0, 26.5),
+        (study, sagittal, 1, canal, "L4/L5", 23.0, 34.0),
+        (study, axial, 5, "Left Subarticular Stenosis", "L4/L5", 10.0, 10.0),
+    ]
+    pd.DataFrame(
+        coords, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    ).to_csv(root / COORDS_CSV, index=False)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for inst in (1, 2, 3):
+        path = root / "train_images" / str(study) / str(sagittal) / f"{inst}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (np.arange(48 * 40).reshape(48, 40) % 500 + 100 * inst).astype(np.uint16)
+        write_slice(
+            path, pixels, study_uid=study_uid, series_uid=series_uid,
+            description="Sagittal T2/STIR", instance_number=inst, position=(4.0 * inst, 0, 0),
+        )  # fmt: skip
+    data = read_rsna2024(root)
+    (st,) = data.studies
+    assert (st.study_id, st.series_id) == (study, sagittal)
+    got = {lv: (p.instance_number, p.x, p.y, p.path.name) for lv, p in st.points.items()}
+    assert got == {
+        "L1/L2": (2, 20.5, 10.0, "2.dcm"),
+        "L2/L3": (2, 21.0, 18.0, "2.dcm"),
+        "L3/L4": (3, 22.0, 26.5, "3.dcm"),
+        "L4/L5": (1, 23.0, 34.0, "1.dcm"),
+    }
+    assert decode_pixels(st.points["L3/L4"].path)[0, 0] == 300  # instance 3's own pixels
+    assert st.grades == {"L2/L3": 0, "L3/L4": 2, "L4/L5": 1, "L5/S1": 0}  # L1/L2: no grade
+    text = "\n".join(data.problems)
+    assert len(data.problems) == 2, text
+    assert (
+        f"{root / GRADES_CSV} row 2 (study {study}): column spinal_canal_stenosis_l1_l2 is empty"
+        in text
+    )
+    assert f"study {study} series {sagittal}: no coordinates for L5/S1" in text
 
 
 def test_bad_rows_reported_and_skipped(rsna_root, tmp_path):

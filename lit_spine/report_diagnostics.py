@@ -425,7 +425,7 @@ def _erf(groups, out: Path) -> str:
         f"## {SECTIONS[5]}",
         "",
         "Effective receptive field (Luo et al. 2016): |d heatmap peak / d input| averaged over "
-        "validation images and the 11 points, re-centred on each peak; r50 / r90 = the radius "
+        "validation images and the task's points, re-centred on each peak; r50 / r90 = the radius "
         "holding 50% / 90% of that gradient mass, at initialisation and after training, beside "
         "the theoretical receptive field (`lit-spine describe`). " + INTERVAL_NOTE + ".",
         "",

@@ -4,12 +4,13 @@
 
 ```
 <cache_dir>/<key>/images.f16     float16 (N, C, S, S) raw, memory-mapped by SpineCache
-                 points.npy      float32 (N, 11, 2)  [x, y] in cache pixels (centres at integers)
-                 present.npy     bool    (N, 11)     annotated and inside the image
-                 labels.npy      bool    (N, 11, num_classes)  multi-hot over vocab.classes
+                 points.npy      float32 (N, P, 2)   [x, y] in cache pixels (centres at integers)
+                 present.npy     bool    (N, P)      annotated and inside the image
+                 labels.npy      bool    (N, P, num_classes)   multi-hot over vocab.classes
                  spacing_mm.npy  float32 (N, 2)      (row_mm, col_mm) after the resize
                  index.json      settings, shape, per-sample records, problems (written last)
 ```
+(P: the task's points, 11 for tianchi2020.)
 
 Each image is letterboxed: scaled so that its longer side is `image_size` (bilinear,
 antialiased), centred, padded with 0; normalised to [0, 1] by the percentile window of the

@@ -1,5 +1,6 @@
 """RSNA 2024 layout: the phantom read back, a hand-made sample in the real format, bad rows
-reported, the competition log loss, and the net built for the rsna2024_canal task trained on phantom instances."""
+reported, the competition log loss, and the net built for the rsna2024_canal task trained on
+phantom instances."""
 
 from __future__ import annotations
 

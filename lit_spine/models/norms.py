@@ -15,10 +15,11 @@ shift; for NCHW features they differ only in S_i:
   "BN*" of detectors): a constant affine map, nothing trainable, same in train and eval.
 
 Every constructor takes the channel count first, so any norm drops in where BatchNorm
-was. The per-sample norms (group, layer, instance) share one kernel, ``F.group_norm``; on CPU
-it is computed on an NCHW copy when the features arrive channels-last (see `group_norm`), the
-one piece written here rather than taken from torch or timm. Fused norm+activation modules (timm ``BatchNormAct2d`` and friends) are replaced by
-the fused module of the chosen kind, keeping their activation and drop layers.
+was. The per-sample norms (group, layer, instance) share one kernel, ``F.group_norm``; on
+CPU it is computed on an NCHW copy when the features arrive channels-last (see `group_norm`),
+the one piece written here rather than taken from torch or timm. Fused norm+activation
+modules (timm ``BatchNormAct2d`` and friends) are replaced by the fused module of the chosen
+kind, keeping their activation and drop layers.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class GroupNorm2d(nn.GroupNorm):
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-class GroupNormAct2d(GroupNormAct):
-    """timm ``GroupNormAct`` (norm, drop, act) with its norm computed by `group_norm`."""
+class _GroupNormActForward:
+    """The forward of timm's fused group norms (norm, drop, act), its norm by `group_norm`;
+    timm's own when it was built with its fast-norm option."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_norm:
@@ -90,14 +92,12 @@ class GroupNormAct2d(GroupNormAct):
         return self.act(self.drop(x))
 
 
-class GroupNorm1Act2d(GroupNorm1Act):
+class GroupNormAct2d(_GroupNormActForward, GroupNormAct):
+    """timm ``GroupNormAct`` with its norm computed by `group_norm`."""
+
+
+class GroupNorm1Act2d(_GroupNormActForward, GroupNorm1Act):
     """timm ``GroupNorm1Act`` (one group: the paper's LayerNorm) computed by `group_norm`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_norm:
-            return super().forward(x)
-        x = group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return self.act(self.drop(x))
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):

@@ -13,8 +13,9 @@ import torch
 
 from lit_spine import bench, sweep
 from lit_spine import runs as run_folder
-from lit_spine.bench import report, sections, step
-from lit_spine.bench.figures import Figure, check_target, ratio_record, summarize
+from lit_spine.bench import record as report
+from lit_spine.bench import sections, step
+from lit_spine.bench.record import Figure, check_target, ratio_record, summarize
 from lit_spine.commands import bench as bench_command
 from lit_spine.hardware import cpu_bf16_native
 

@@ -1,7 +1,7 @@
 """`lit-spine bench`: time the suite's own parts against the obvious alternatives, in one run.
 
-Every figure is measured here, now, on this machine; nothing is extrapolated or copied in
-(the one exception, timm's published encoder throughput, is labelled as such). A figure is
+Every figure is measured here, now, on this machine; nothing is extrapolated or copied in.
+A figure is
 the median of `--repeats` runs with their min and max; a ratio is the ratio of two medians
 taken in the same run, with the runs of both sides interleaved (A, B, A, B, ...) so that
 load from other processes on a shared machine hits both sides alike. Repeated calls are
@@ -23,7 +23,7 @@ What is compared (`--only` picks sections by name; `sections.py`):
 - ``sweep``     one sweep-preset run end to end, today's preset vs the one before bf16.
 
 Output: one JSON line per figure on stdout, then a readable summary; `--out` writes
-Markdown (atomically, `report.py`), `--json-out` all figures as JSON (`run.py`). The run
+Markdown (atomically, `record.py`), `--json-out` all figures as JSON (`run.py`). The run
 keeps to `--max-minutes` by skipping the remaining backbones (reported) when time runs short.
 """
 

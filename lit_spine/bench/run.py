@@ -86,8 +86,7 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
     `args`: the checked options of `lit-spine bench` (lit_spine.commands.bench)."""
     import torch
 
-    from lit_spine.bench import report
-    from lit_spine.bench.figures import Recorder
+    from lit_spine.bench import record
     from lit_spine.bench.sections import SECTION_FUNCS, Bench, derived_ratios
     from lit_spine.utils import atomic_write_json
 
@@ -103,7 +102,7 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
     if args.workdir is not None:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="lit-spine-bench-", dir=args.workdir))
-    rec = Recorder()
+    rec = record.Recorder()
     bench = Bench(cfg, device, workdir, rec, deadline=start + 60 * args.max_minutes)
     failed = False
     try:
@@ -119,9 +118,9 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    seconds, info = time.perf_counter() - start, report.machine_info(device)
+    seconds, info = time.perf_counter() - start, record.machine_info(device)
     where = f"{info.get('gpu') or info['cpu']} ({info['device']})"
-    body = report.run_markdown(rec, info, seconds, cfg)
+    body = record.run_markdown(rec, info, seconds, cfg)
     print(f"\nlit-spine bench on {where}, {seconds:.0f} s\n\n{body}", flush=True)
     if args.json_out:
         figures = [f.record() | {"values": f.values} for f in rec.figures]
@@ -137,6 +136,6 @@ def run_bench(args: Any, sections: Sequence[str]) -> int:
             },
         )
     if args.out:
-        report.write_markdown(Path(args.out), body, gpu_run=device.type == "cuda")
+        record.write_markdown(Path(args.out), body, gpu_run=device.type == "cuda")
         print(f"wrote {args.out}", file=sys.stderr)
     return 1 if failed else 0

@@ -71,6 +71,10 @@ class SpineModule(pl.LightningModule):
         scheduler: "cosine" (linear warm-up then cosine decay, per step) or "constant".
         warmup_epochs: length of the linear warm-up, in epochs (fractions allowed).
         min_lr_ratio: final learning rate as a fraction of `lr`.
+        hold_fraction: the last part of the planned steps trained at that final rate: the
+            cosine decay ends this fraction of the steps before the end (0: at the end). A
+            run whose metric still rises while the rate is held at its floor has not reached
+            its plateau, so the report's convergence check tests the model, not the annealing.
         heatmap_loss: "mse" or "focal" (penalty-reduced focal loss on sigmoid heatmaps).
         heatmap_weight: weight of the heatmap loss (for "mse", squared error summed over each
             point's heatmap, which lets localisation lead the classification loss).
@@ -106,6 +110,7 @@ class SpineModule(pl.LightningModule):
         scheduler: str = "cosine",
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
+        hold_fraction: float = 0.0,
         heatmap_loss: str = "mse",
         heatmap_weight: float = 1.0,
         class_loss: str = "bce",
@@ -126,6 +131,8 @@ class SpineModule(pl.LightningModule):
         choose(optimizer, OPTIMIZERS, "optimizer")
         choose(scheduler, SCHEDULERS, "scheduler")
         choose(lr_scaling, LR_SCALINGS, "lr_scaling")
+        if not 0.0 <= hold_fraction < 1.0:
+            raise ValueError(f"hold_fraction must be in [0, 1), got {hold_fraction}")
         if lr_reference_batch < 1:
             raise ValueError(f"lr_reference_batch must be >= 1, got {lr_reference_batch}")
         self.save_hyperparameters(ignore=["net"])
@@ -393,8 +400,9 @@ class SpineModule(pl.LightningModule):
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(total_steps - 1, int(round(hp.warmup_epochs * total_steps / epochs)))
-        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps, hp.min_lr_ratio)
+        decay_steps = max(1, total_steps - int(round(hp.hold_fraction * total_steps)))
+        warmup_steps = min(decay_steps - 1, int(round(hp.warmup_epochs * total_steps / epochs)))
+        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, decay_steps, hp.min_lr_ratio)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

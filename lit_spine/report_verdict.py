@@ -58,6 +58,23 @@ def _span(values: Sequence[Any]) -> str:
         return "/".join(map(str, values))
 
 
+def schedule_text(runs) -> str:
+    """The learning-rate schedule of the runs, as their configs give it ('' when not recorded):
+    warm-up, cosine floor, and the share of the steps held at the floor."""
+    kinds = distinct_values(runs, "model.scheduler")
+    if kinds != ["cosine"]:
+        return f"; schedule {_span(kinds)}" if kinds else ""
+    warmup, floor = (
+        distinct_values(runs, "model.warmup_epochs"),
+        distinct_values(runs, "model.min_lr_ratio"),
+    )
+    hold = distinct_values(runs, "model.hold_fraction") or [0.0]
+    text = f"; schedule: warm-up {_span(warmup)} epoch(s), cosine decay to {_span(floor)} x lr"
+    if hold == [0.0]:
+        return text + " at the last step"
+    return text + f", held there for the last {_span(hold)} of the steps"
+
+
 def protocol_line(report: Report) -> str:
     """Budget, learning-rate rule, seeds per cell, metric and goal, read from the runs' configs."""
     runs = report.runs
@@ -86,6 +103,7 @@ def protocol_line(report: Report) -> str:
             f" given at batch {_span(refs)}, lr_scaling {_span(rules)} "
             "(effective lr = lr x batch/reference, or its square root for sqrt)"
         )
+    lr += schedule_text(runs)
     counts = sorted({c.stats["n"] for c in report.cells})
     seeds = [v for k in report.seed_keys for v in distinct_values(runs, k)]
     seed_text = f"{_span(counts)} seeds per cell"

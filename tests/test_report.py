@@ -487,3 +487,21 @@ def test_verdict_norm_vs_batch_direction_did_not_hold(tmp_path):
     cells[("batchnorm", 2)] = _seeded(0.40, (0.003, 0.0, -0.004))
     rep = report.write_report([make_sweep(tmp_path / "both", cells, NVB)])
     assert "did not hold on this data: GroupNorm degraded at the small batch too" in rep.verdict
+
+
+def test_protocol_states_the_schedule_and_the_held_floor(tmp_path):
+    cells = {("batchnorm",): _seeded(0.5), ("groupnorm",): _seeded(0.52)}
+    extra = {"model.scheduler": "cosine", "model.warmup_epochs": 1.0, "model.min_lr_ratio": 0.01}
+    held = report.write_report(
+        [make_sweep(tmp_path / "h", cells, NORM, extra=extra | {"model.hold_fraction": 0.25})]
+    )
+    assert (
+        "schedule: warm-up 1.0 epoch(s), cosine decay to 0.01 x lr, held there for the last "
+        "0.25 of the steps" in held.protocol
+    )
+    plain = report.write_report([make_sweep(tmp_path / "p", cells, NORM, extra=extra)])
+    assert "cosine decay to 0.01 x lr at the last step" in plain.protocol
+    constant = report.write_report(
+        [make_sweep(tmp_path / "c", cells, NORM, extra={"model.scheduler": "constant"})]
+    )
+    assert "; schedule constant." in constant.protocol

@@ -336,3 +336,29 @@ def test_overfit_preset_learns(tmp_path):
     assert summary["status"] == "finished"
     assert summary["val/sdr/8mm"] > 0.9, summary
     assert summary["val/mre_mm"] < 5.0, summary
+
+
+def test_hold_fraction_ends_the_cosine_early_and_holds_the_floor():
+    """`model.hold_fraction`: the decay ends that fraction of the planned steps before the end
+    and the rate stays at its floor after (20 steps, 0.25: decay over 15, floor for 5)."""
+    import pytorch_lightning as pl
+
+    from lit_spine.models.net import SpineNet
+    from lit_spine.module import SpineModule
+
+    module = SpineModule(
+        SpineNet("test_resnet", head_channels=16), lr=1.0, warmup_epochs=0.0,
+        min_lr_ratio=0.01, hold_fraction=0.25,
+    )  # fmt: skip
+    module.trainer = pl.Trainer(accelerator="cpu", max_steps=20, max_epochs=4, logger=False)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[:16] == pytest.approx([lr_formula(s, 0, 15, 0.01) for s in range(16)])
+    assert seen[15:] == pytest.approx([0.01] * 5)
+    with pytest.raises(ValueError, match="hold_fraction must be in"):
+        SpineModule(SpineNet("test_resnet", head_channels=16), hold_fraction=1.0)

@@ -24,7 +24,7 @@ the prediction file does not name are counted, not scored (a prediction of one f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +39,6 @@ from lit_spine.data.rsna import (
     RSNA_CONDITIONS,
     SUBMISSION_COLUMNS,
     RsnaFormatError,
-    _float,
-    _int,
     _read_csv,
     grade_column,
 )
@@ -59,6 +57,7 @@ from lit_spine.predict_layouts import (
     spider_class_columns,
 )
 from lit_spine.task import RSNA_LEVELS, RSNA_SEVERITIES, get_task
+from lit_spine.utils import parse_float, parse_int
 
 # train.csv column -> (condition, level), for reading a row_id back.
 GRADE_COLUMNS = {grade_column(c, lv): (c, lv) for c in RSNA_CONDITIONS for lv in RSNA_LEVELS}
@@ -111,14 +110,14 @@ def read_submission(path: Path, problems: list[str]) -> dict[tuple[int, str, str
     for row, rec in frame.iterrows():
         where = f"{path} row {row + 2}"
         head, _, rest = rec["row_id"].strip().partition("_")
-        study = _int(head)
+        study = parse_int(head)
         if study is None or rest not in GRADE_COLUMNS:
             problems.append(
                 f"{where}: row_id {rec['row_id']!r} is not <study_id>_<condition>_<level> "
                 "(e.g. 4000000_spinal_canal_stenosis_l1_l2); row skipped"
             )
             continue
-        probs = [_float(rec[c]) for c in SUBMISSION_COLUMNS[1:]]
+        probs = [parse_float(rec[c]) for c in SUBMISSION_COLUMNS[1:]]
         if any(p is None or p < 0 for p in probs) or sum(probs) <= 0:
             bad = ", ".join(f"{c} {rec[c]!r}" for c in SUBMISSION_COLUMNS[1:])
             problems.append(f"{where}: probabilities {bad} are not non-negative numbers with "
@@ -130,6 +129,20 @@ def read_submission(path: Path, problems: list[str]) -> dict[tuple[int, str, str
             continue
         out[key] = np.array(probs, dtype=np.float64)
     return out
+
+
+def _int_rows(
+    frame: pd.DataFrame, column: str, path: Path, problems: list[str]
+) -> Iterator[tuple[int, pd.Series, int]]:
+    """(file row number, row, integer value of `column`) per row of `frame` read from `path`;
+    a row whose `column` is not an integer is reported and skipped."""
+    for row, rec in frame.iterrows():
+        value = parse_int(rec[column])
+        if value is None:
+            problems.append(f"{path} row {row + 2}: {column} {rec[column]!r} is not an integer; "
+                            "row skipped")  # fmt: skip
+            continue
+        yield row + 2, rec, value
 
 
 def _patient_xyz(header, x: float, y: float) -> np.ndarray | None:
@@ -149,11 +162,11 @@ def _coordinates(path: Path, columns, problems: list[str]) -> dict[tuple, dict]:
     for row, rec in frame.iterrows():
         where = f"{path} row {row + 2}"
         values = {
-            "study_id": _int(rec["study_id"]),
-            "series_id": _int(rec["series_id"]),
-            "instance_number": _int(rec["instance_number"]),
-            "x": _float(rec["x"]),
-            "y": _float(rec["y"]),
+            "study_id": parse_int(rec["study_id"]),
+            "series_id": parse_int(rec["series_id"]),
+            "instance_number": parse_int(rec["instance_number"]),
+            "x": parse_float(rec["x"]),
+            "y": parse_float(rec["y"]),
         }
         bad = [f"{c} {rec[c]!r}" for c, v in values.items() if v is None]
         if bad:
@@ -264,13 +277,8 @@ def evaluate_rsna2024(
     except RsnaFormatError as err:
         raise LayoutEvaluationError(str(err)) from None
     truth: dict[int, dict] = {}
-    for row, rec in grades.iterrows():
-        sid = _int(rec["study_id"])
-        if sid is None:
-            problems.append(f"{grades_path} row {row + 2}: study_id {rec['study_id']!r} is not "
-                            "an integer; row skipped")  # fmt: skip
-            continue
-        truth.setdefault(sid, {"row": row + 2, "rec": rec})
+    for row, rec, sid in _int_rows(grades, "study_id", grades_path, problems):
+        truth.setdefault(sid, {"row": row, "rec": rec})
     studies = {s for s, _, _ in submitted}
     unknown = sorted(studies - set(truth))
     if unknown and not ignore_unknown:
@@ -350,13 +358,8 @@ def evaluate_spider(
     problems = [f"{data_root}: {p}" for p in data.problems]
     truth = {st.patient: st for st in data.studies}
     by_patient: dict[int, list[tuple[int, pd.Series]]] = {}
-    for row, rec in frame.iterrows():
-        patient = _int(rec["patient"])
-        if patient is None:
-            problems.append(f"{pred} row {row + 2}: patient {rec['patient']!r} is not an "
-                            "integer; row skipped")  # fmt: skip
-            continue
-        by_patient.setdefault(patient, []).append((row + 2, rec))
+    for row, rec, patient in _int_rows(frame, "patient", pred, problems):
+        by_patient.setdefault(patient, []).append((row, rec))
     unknown = sorted(set(by_patient) - set(truth))
     if unknown and not ignore_unknown:
         raise LayoutEvaluationError(
@@ -370,7 +373,7 @@ def evaluate_spider(
     for patient in sorted(set(by_patient) - set(unknown)):
         st = truth[patient]
         rows = by_patient[patient]
-        if any(_int(r["slice_index"]) != st.slice_index or r["series"] != st.series
+        if any(parse_int(r["slice_index"]) != st.slice_index or r["series"] != st.series
                for _, r in rows):  # fmt: skip
             problems.append(
                 f"{pred}: patient {patient} predicted on another series or slice than the "
@@ -395,10 +398,14 @@ def evaluate_spider(
                                 f"{', '.join(task.point_names)}; row skipped")  # fmt: skip
                 continue
             kind = task.point_kinds[task.point_index[level]]
-            x, y, score = _float(rec["x"]), _float(rec["y"]), _float(rec["point_score"])
+            x, y, score = (
+                parse_float(rec["x"]),
+                parse_float(rec["y"]),
+                parse_float(rec["point_score"]),
+            )
             found = [token_class.get(t) for t in rec["labels"].split()]
             columns = [classes[kind, c][0] for c in vocab.codes(kind)]
-            probs = {c: _float(rec[col]) for c, col in zip(vocab.codes(kind), columns)}
+            probs = {c: parse_float(rec[col]) for c, col in zip(vocab.codes(kind), columns)}
             if (
                 None in (x, y, score, *probs.values())
                 or not found

@@ -1,9 +1,10 @@
-"""Small shared helpers: atomic file writes, choosing from a name map."""
+"""Small shared helpers: atomic file writes, choosing from a name map, parsing CSV cells."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -51,6 +52,21 @@ def one_line(text: object, limit: int | None = None) -> str:
     if not s.isprintable():
         s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
     return s if limit is None or len(s) <= limit else s[: limit - 1] + "…"
+
+
+def parse_float(text: str) -> float | None:
+    """A CSV cell as a finite number, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_int(text: str) -> int | None:
+    """A CSV cell as a whole number ("3" or "3.0"), else None."""
+    value = parse_float(text)
+    return int(value) if value is not None and value == int(value) else None
 
 
 def choose(name: str, options: Iterable[str], what: str) -> str:

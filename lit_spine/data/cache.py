@@ -18,6 +18,7 @@ annotated slice; C = 2 * neighbors + 1 slices ordered along the series normal (t
 repeats at the series ends). The key hashes every file's (path, size, mtime), the annotation
 and series-map bytes, the settings, the vocabulary and `CACHE_FORMAT_VERSION`, so any change
 rebuilds; a build goes to `<key>.tmp-<pid>/` and is renamed into place only when complete.
+That build (`open_or_build`) and the row writer (`CacheRows`) serve every layout's cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,9 +46,9 @@ from lit_spine.data.dicom import (
     find_series_map,
     index_dataset,
     load_series_map,
-    unknown_annotation_studies,
+    unknown_side_file_studies,
 )
-from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, get_vocabulary
+from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, Vocabulary, get_vocabulary
 from lit_spine.utils import atomic_write_json, file_lock, one_line
 
 CACHE_FORMAT_VERSION = 2  # 2: studies without a trustworthy spacing are left out
@@ -288,6 +290,12 @@ def _remove_stale_builds(cache_dir: Path, key: str) -> None:
             continue
 
 
+def blank_row(num_points: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's points (NaN), present (False) and labels (False), to be filled in."""
+    points = np.full((num_points, 2), np.nan, dtype=np.float32)
+    return points, np.zeros(num_points, dtype=bool), np.zeros((num_points, num_classes), bool)
+
+
 def _points_arrays(
     ann: StudyAnnotation | None,
     rows: int,
@@ -298,9 +306,7 @@ def _points_arrays(
     where: str,
     problems: list[str],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    points = np.full((NUM_POINTS, 2), np.nan, dtype=np.float32)
-    present = np.zeros(NUM_POINTS, dtype=bool)
-    labels = np.zeros((NUM_POINTS, vocab.num_classes), dtype=bool)
+    points, present, labels = blank_row(NUM_POINTS, vocab.num_classes)
     for p in ann.points if ann is not None else []:
         k = POINT_INDEX[p.identification]
         for code in p.labels:
@@ -314,6 +320,123 @@ def _points_arrays(
         points[k] = to_cache_coords(np.array([p.x, p.y]), scale, pad)
         present[k] = True
     return points, present, labels
+
+
+class CacheRows:
+    """The rows of a cache being built: images streamed to `<out>/images.f16`, the arrays of
+    `ARRAY_FILES` and the records kept in memory until `arrays()`.
+
+    Shared by every layout's cache. Use it as a context manager: on a normal exit the image
+    file is flushed and fsynced, so it is on disk before index.json declares the folder complete.
+    """
+
+    def __init__(self, out: Path, num_points: int, num_classes: int) -> None:
+        self.num_points, self.num_classes = num_points, num_classes
+        self.records: list[dict] = []
+        self._cols: dict[str, list[np.ndarray]] = {name: [] for name in ARRAY_FILES}
+        self._images = open(out / "images.f16", "wb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> CacheRows:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._images.flush()
+                os.fsync(self._images.fileno())
+        finally:
+            self._images.close()
+
+    def add(
+        self,
+        record: dict,
+        image: np.ndarray,
+        points: np.ndarray,
+        present: np.ndarray,
+        labels: np.ndarray,
+    ) -> None:
+        """Append one row; its spacing is the record's `orig_spacing_mm` over its `scale`."""
+        row_mm, col_mm = record["orig_spacing_mm"]
+        scale_y, scale_x = record["scale"]
+        self._images.write(image.astype(np.float16).tobytes())
+        self._cols["points"].append(points)
+        self._cols["present"].append(present)
+        self._cols["labels"].append(labels)
+        self._cols["spacing_mm"].append(np.array([row_mm / scale_y, col_mm / scale_x], np.float32))
+        self.records.append(record)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The stacked arrays of the rows added, by name (empty arrays of the right shape
+        when there is none)."""
+        if self.records:
+            return {name: np.stack(rows) for name, rows in self._cols.items()}
+        p, c = self.num_points, self.num_classes
+        return {
+            "points": np.zeros((0, p, 2), np.float32),
+            "present": np.zeros((0, p), bool),
+            "labels": np.zeros((0, p, c), bool),
+            "spacing_mm": np.zeros((0, 2), np.float32),
+        }
+
+
+def open_or_build(
+    cache_dir: Path,
+    key: str,
+    write_rows: Callable[[Path, list[str]], tuple[list[dict], dict[str, np.ndarray]]],
+    *,
+    root: str | os.PathLike,
+    settings: CacheSettings,
+    vocabulary: Vocabulary,
+    nothing: str,
+    annotation: str | None,
+    series_map: str | None = None,
+    problems: Iterable[str] = (),
+    head: dict | None = None,
+) -> SpineCache:
+    """Open the cache folder `<cache_dir>/<key>`, building it first if absent or damaged.
+
+    Shared by every layout's cache. Parallel runs wanting the same cache wait on a file lock
+    for the first builder, then open its result. `write_rows(out, problems)` writes the rows'
+    images into `out` and returns (records, arrays); the `problems` it is given start with
+    the ones passed here, and every problem lands once in the index. Without any record it
+    raises DatasetError "<root>: <nothing>. Problems: ...". The index holds `head` (e.g. the
+    layout and task) after the format version. The build goes to `<key>.tmp-<pid>/` and is
+    renamed into place only when complete (index.json last); a damaged folder is rebuilt,
+    never trusted.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache_dir / f".{key}.lock"):
+        final = cache_dir / key
+        if (cache := open_existing(final)) is not None:
+            return cache
+        _remove_stale_builds(cache_dir, key)
+        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            problems = list(problems)
+            records, arrays = write_rows(tmp, problems)
+            if not records:
+                raise DatasetError(f"{root}: {nothing}. Problems:\n  " + "\n  ".join(problems[:20]))
+            size = settings.image_size
+            index = {
+                "format_version": CACHE_FORMAT_VERSION,
+                **(head or {}),
+                "key": key,
+                "root": str(Path(root).resolve()),
+                "annotation": annotation,
+                "series_map": series_map,
+                "settings": asdict(settings),
+                "vocab": vocabulary.name,
+                "classes": list(vocabulary.classes),
+                "shape": [len(records), settings.channels, size, size],
+                "records": records,
+                "problems": list(dict.fromkeys(problems)),  # each problem once
+            }
+            publish_build(tmp, final, arrays, index)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return SpineCache.open(final)
 
 
 def build_cache(
@@ -335,82 +458,50 @@ def build_cache(
     root, a dataset with no usable study or a broken annotation file raises.
     """
     settings = settings or CacheSettings()
-    get_vocabulary(vocab)  # an unknown vocabulary fails before any work
+    vocabulary = get_vocabulary(vocab)  # an unknown vocabulary fails before any work
     root = Path(root)
     annotation = Path(annotation) if annotation else find_annotation(root)
     series_map = Path(series_map) if series_map else find_series_map(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(root, settings, annotation, series_map, vocab)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Parallel runs wanting the same cache wait for the first builder, then open its result.
-    with file_lock(cache_dir / f".{key}.lock"):
-        return _build_locked(
-            root, settings, cache_dir, key, annotation, series_map, vocab, progress, workers
-        )
+    return open_or_build(
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        cache_key(root, settings, annotation, series_map, vocab),
+        lambda out, problems: _write_dataset(
+            out, root, annotation, series_map, settings, vocabulary, problems, progress, workers
+        ),
+        root=root,
+        settings=settings,
+        vocabulary=vocabulary,
+        nothing="no usable study (no T2 sagittal slice could be read)",
+        annotation=str(annotation) if annotation else None,
+        series_map=str(series_map) if series_map else None,
+    )
 
 
-def _build_locked(
+def _write_dataset(
+    out: Path,
     root: Path,
-    settings: CacheSettings,
-    cache_dir: Path,
-    key: str,
     annotation: Path | None,
     series_map: Path | None,
-    vocab: str,
+    settings: CacheSettings,
+    vocabulary: Vocabulary,
+    problems: list[str],
     progress: bool,
     workers: int | None,
-) -> SpineCache:
-    vocabulary = get_vocabulary(vocab)
-    final = cache_dir / key
-    if (cache := open_existing(final)) is not None:
-        return cache
-
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Index the studies of `root`, read its side files, then write the cache rows into `out`."""
     annotations = load_annotations(annotation, vocabulary) if annotation else {}
     forced = load_series_map(series_map) if series_map else {}
     studies = index_dataset(root, workers, progress)
-    problems = list(studies.problems)
+    problems += studies.problems
     problems += [f"{s.name}: {p}" for s in studies for p in s.problems]
-    if annotation:
-        problems += unknown_annotation_studies(
-            studies, annotations, root, f"annotation {annotation}"
-        )
-    if series_map:
-        problems += unknown_annotation_studies(studies, forced, root, f"series map {series_map}")
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(cache_dir, key)
-    tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        records, arrays = _write_samples(
-            tmp, root, studies, annotations, forced, settings, vocabulary, problems, progress
-        )
-        if not records:
-            raise DatasetError(
-                f"{root}: no usable study (no T2 sagittal slice could be read). Problems:\n  "
-                + "\n  ".join(problems[:20])
-            )
-        size = settings.image_size
-        index = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "key": key,
-            "root": str(root.resolve()),
-            "annotation": str(annotation) if annotation else None,
-            "series_map": str(series_map) if series_map else None,
-            "settings": asdict(settings),
-            "vocab": vocab,
-            "classes": list(vocabulary.classes),
-            "shape": [len(records), settings.channels, size, size],
-            "records": records,
-            "problems": list(dict.fromkeys(problems)),  # each problem once
-        }
-        publish_build(tmp, final, arrays, index)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return SpineCache.open(final)
+    problems += unknown_side_file_studies(
+        studies, root, annotation, annotations, series_map, forced
+    )
+    return _write_samples(
+        out, root, studies, annotations, forced, settings, vocabulary, problems, progress
+    )
 
 
 def _write_samples(
@@ -424,12 +515,10 @@ def _write_samples(
     problems: list[str],
     progress: bool,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    records: list[dict] = []
-    cols: dict[str, list[np.ndarray]] = {name: [] for name in ARRAY_FILES}
     reader = PixelReader()
     size, radius = settings.image_size, settings.neighbors
     with (
-        open(out / "images.f16", "wb") as images,
+        CacheRows(out, NUM_POINTS, vocab.num_classes) as rows,
         tqdm(
             studies,
             desc=f"caching {root.name}",
@@ -465,28 +554,12 @@ def _write_samples(
                 )
                 reader.forget()
                 continue
-            stack = []
-            for h in choice.series.neighbours(choice.index, radius):
-                try:
-                    arr = reader(h)
-                except DicomFileError as err:
-                    problems.append(
-                        f"{where}: skipped {one_line(err.path)}: {err.reason}; "
-                        "the annotated slice stands in"
-                    )
-                    arr = centre
-                if arr.shape != centre.shape:
-                    problems.append(
-                        f"{where}: neighbour {one_line(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
-                        f"not {centre.shape[1]}x{centre.shape[0]}; the annotated slice "
-                        "stands in"
-                    )
-                    arr = centre
-                stack.append(arr)
+            neighbours = choice.series.neighbours(choice.index, radius)
+            stack = reader.stack(neighbours, centre, where, problems, "the annotated slice")
             reader.forget()
-            rows, ncols = centre.shape
+            n_rows, n_cols = centre.shape
             # Normalise before padding so that the padding stays exactly 0 (= the window's low end).
-            stack = percentile_normalise(np.stack(stack), settings.percentiles, radius)
+            stack = percentile_normalise(stack, settings.percentiles, radius)
             image, scale, pad = letterbox(stack, size)
             if not np.isfinite(image).all():  # never train on NaN/inf (decoding checks too)
                 problems.append(
@@ -494,42 +567,24 @@ def _write_samples(
                     "after normalisation"
                 )
                 continue
-            images.write(image.astype(np.float16).tobytes())
             pts, present, labels = _points_arrays(
-                ann, rows, ncols, scale, pad, vocab, where, problems
+                ann, n_rows, n_cols, scale, pad, vocab, where, problems
             )
-            row_mm, col_mm = choice.header.spacing_mm
-            cols["points"].append(pts)
-            cols["present"].append(present)
-            cols["labels"].append(labels)
-            cols["spacing_mm"].append(np.array([row_mm / scale[0], col_mm / scale[1]], np.float32))
-            records.append(
-                {
-                    "study": study.name,
-                    "folder": os.path.relpath(study.folder, root),
-                    "study_uid": study.study_uid,
-                    "series_uid": choice.series.uid,
-                    "series_description": choice.series.description,
-                    "instance_uid": choice.instance_uid,
-                    "index": choice.index,
-                    "n_slices": choice.series.n_slices,
-                    "source": choice.source,
-                    "annotated": ann is not None and bool(ann.points),
-                    "orig_size": [rows, ncols],
-                    "orig_spacing_mm": [row_mm, col_mm],
-                    "scale": list(scale),
-                    "pad": list(pad),
-                }
-            )
-        images.flush()
-        os.fsync(images.fileno())  # on disk before index.json declares the folder complete
-    n_classes = vocab.num_classes
-    arrays = {
-        "points": np.stack(cols["points"]) if records else np.zeros((0, NUM_POINTS, 2), np.float32),
-        "present": np.stack(cols["present"]) if records else np.zeros((0, NUM_POINTS), bool),
-        "labels": (
-            np.stack(cols["labels"]) if records else np.zeros((0, NUM_POINTS, n_classes), bool)
-        ),
-        "spacing_mm": np.stack(cols["spacing_mm"]) if records else np.zeros((0, 2), np.float32),
-    }
-    return records, arrays
+            record = {
+                "study": study.name,
+                "folder": os.path.relpath(study.folder, root),
+                "study_uid": study.study_uid,
+                "series_uid": choice.series.uid,
+                "series_description": choice.series.description,
+                "instance_uid": choice.instance_uid,
+                "index": choice.index,
+                "n_slices": choice.series.n_slices,
+                "source": choice.source,
+                "annotated": ann is not None and bool(ann.points),
+                "orig_size": [n_rows, n_cols],
+                "orig_spacing_mm": list(choice.header.spacing_mm),
+                "scale": list(scale),
+                "pad": list(pad),
+            }
+            rows.add(record, image, pts, present, labels)
+    return rows.records, rows.arrays()

@@ -22,7 +22,7 @@ from lit_spine.data.dicom import (
     find_series_map,
     index_dataset,
     load_series_map,
-    unknown_annotation_studies,
+    unknown_side_file_studies,
 )
 from lit_spine.utils import one_line
 
@@ -141,14 +141,9 @@ def inspect_dataset(
         for s in studies
     ]
     dataset_problems = list(studies.problems)
-    if annotation:
-        dataset_problems += unknown_annotation_studies(
-            studies, annotations, root, f"annotation {annotation}"
-        )
-    if series_map:
-        dataset_problems += unknown_annotation_studies(
-            studies, forced, root, f"series map {series_map}"
-        )
+    dataset_problems += unknown_side_file_studies(
+        studies, root, annotation, annotations, series_map, forced
+    )
     counts = Counter(s.study_uid for s in studies if s.study_uid)
     dataset_problems += [
         f"StudyInstanceUID {uid} appears in {n} study folders" for uid, n in counts.items() if n > 1
@@ -273,10 +268,7 @@ def inspect_rsna2024(root: str, task: str = "rsna2024_canal") -> tuple[dict, lis
     for st in studies:
         levels = ", ".join(f"{lv}@{p['instance_number']}" for lv, p in st["points"].items())
         lines.append(f"  study {st['study_id']} series {st['series_id']}: {levels}")
-    lines.append(f"{len(data.problems)} problem(s)")
-    lines += [f"  {p}" for p in data.problems]
-    payload = summary | {"num_studies": len(studies), "studies": studies}
-    return payload, list(data.problems), "\n".join(lines)
+    return _layout_report(summary, studies, data.problems, lines)
 
 
 def inspect_spider(root: str, task: str = "spider_disc") -> tuple[dict, list[str], str]:
@@ -324,7 +316,14 @@ def inspect_spider(root: str, task: str = "spider_disc") -> tuple[dict, list[str
             )
             line += f"; findings {found or '-'}"
         lines.append(line)
-    lines.append(f"{len(data.problems)} problem(s)")
-    lines += [f"  {p}" for p in data.problems]
+    return _layout_report(summary, studies, data.problems, lines)
+
+
+def _layout_report(
+    summary: dict, studies: list[dict], problems: list[str], lines: list[str]
+) -> tuple[dict, list[str], str]:
+    """A task layout's (JSON summary, problems, text report): the report is `lines`, then
+    the problems."""
+    lines = [*lines, f"{len(problems)} problem(s)", *(f"  {p}" for p in problems)]
     payload = summary | {"num_studies": len(studies), "studies": studies}
-    return payload, list(data.problems), "\n".join(lines)
+    return payload, list(problems), "\n".join(lines)

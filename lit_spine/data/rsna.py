@@ -18,13 +18,13 @@ rows are reported (file, row, column) and skipped, never invented.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from lit_spine.task import RSNA_SEVERITIES, Task, get_task
+from lit_spine.utils import parse_float, parse_int
 
 SERIES_CSV = "train_series_descriptions.csv"
 COORDS_CSV = "train_label_coordinates.csv"
@@ -127,22 +127,6 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def _int(text: str) -> int | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if math.isfinite(value) and value == int(value) else None
-
-
-def _float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset:
     """Read the layout under `root` for `task`; every skipped item is listed in `problems`."""
     root = Path(root)
@@ -161,7 +145,7 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
     chosen: dict[int, int] = {}
     candidates: dict[int, list[int]] = {}
     for row, rec in series.iterrows():
-        sid, ser = _int(rec["study_id"]), _int(rec["series_id"])
+        sid, ser = parse_int(rec["study_id"]), parse_int(rec["series_id"])
         if sid is None or ser is None:
             problems.append(
                 f"{root / SERIES_CSV} row {row + 2}: study_id {rec['study_id']!r} / series_id "
@@ -171,7 +155,9 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
         if rec["series_description"].strip() == spec.series:
             candidates.setdefault(sid, []).append(ser)
     canal = coords[coords["condition"].isin({c for c, _ in conditions.values()})]
-    with_coords = {(_int(a), _int(b)) for a, b in zip(canal["study_id"], canal["series_id"])}
+    with_coords = {
+        (parse_int(a), parse_int(b)) for a, b in zip(canal["study_id"], canal["series_id"])
+    }
     for sid, sers in candidates.items():
         labelled = [s for s in sers if (sid, s) in with_coords]
         chosen[sid] = (labelled or sers)[0]
@@ -184,7 +170,7 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
 
     for row, rec in canal.iterrows():
         where = f"{root / COORDS_CSV} row {row + 2} (study {rec['study_id']})"
-        sid, ser = _int(rec["study_id"]), _int(rec["series_id"])
+        sid, ser = parse_int(rec["study_id"]), parse_int(rec["series_id"])
         if sid not in studies:
             problems.append(f"{where}: study has no {spec.series!r} series in {SERIES_CSV}")
             continue
@@ -201,7 +187,7 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
                 f"{where}: column level {rec['level']!r} is not one of {', '.join(levels)}"
             )
             continue
-        inst, x, y = _int(rec["instance_number"]), _float(rec["x"]), _float(rec["y"])
+        inst, x, y = parse_int(rec["instance_number"]), parse_float(rec["x"]), parse_float(rec["y"])
         bad = [
             f"{col} {rec[col]!r}"
             for col, val in (("instance_number", inst), ("x", x), ("y", y))
@@ -221,7 +207,7 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
         studies[sid].points[level] = RsnaPoint(level, inst, x, y, path)
 
     for row, rec in grades.iterrows():
-        sid = _int(rec["study_id"])
+        sid = parse_int(rec["study_id"])
         if sid not in studies:
             continue
         for level, col in columns.items():

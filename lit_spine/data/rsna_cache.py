@@ -21,25 +21,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lit_spine.data.cache import (
-    ARRAY_FILES,
     CACHE_FORMAT_VERSION,
+    CacheRows,
     CacheSettings,
     SpineCache,
     _file_fingerprints,
-    _remove_stale_builds,
+    blank_row,
     default_cache_dir,
     letterbox,
-    open_existing,
+    open_or_build,
     percentile_normalise,
-    publish_build,
     to_cache_coords,
 )
 from lit_spine.data.dicom import DatasetError, DicomFileError, PixelReader, index_study
@@ -53,17 +54,14 @@ from lit_spine.data.rsna import (
     read_rsna2024,
 )
 from lit_spine.task import Task, get_task
-from lit_spine.utils import file_lock, one_line
+from lit_spine.utils import one_line
 
 RSNA_CACHE_VERSION = 1
 
 
 def rsna_cache_key(data: RsnaDataset, settings: CacheSettings, task: str, vocab: str) -> str:
     """Content hash of the CSVs, the chosen series' files, the settings, task and vocabulary."""
-    h = hashlib.sha256()
-    h.update(f"lit_spine rsna2024 cache v{CACHE_FORMAT_VERSION}.{RSNA_CACHE_VERSION}\n".encode())
-    h.update(json.dumps(asdict(settings), sort_keys=True).encode() + b"\n")
-    h.update(f"{task}\0{vocab}\n".encode())
+    h = task_cache_hash("rsna2024", RSNA_CACHE_VERSION, settings, task, vocab)
     for name in (SERIES_CSV, COORDS_CSV, GRADES_CSV):
         h.update(b"\0csv\0" + (data.root / name).read_bytes())
     for st in data.studies:
@@ -83,89 +81,80 @@ def build_rsna2024_cache(
     progress: bool = True,
 ) -> SpineCache:
     """Build (or reuse) the cache of the RSNA 2024 tree under `root`, and open it."""
-    settings = settings or CacheSettings()
-    spec = get_task(task)
-    vocabulary = spec.vocabulary(vocab)
-    data = read_rsna2024(root, spec.name)
-    if not data.studies:
-        raise DatasetError(
-            f"{root}: no usable rsna2024 study for task {spec.name!r}. Problems:\n  "
-            + "\n  ".join(data.problems[:20])
-        )
-    return open_or_build_task_cache(
-        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-        key=rsna_cache_key(data, settings, spec.name, vocabulary.name),
+    return build_task_cache(
+        root,
+        settings,
+        cache_dir,
+        task,
+        vocab,
         fmt="rsna2024",
-        root=root,
-        annotation=Path(root) / COORDS_CSV,
-        task=spec,
-        vocabulary=vocabulary,
-        settings=settings,
-        problems=data.problems,
-        write_rows=lambda out, problems: _write_rows(
-            out, data, settings, vocabulary, problems, progress
-        ),
-        what="rsna2024 study",
+        read=read_rsna2024,
+        key=rsna_cache_key,
+        annotation=COORDS_CSV,
+        write_rows=partial(_write_rows, progress=progress),
+        usable="rsna2024 study",
+        readable="rsna2024 study",
     )
 
 
-def open_or_build_task_cache(
-    *,
-    cache_dir: Path,
-    key: str,
-    fmt: str,
-    root: str | os.PathLike,
-    annotation: Path,
-    task: Task,
-    vocabulary,
-    settings: CacheSettings,
-    problems: list[str],
-    write_rows,
-    what: str,
-) -> SpineCache:
-    """Open the cache folder `<cache_dir>/<key>` of a task layout, building it first if absent.
+def task_cache_hash(
+    what: str, version: int, settings: CacheSettings, task: str, vocab: str
+) -> hashlib._Hash:
+    """A sha256 holding what every task layout's cache key starts with: the layout `what`, its
+    cache `version` (after `CACHE_FORMAT_VERSION`), the settings, task and vocabulary."""
+    h = hashlib.sha256()
+    h.update(f"lit_spine {what} cache v{CACHE_FORMAT_VERSION}.{version}\n".encode())
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode() + b"\n")
+    h.update(f"{task}\0{vocab}\n".encode())
+    return h
 
-    Shared by the rsna2024 and spider caches. `write_rows(out, problems)` writes the rows'
-    images into `out` and returns (records, arrays); problems it appends are kept in the
-    index. The build goes to `<key>.tmp-<pid>/` and is renamed into place only when complete
-    (index.json last); a damaged folder is rebuilt, never trusted.
+
+def build_task_cache(
+    root: str | os.PathLike,
+    settings: CacheSettings | None,
+    cache_dir: str | os.PathLike | None,
+    task: str,
+    vocab: str | None,
+    *,
+    fmt: str,
+    read: Callable[[str | os.PathLike, str], Any],
+    key: Callable[[Any, CacheSettings, str, str], str],
+    annotation: str,
+    write_rows: Callable[..., tuple[list[dict], dict[str, np.ndarray]]],
+    usable: str,
+    readable: str,
+) -> SpineCache:
+    """Build (or reuse) the cache of the task layout `fmt` under `root`, and open it.
+
+    Shared by the rsna2024 and spider caches. `read(root, task)` reads the layout (its
+    `studies` and `problems`; none of the former raises DatasetError "no usable <usable>"),
+    `key(data, settings, task, vocab)` hashes it, and `write_rows(out, data, settings,
+    vocabulary, problems)` writes its rows into `out` and returns (records, arrays); problems
+    it appends are kept in the index; without any row it raises "no <readable> could be read".
+    `annotation` names the file under `root` recorded as the annotation. The lock, the build
+    in `<key>.tmp-<pid>/` and the index are `data.cache.open_or_build`'s.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / f".{key}.lock"):
-        final = cache_dir / key
-        if (cache := open_existing(final)) is not None:
-            return cache
-        _remove_stale_builds(cache_dir, key)
-        tmp = cache_dir / f"{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            problems = list(problems)
-            records, arrays = write_rows(tmp, problems)
-            if not records:
-                raise DatasetError(
-                    f"{root}: no {what} could be read. Problems:\n  " + "\n  ".join(problems[:20])
-                )
-            size = settings.image_size
-            index = {
-                "format_version": CACHE_FORMAT_VERSION,
-                "format": fmt,
-                "task": task.name,
-                "key": key,
-                "root": str(Path(root).resolve()),
-                "annotation": str(annotation),
-                "series_map": None,
-                "settings": asdict(settings),
-                "vocab": vocabulary.name,
-                "classes": list(vocabulary.classes),
-                "shape": [len(records), settings.channels, size, size],
-                "records": records,
-                "problems": list(dict.fromkeys(problems)),
-            }
-            publish_build(tmp, final, arrays, index)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return SpineCache.open(final)
+    settings = settings or CacheSettings()
+    spec = get_task(task)
+    vocabulary = spec.vocabulary(vocab)
+    data = read(root, spec.name)
+    if not data.studies:
+        raise DatasetError(
+            f"{root}: no usable {usable} for task {spec.name!r}. Problems:\n  "
+            + "\n  ".join(data.problems[:20])
+        )
+    return open_or_build(
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        key(data, settings, spec.name, vocabulary.name),
+        lambda out, problems: write_rows(out, data, settings, vocabulary, problems),
+        root=root,
+        settings=settings,
+        vocabulary=vocabulary,
+        nothing=f"no {readable} could be read",
+        annotation=str(Path(root) / annotation),
+        problems=data.problems,
+        head={"format": fmt, "task": spec.name},
+    )
 
 
 def _write_rows(
@@ -176,12 +165,8 @@ def _write_rows(
     problems: list[str],
     progress: bool,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    spec = data.task
-    n_points, n_classes = spec.num_points, vocabulary.num_classes
-    records: list[dict] = []
-    cols: dict[str, list[np.ndarray]] = {name: [] for name in ARRAY_FILES}
     with (
-        open(out / "images.f16", "wb") as images,
+        CacheRows(out, data.task.num_points, vocabulary.num_classes) as rows,
         tqdm(
             data.studies,
             desc="caching rsna2024",
@@ -191,31 +176,15 @@ def _write_rows(
         ) as bar,  # fmt: skip
     ):
         for st in bar:
-            for rec, image, pts, present, labels, spacing in _study_rows(
-                data.root, spec, st, settings, vocabulary, problems
-            ):
-                images.write(image.astype(np.float16).tobytes())
-                cols["points"].append(pts)
-                cols["present"].append(present)
-                cols["labels"].append(labels)
-                cols["spacing_mm"].append(spacing)
-                records.append(rec)
-        images.flush()
-        os.fsync(images.fileno())
-    empty = {
-        "points": np.zeros((0, n_points, 2), np.float32),
-        "present": np.zeros((0, n_points), bool),
-        "labels": np.zeros((0, n_points, n_classes), bool),
-        "spacing_mm": np.zeros((0, 2), np.float32),
-    }
-    arrays = {k: np.stack(v) if records else empty[k] for k, v in cols.items()}
-    return records, arrays
+            for row in _study_rows(data.root, data.task, st, settings, vocabulary, problems):
+                rows.add(*row)
+    return rows.records, rows.arrays()
 
 
 def _study_rows(
     root: Path, spec: Task, st: RsnaStudy, settings: CacheSettings, vocabulary, problems
 ):
-    """Yield (record, image, points, present, labels, spacing) per labelled instance of a study."""
+    """Yield (record, image, points, present, labels) per labelled instance of a study."""
     where = f"study {st.study_id} series {st.series_id}"
     folder = root / IMAGES_DIR / str(st.study_id) / str(st.series_id)
     study = index_study(folder)
@@ -255,31 +224,16 @@ def _study_rows(
             problems.append(f"{where}: skipped {one_line(err.path)}: {err.reason}; "
                             f"levels {', '.join(levels)} left out")  # fmt: skip
             continue
-        stack = []
-        for h in series.neighbours(index, radius):
-            try:
-                arr = reader(h)
-            except DicomFileError as err:
-                problems.append(f"{where}: skipped {one_line(err.path)}: {err.reason}; "
-                                "the labelled instance stands in")  # fmt: skip
-                arr = centre
-            if arr.shape != centre.shape:
-                problems.append(
-                    f"{where}: neighbour {one_line(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
-                    f"not {centre.shape[1]}x{centre.shape[0]}; the labelled instance stands in"
-                )
-                arr = centre
-            stack.append(arr)
+        neighbours = series.neighbours(index, radius)
+        stack = reader.stack(neighbours, centre, where, problems, "the labelled instance")
         rows, ncols = centre.shape
-        stack = percentile_normalise(np.stack(stack), settings.percentiles, radius)
+        stack = percentile_normalise(stack, settings.percentiles, radius)
         image, scale, pad = letterbox(stack, settings.image_size)
         if not np.isfinite(image).all():
             problems.append(f"{where}: instance {inst} left out: non-finite values after "
                             "normalisation")  # fmt: skip
             continue
-        points = np.full((spec.num_points, 2), np.nan, dtype=np.float32)
-        present = np.zeros(spec.num_points, dtype=bool)
-        labels = np.zeros((spec.num_points, vocabulary.num_classes), dtype=bool)
+        points, present, labels = blank_row(spec.num_points, vocabulary.num_classes)
         kept = []
         for level in levels:
             p = st.points[level]
@@ -297,7 +251,6 @@ def _study_rows(
             if grade is not None:  # missing grades stay all False (reported by the reader)
                 kind = spec.point_kinds[k]
                 labels[k, vocabulary.class_index(kind, vocabulary.codes(kind)[grade])] = True
-        row_mm, col_mm = header.spacing_mm
         record = {
             "study": str(st.study_id),
             "folder": os.path.relpath(folder, root),
@@ -310,7 +263,7 @@ def _study_rows(
             "source": "rsna2024 coordinates",
             "annotated": bool(kept),
             "orig_size": [rows, ncols],
-            "orig_spacing_mm": [row_mm, col_mm],
+            "orig_spacing_mm": list(header.spacing_mm),
             "scale": list(scale),
             "pad": list(pad),
             "study_id": st.study_id,
@@ -318,6 +271,5 @@ def _study_rows(
             "instance_number": inst,
             "levels": kept,
         }
-        spacing = np.array([row_mm / scale[0], col_mm / scale[1]], np.float32)
-        yield record, image, points, present, labels, spacing
+        yield record, image, points, present, labels
     reader.forget()

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from lit_spine.task import PFIRRMANN_GRADES, Task, get_task
+from lit_spine.utils import parse_int
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -259,14 +260,6 @@ def mask_points(
 
 
 # ------------------------------------------------------------------------------- gradings
-def _int(text: str) -> int | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if math.isfinite(value) and value == int(value) else None
-
-
 def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[str, int]]]:
     """patient -> IVD label -> {column: value} of the valid rows; bad rows are reported."""
     if not path.is_file():
@@ -284,7 +277,7 @@ def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[s
     out: dict[int, dict[int, dict[str, int]]] = {}
     for row, rec in frame.iterrows():
         where = f"{path} row {row + 2}"
-        patient, ivd = _int(rec["Patient"]), _int(rec["IVD label"])
+        patient, ivd = parse_int(rec["Patient"]), parse_int(rec["IVD label"])
         if patient is None:
             problems.append(f"{where}: column Patient {rec['Patient']!r} is not an integer; "
                             "row skipped")  # fmt: skip
@@ -298,7 +291,7 @@ def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[s
             problems.append(f"{where}: second row for IVD label {ivd}; the first is kept")
             continue
         values: dict[str, int] = {}
-        grade = _int(rec["Pfirrman grade"])
+        grade = parse_int(rec["Pfirrman grade"])
         if grade in PFIRRMANN_GRADES:
             values["Pfirrman grade"] = grade
         else:
@@ -307,7 +300,7 @@ def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[s
                 f"{', '.join(map(str, PFIRRMANN_GRADES))}; disc {disc_name(ivd)} has no grade"
             )
         for column, allowed in OTHER_GRADINGS.items():
-            value = _int(rec[column])
+            value = parse_int(rec[column])
             if value in allowed:
                 values[column] = value
             else:

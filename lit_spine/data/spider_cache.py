@@ -19,37 +19,29 @@ reported in `problems` and left out; only a dataset without any usable patient r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from lit_spine.data.cache import (
-    CACHE_FORMAT_VERSION,
+    CacheRows,
     CacheSettings,
     SpineCache,
-    default_cache_dir,
+    blank_row,
     letterbox,
     percentile_normalise,
     to_cache_coords,
 )
-from lit_spine.data.dicom import DatasetError
-from lit_spine.data.rsna_cache import open_or_build_task_cache
+from lit_spine.data.rsna_cache import build_task_cache, task_cache_hash
 from lit_spine.data.spider import GRADINGS_CSV, SpiderDataset, read_spider, read_volume
-from lit_spine.task import get_task
 
 SPIDER_CACHE_VERSION = 2  # 2: labels from SpiderStudy.labels (spider_spine)
 
 
 def spider_cache_key(data: SpiderDataset, settings: CacheSettings, task: str, vocab: str) -> str:
     """Content hash of the gradings, the chosen volumes, the settings, task and vocabulary."""
-    h = hashlib.sha256()
-    h.update(f"lit_spine spider cache v{CACHE_FORMAT_VERSION}.{SPIDER_CACHE_VERSION}\n".encode())
-    h.update(json.dumps(asdict(settings), sort_keys=True).encode() + b"\n")
-    h.update(f"{task}\0{vocab}\n".encode())
+    h = task_cache_hash("spider", SPIDER_CACHE_VERSION, settings, task, vocab)
     h.update(b"\0csv\0" + (data.root / GRADINGS_CSV).read_bytes())
     for st in data.studies:
         for path in (st.image_path, st.mask_path):
@@ -67,42 +59,26 @@ def build_spider_cache(
     vocab: str | None = None,
 ) -> SpineCache:
     """Build (or reuse) the cache of the SPIDER folder `root`, and open it."""
-    settings = settings or CacheSettings()
-    spec = get_task(task)
-    vocabulary = spec.vocabulary(vocab)
-    data = read_spider(root, spec.name)
-    if not data.studies:
-        raise DatasetError(
-            f"{root}: no usable spider patient for task {spec.name!r}. Problems:\n  "
-            + "\n  ".join(data.problems[:20])
-        )
-    return open_or_build_task_cache(
-        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-        key=spider_cache_key(data, settings, spec.name, vocabulary.name),
+    return build_task_cache(
+        root,
+        settings,
+        cache_dir,
+        task,
+        vocab,
         fmt="spider",
-        root=root,
-        annotation=Path(root) / GRADINGS_CSV,
-        task=spec,
-        vocabulary=vocabulary,
-        settings=settings,
-        problems=data.problems,
-        write_rows=lambda out, problems: _write_rows(out, data, settings, vocabulary, problems),
-        what="spider volume",
+        read=read_spider,
+        key=spider_cache_key,
+        annotation=GRADINGS_CSV,
+        write_rows=_write_rows,
+        usable="spider patient",
+        readable="spider volume",
     )
 
 
 def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabulary, problems):
     spec = data.task
-    n_points, n_classes = spec.num_points, vocabulary.num_classes
-    records: list[dict] = []
-    cols: dict[str, list[np.ndarray]] = {
-        "points": [],
-        "present": [],
-        "labels": [],
-        "spacing_mm": [],
-    }
     radius = settings.neighbors
-    with open(out / "images.f16", "wb") as images:
+    with CacheRows(out, spec.num_points, vocabulary.num_classes) as rows:
         for st in data.studies:
             where = f"patient {st.patient} ({st.image_path})"
             try:
@@ -123,9 +99,7 @@ def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabul
             if not np.isfinite(image).all():
                 problems.append(f"{where}: non-finite values after normalisation; left out")
                 continue
-            points = np.full((n_points, 2), np.nan, dtype=np.float32)
-            present = np.zeros(n_points, dtype=bool)
-            labels = np.zeros((n_points, n_classes), dtype=bool)
+            points, present, labels = blank_row(spec.num_points, vocabulary.num_classes)
             kept = []
             for k, level in enumerate(spec.point_names):
                 p = st.points.get(level)
@@ -137,13 +111,7 @@ def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabul
                 kind = spec.point_kinds[k]
                 for code in st.labels.get(level, ()):  # unlabelled: all False (reported)
                     labels[k, vocabulary.class_index(kind, code)] = True
-            row_mm, col_mm = st.spacing_mm[:2]
-            images.write(image.astype(np.float16).tobytes())
-            cols["points"].append(points)
-            cols["present"].append(present)
-            cols["labels"].append(labels)
-            cols["spacing_mm"].append(np.array([row_mm / scale[0], col_mm / scale[1]], np.float32))
-            records.append(
+            rows.add(
                 {
                     "study": str(st.patient),
                     "folder": os.path.relpath(st.image_path, data.root),
@@ -156,22 +124,17 @@ def _write_rows(out: Path, data: SpiderDataset, settings: CacheSettings, vocabul
                     "source": "spider masks",
                     "annotated": bool(kept),
                     "orig_size": list(st.shape),
-                    "orig_spacing_mm": [row_mm, col_mm],
+                    "orig_spacing_mm": list(st.spacing_mm[:2]),
                     "scale": list(scale),
                     "pad": list(pad),
                     "patient": st.patient,
                     "series": st.series,
                     "slice_index": st.slice_index,
                     "levels": kept,
-                }
+                },
+                image,
+                points,
+                present,
+                labels,
             )
-        images.flush()
-        os.fsync(images.fileno())
-    empty = {
-        "points": np.zeros((0, n_points, 2), np.float32),
-        "present": np.zeros((0, n_points), bool),
-        "labels": np.zeros((0, n_points, n_classes), bool),
-        "spacing_mm": np.zeros((0, 2), np.float32),
-    }
-    arrays = {k: np.stack(v) if records else empty[k] for k, v in cols.items()}
-    return records, arrays
+    return rows.records, rows.arrays()

@@ -83,6 +83,7 @@ from lit_spine.data.dicom.side_files import (
     find_side_file,
     load_series_map,
     unknown_annotation_studies,
+    unknown_side_file_studies,
 )
 
 __all__ = [
@@ -137,5 +138,6 @@ __all__ = [
     "study_folders",
     "t2_sagittal_series",
     "unknown_annotation_studies",
+    "unknown_side_file_studies",
     "validate_spacing",
 ]

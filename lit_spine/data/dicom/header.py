@@ -24,23 +24,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from lit_spine.data.dicom.limits import (
-    ALLOWED_BITS_ALLOCATED,
-    DEFER_SIZE_BYTES,
-    HEADER_TAGS,
-    MAX_FRAMES,
-    MAX_HEADER_BYTES,
-    MAX_HEADER_READS,
-    MAX_MATRIX_PX,
-    MAX_PIXEL_EXCESS,
-    MAX_SPACING_ASPECT,
-    MAX_ZERO_READS,
-    MIN_FILE_BYTES,
-    SPACING_RANGE_MM,
-    DicomFileError,
-    SpacingError,
-    _error_text,
-)
+from lit_spine.data.dicom import limits
+from lit_spine.data.dicom.limits import DicomFileError, SpacingError, _error_text
 from lit_spine.utils import one_line
 
 
@@ -163,11 +148,11 @@ def implausible_spacing(row_mm: float, col_mm: float) -> str | None:
 
     The one plausibility rule for spacings read from headers and given on the command line.
     """
-    lo, hi = SPACING_RANGE_MM
+    lo, hi = limits.SPACING_RANGE_MM
     if not (lo <= row_mm <= hi and lo <= col_mm <= hi):
         return f"is outside the plausible {lo:g}..{hi:g} mm"
-    if max(row_mm, col_mm) / min(row_mm, col_mm) > MAX_SPACING_ASPECT:
-        return f"is more anisotropic than 1:{MAX_SPACING_ASPECT:g}"
+    if max(row_mm, col_mm) / min(row_mm, col_mm) > limits.MAX_SPACING_ASPECT:
+        return f"is more anisotropic than 1:{limits.MAX_SPACING_ASPECT:g}"
     return None
 
 
@@ -210,7 +195,7 @@ class _BoundedFile(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         pos = self._f.tell()
         self.reads += 1
-        if self.reads > MAX_HEADER_READS:
+        if self.reads > limits.MAX_HEADER_READS:
             raise _HeaderTooLarge(pos)
         if n is None or n < 0:  # "the rest" (deflated files): only if it fits in the limit
             rest = self._f.read(max(self._limit - pos, 0) + 1)
@@ -223,7 +208,7 @@ class _BoundedFile(io.RawIOBase):
         # Zero-filled space parses as endless empty elements: stop after a short run of them.
         if len(data) >= 4 and not data.strip(b"\0"):
             self.zero_reads += 1
-            if self.zero_reads > MAX_ZERO_READS:
+            if self.zero_reads > limits.MAX_ZERO_READS:
                 raise _HeaderTooLarge(pos, zero_filled=True)
         else:
             self.zero_reads = 0
@@ -243,7 +228,7 @@ class _HeaderTooLarge(Exception):
 
 def _check_preamble(path: str, size: int, head: bytes) -> bool:
     """True when the file has the 'DICM' marker; False for a bare dataset; raises otherwise."""
-    if size < MIN_FILE_BYTES:
+    if size < limits.MIN_FILE_BYTES:
         raise _Bad(f"file is only {size} bytes")
     if head[128:132] == b"DICM":
         return True
@@ -357,13 +342,13 @@ def _read_header(path: str) -> SliceHeader:
     with open(path, "rb") as raw:
         has_preamble = _check_preamble(path, size, raw.read(132))
         raw.seek(0)
-        f = _BoundedFile(raw, MAX_HEADER_BYTES)
+        f = _BoundedFile(raw, limits.MAX_HEADER_BYTES)
         try:
             ds = pydicom.dcmread(
                 f,
                 stop_before_pixels=True,
-                defer_size=DEFER_SIZE_BYTES,
-                specific_tags=list(HEADER_TAGS),
+                defer_size=limits.DEFER_SIZE_BYTES,
+                specific_tags=list(limits.HEADER_TAGS),
                 force=not has_preamble,
             )
         except _HeaderTooLarge as err:
@@ -376,8 +361,8 @@ def _read_header(path: str) -> SliceHeader:
                 raise _Bad(f"zero-filled from about byte {err.pos}: not an image slice") from None
             raise _Bad(
                 f"no end to the header before byte {err.pos} (more than "
-                f"{MAX_HEADER_BYTES // 2**20} MiB or {MAX_HEADER_READS} elements before "
-                "PixelData): not an image slice"
+                f"{limits.MAX_HEADER_BYTES // 2**20} MiB or {limits.MAX_HEADER_READS} elements "
+                "before PixelData): not an image slice"
             ) from None
         except EOFError:
             raise _Bad(f"truncated: the header ends early ({size} bytes)") from None
@@ -392,12 +377,12 @@ def _read_header(path: str) -> SliceHeader:
         ]
         if missing:
             raise _Bad(f"not a DICOM image (no {', '.join(missing)})")
-        rows = _int_value(ds, "Rows", 1, MAX_MATRIX_PX)
-        cols = _int_value(ds, "Columns", 1, MAX_MATRIX_PX)
-        frames = _int_value(ds, "NumberOfFrames", 1, MAX_FRAMES, default=1)
+        rows = _int_value(ds, "Rows", 1, limits.MAX_MATRIX_PX)
+        cols = _int_value(ds, "Columns", 1, limits.MAX_MATRIX_PX)
+        frames = _int_value(ds, "NumberOfFrames", 1, limits.MAX_FRAMES, default=1)
         samples = _int_value(ds, "SamplesPerPixel", 1, 4, default=1)
         bits = _int_value(ds, "BitsAllocated", 1, 64, default=16)
-        if bits not in ALLOWED_BITS_ALLOCATED:
+        if bits not in limits.ALLOWED_BITS_ALLOCATED:
             raise _Bad(f"{_tag_name('BitsAllocated')} = {bits} is not one of 1, 8, 16, 32, 64")
         stored = _int_value(ds, "BitsStored", 1, bits, default=bits)
         del stored  # validated only: a BitsStored above BitsAllocated breaks decoding
@@ -434,7 +419,7 @@ def _read_header(path: str) -> SliceHeader:
                     expected = _expected_pixel_bytes(rows, cols, frames, samples, bits, photometric)
                     # Writers pad (an odd length by one byte, some by a row); more excess
                     # than MAX_PIXEL_EXCESS of the image means Rows/Columns/frames are wrong.
-                    if not expected <= length <= expected * (1 + MAX_PIXEL_EXCESS) + 1:
+                    if not expected <= length <= expected * (1 + limits.MAX_PIXEL_EXCESS) + 1:
                         raise _Bad(
                             f"PixelData (7FE0,0010) holds {length} bytes but Rows x Columns x "
                             f"frames x samples x bits = {rows} x {cols} x {frames} x {samples} "

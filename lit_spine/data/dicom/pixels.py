@@ -3,7 +3,8 @@
 `decode_pixels` decodes with `pydicom.pixels.pixel_array` and `apply_modality_lut`; a
 plugin failure of any kind (a Rust panic included) becomes a `DicomFileError` naming the
 file, and the decoder's native stderr is kept only when it fails. `PixelReader` decodes each
-file once and hands the same array to the series choice and later to the cache builder.
+file once and hands the same array to the series choice and later to the cache builder;
+its `stack` reads a slice with its neighbours, the slice standing in for one that fails.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydicom.pixels import pixel_array as _pydicom_pixel_array
 
 from lit_spine.data.dicom.header import SliceHeader, _Bad, _check_preamble, _check_rescale
 from lit_spine.data.dicom.limits import _NEVER_CAUGHT, DicomFileError, _error_text
+from lit_spine.utils import one_line
 
 
 def decode_pixels(path: str | os.PathLike) -> np.ndarray:
@@ -158,3 +160,35 @@ class PixelReader:
 
     def forget(self) -> None:
         self._arrays.clear()
+
+    def stack(
+        self,
+        headers: list[SliceHeader],
+        centre: np.ndarray,
+        where: str,
+        problems: list[str],
+        stand_in: str,
+    ) -> np.ndarray:
+        """The slices of `headers` (e.g. `Series.neighbours`) as one (C, H, W) array.
+
+        `centre` is the labelled slice, already decoded: it replaces a slice that cannot be
+        decoded or has another size, and the problem appended says that `stand_in` (e.g.
+        "the annotated slice") stands in.
+        """
+        stack = []
+        for h in headers:
+            try:
+                arr = self(h)
+            except DicomFileError as err:
+                problems.append(
+                    f"{where}: skipped {one_line(err.path)}: {err.reason}; {stand_in} stands in"
+                )
+                arr = centre
+            if arr.shape != centre.shape:
+                problems.append(
+                    f"{where}: neighbour {one_line(h.path)} is {arr.shape[1]}x{arr.shape[0]}, "
+                    f"not {centre.shape[1]}x{centre.shape[0]}; {stand_in} stands in"
+                )
+                arr = centre
+            stack.append(arr)
+        return np.stack(stack)

@@ -2,7 +2,8 @@
 
 ``<parent>/<split>_annotation.json`` and ``<parent>/<split>_series_map.json`` for
 ``root = <parent>/<split>``; `load_series_map` reads a series map with errors naming the
-file and entry, and `unknown_annotation_studies` lists annotated studies with no folder.
+file and entry, and `unknown_annotation_studies` lists annotated studies with no folder
+(`unknown_side_file_studies`: those of both side files).
 """
 
 from __future__ import annotations
@@ -68,3 +69,24 @@ def unknown_annotation_studies(
         for uid in annotated_uids
         if uid not in found
     ]
+
+
+def unknown_side_file_studies(
+    studies: Iterable[Study],
+    root: str | os.PathLike,
+    annotation: str | os.PathLike | None,
+    annotated_uids: Iterable[str],
+    series_map: str | os.PathLike | None,
+    mapped_uids: Iterable[str],
+) -> list[str]:
+    """`unknown_annotation_studies` of the annotation, then of the series map (each if any)."""
+    problems = []
+    if annotation:
+        problems += unknown_annotation_studies(
+            studies, annotated_uids, root, f"annotation {annotation}"
+        )
+    if series_map:
+        problems += unknown_annotation_studies(
+            studies, mapped_uids, root, f"series map {series_map}"
+        )
+    return problems

@@ -224,49 +224,67 @@ SPIDER_SPINE_POINTS: tuple[str, ...] = tuple(
     name for k in range(5) for name in (f"L{k + 1}", RSNA_LEVELS[k])
 )
 
+# The series a SPIDER patient's points lie on (data/spider.py chooses the file).
+SPIDER_SERIES = "sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice"
+
+
+def _disc_task(
+    name: str, point_names: tuple[str, ...], vocabulary: str, series: str, description: str
+) -> Task:
+    """A task whose points are all discs, graded in one vocabulary."""
+    return Task(
+        name=name,
+        point_names=point_names,
+        point_kinds=("disc",) * len(point_names),
+        vocabularies=(vocabulary,),
+        series=series,
+        description=description,
+    )
+
+
 TASKS: dict[str, Task] = {
-    "tianchi2020": Task(
-        name="tianchi2020",
-        point_names=POINT_NAMES,
-        point_kinds=tuple(point_type(n) for n in POINT_NAMES),
-        vocabularies=("tianchi2020", "seed7"),
-        series="sagittal T2 (mid-sagittal slice)",
-        description="2020 challenge: 5 vertebrae L1 .. L5 and 6 discs T12-L1 .. L5-S1",
-    ),
-    "rsna2024_canal": Task(
-        name="rsna2024_canal",
-        point_names=RSNA_LEVELS,
-        point_kinds=("disc",) * len(RSNA_LEVELS),
-        vocabularies=("rsna2024_severity",),
-        series="Sagittal T2/STIR",
-        description="RSNA 2024: spinal canal stenosis at the 5 disc levels L1/L2 .. L5/S1",
-    ),
-    "rsna2024_foraminal": Task(
-        name="rsna2024_foraminal",
-        point_names=RSNA_FORAMINAL_POINTS,
-        point_kinds=("disc",) * len(RSNA_FORAMINAL_POINTS),
-        vocabularies=("rsna2024_severity",),
-        series="Sagittal T1",
-        description="RSNA 2024: left and right neural foraminal narrowing at the 5 disc "
-        "levels, each point on its own parasagittal slice",
-    ),
-    "spider_disc": Task(
-        name="spider_disc",
-        point_names=RSNA_LEVELS,
-        point_kinds=("disc",) * len(RSNA_LEVELS),
-        vocabularies=("spider_pfirrmann",),
-        series="sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice",
-        description="SPIDER: Pfirrmann grade 1-5 of the 5 lumbar discs L1/L2 .. L5/S1",
-    ),
-    "spider_spine": Task(
-        name="spider_spine",
-        point_names=SPIDER_SPINE_POINTS,
-        point_kinds=tuple("disc" if "/" in n else "vertebra" for n in SPIDER_SPINE_POINTS),
-        vocabularies=("spider_findings",),
-        series="sagittal T2 (<patient>_t2.mha, else <patient>_t2_SPACE.mha), mid slice",
-        description="SPIDER: vertebrae L1 .. L5 and discs L1/L2 .. L5/S1 with the disc "
-        "findings Modic change, herniation, bulging, narrowing (multi-label; else normal)",
-    ),
+    task.name: task
+    for task in (
+        Task(
+            name="tianchi2020",
+            point_names=POINT_NAMES,
+            point_kinds=tuple(point_type(n) for n in POINT_NAMES),
+            vocabularies=("tianchi2020", "seed7"),
+            series="sagittal T2 (mid-sagittal slice)",
+            description="2020 challenge: 5 vertebrae L1 .. L5 and 6 discs T12-L1 .. L5-S1",
+        ),
+        _disc_task(
+            "rsna2024_canal",
+            RSNA_LEVELS,
+            "rsna2024_severity",
+            series="Sagittal T2/STIR",
+            description="RSNA 2024: spinal canal stenosis at the 5 disc levels L1/L2 .. L5/S1",
+        ),
+        _disc_task(
+            "rsna2024_foraminal",
+            RSNA_FORAMINAL_POINTS,
+            "rsna2024_severity",
+            series="Sagittal T1",
+            description="RSNA 2024: left and right neural foraminal narrowing at the 5 disc "
+            "levels, each point on its own parasagittal slice",
+        ),
+        _disc_task(
+            "spider_disc",
+            RSNA_LEVELS,
+            "spider_pfirrmann",
+            series=SPIDER_SERIES,
+            description="SPIDER: Pfirrmann grade 1-5 of the 5 lumbar discs L1/L2 .. L5/S1",
+        ),
+        Task(
+            name="spider_spine",
+            point_names=SPIDER_SPINE_POINTS,
+            point_kinds=tuple("disc" if "/" in n else "vertebra" for n in SPIDER_SPINE_POINTS),
+            vocabularies=("spider_findings",),
+            series=SPIDER_SERIES,
+            description="SPIDER: vertebrae L1 .. L5 and discs L1/L2 .. L5/S1 with the disc "
+            "findings Modic change, herniation, bulging, narrowing (multi-label; else normal)",
+        ),
+    )
 }
 
 

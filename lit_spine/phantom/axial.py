@@ -15,26 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lit_spine.phantom.anatomy import (
-    ANNULUS0,
-    CORTEX,
-    CSF,
-    EPIDURAL_FAT,
-    FAT,
-    FRAGMENT0,
-    LIGAMENT,
-    MUSCLE,
-    NERVE,
-    NUCLEUS0,
-    POST_MARROW,
-    PSOAS,
-    VESSEL,
-    VISCERA,
-    Anatomy,
-    Body,
-    lateral_fractions,
-    perp,
-)
+from lit_spine.phantom import anatomy as pa
+from lit_spine.phantom.anatomy import Anatomy, Body, lateral_fractions, perp
 from lit_spine.phantom.canvas import (
     Canvas,
     ellipse,
@@ -128,9 +110,9 @@ def _torso(a: _Axial, c: np.ndarray, u: np.ndarray, n: np.ndarray) -> None:
         rp = (pr - shrink) * np.sign(st) * np.abs(st) ** 0.8
         return np.column_stack([rx, pc + rp])
 
-    cv.poly(torso(0), FAT)
-    cv.poly(torso(min(anat.back_fat, anat.front_fat) + 2), MUSCLE)
-    cv.poly(torso(min(anat.back_fat, anat.front_fat) + 14), VISCERA)
+    cv.poly(torso(0), pa.FAT)
+    cv.poly(torso(min(anat.back_fat, anat.front_fat) + 2), pa.MUSCLE)
+    cv.poly(torso(min(anat.back_fat, anat.front_fat) + 14), pa.VISCERA)
     for bx, ba, bs, br, bt in anat.bowel:
         rel = np.array([ba, bs]) - c
         rr = br * br - (float(rel @ n) - a.height) ** 2
@@ -155,12 +137,12 @@ def _muscles(a: _Axial) -> None:
                 max(0.5 * (m_back - m_front), 8.0),
                 28,
             ),
-            MUSCLE,
+            pa.MUSCLE,
         )
         ps_r = 6.0 + 3.2 * max(0, a.disc - 1)
         cv.poly(
             ellipse((sgn * (a.hw + ps_r * 0.7), -0.1 * a.depth), (1, 0), ps_r, ps_r * 0.9, 24),
-            PSOAS,
+            pa.PSOAS,
         )
 
 
@@ -170,13 +152,13 @@ def _vessels(a: _Axial) -> None:
         if a.disc <= last:
             a.cv.poly(
                 ellipse((vx, -(a.p_post + 3 + vr)), (1, 0), vr, vr * (0.75 if vx < 0 else 1.0), 24),
-                VESSEL,
+                pa.VESSEL,
             )
         else:
             for sgn in (-1, 1):
                 a.cv.poly(
                     ellipse((sgn * 18 + vx * 0.2, -(a.p_post + 8)), (1, 0), vr * 0.6, vr * 0.6, 18),
-                    VESSEL,
+                    pa.VESSEL,
                 )
 
 
@@ -192,14 +174,16 @@ def _canal(a: _Axial) -> None:
             [-cw * 0.55, p_post + cd],
         ]
     )
-    cv.poly(canal, EPIDURAL_FAT)
+    cv.poly(canal, pa.EPIDURAL_FAT)
     sac_c = np.array([0.0, p_post + 0.45 * cd])
-    cv.poly(ellipse(sac_c, (1, 0), anat.sac_half_width + 0.8, 0.36 * cd + 0.8, 28), LIGAMENT)
-    cv.poly(ellipse(sac_c, (1, 0), anat.sac_half_width, 0.36 * cd, 28), CSF)
+    cv.poly(ellipse(sac_c, (1, 0), anat.sac_half_width + 0.8, 0.36 * cd + 0.8, 28), pa.LIGAMENT)
+    cv.poly(ellipse(sac_c, (1, 0), anat.sac_half_width, 0.36 * cd, 28), pa.CSF)
     for k, fr_r in enumerate(anat.root_fracs):
         for sgn in (-1, 1):
             rx = sgn * (1.5 + 1.6 * k)
-            cv.poly(ellipse((rx, sac_c[1] + (fr_r - 0.4) * 0.5 * cd), (1, 0), 1.0, 1.0, 8), NERVE)
+            cv.poly(
+                ellipse((rx, sac_c[1] + (fr_r - 0.4) * 0.5 * cd), (1, 0), 1.0, 1.0, 8), pa.NERVE
+            )
 
 
 def _facets_or_pedicles(a: _Axial) -> None:
@@ -209,12 +193,12 @@ def _facets_or_pedicles(a: _Axial) -> None:
     for sgn in (-1, 1):
         fc = np.array([sgn * (cw + 5), p_post + 0.7 * cd])
         if a.in_disc:
-            cv.poly(ellipse(fc, (1, 0.6 * sgn), 8, 6, 20), CORTEX)
-            cv.poly(ellipse(fc, (1, 0.6 * sgn), 6.5, 4.5, 20), POST_MARROW)
-            cv.line(np.array([fc - (2.0, 5.0 * sgn), fc + (2.0, 5.0 * sgn)]), LIGAMENT, 1.0)
+            cv.poly(ellipse(fc, (1, 0.6 * sgn), 8, 6, 20), pa.CORTEX)
+            cv.poly(ellipse(fc, (1, 0.6 * sgn), 6.5, 4.5, 20), pa.POST_MARROW)
+            cv.line(np.array([fc - (2.0, 5.0 * sgn), fc + (2.0, 5.0 * sgn)]), pa.LIGAMENT, 1.0)
             cv.line(
                 np.array([[sgn * cw * 0.6, p_post + cd], [sgn * (cw + 1), p_post + 0.5 * cd]]),
-                LIGAMENT,
+                pa.LIGAMENT,
                 2.5,
             )
         else:  # pedicle
@@ -226,8 +210,8 @@ def _facets_or_pedicles(a: _Axial) -> None:
                     [sgn * (cw), p_post + cd],
                 ]
             )
-            cv.poly(ped, CORTEX)
-            cv.poly(inset(ped, 1.5), POST_MARROW)
+            cv.poly(ped, pa.CORTEX)
+            cv.poly(inset(ped, 1.5), pa.POST_MARROW)
 
 
 def _arch(a: _Axial) -> None:
@@ -242,8 +226,8 @@ def _arch(a: _Axial) -> None:
             [-3.5, p_post + cd + 10],
         ]
     )
-    cv.poly(arch, CORTEX)
-    cv.poly(inset(arch, 1.4), POST_MARROW)
+    cv.poly(arch, pa.CORTEX)
+    cv.poly(inset(arch, 1.4), pa.POST_MARROW)
     if not a.in_disc or a.t > 0.7:
         sp = np.array(
             [
@@ -253,8 +237,8 @@ def _arch(a: _Axial) -> None:
                 [-3.0, p_post + cd + 5 + anat.spinous_length[a.b_index]],
             ]
         )
-        cv.poly(sp, CORTEX)
-        cv.poly(inset(sp, 1.3), POST_MARROW)
+        cv.poly(sp, pa.CORTEX)
+        cv.poly(inset(sp, 1.3), pa.POST_MARROW)
 
 
 def _disc_or_body(a: _Axial) -> None:
@@ -275,12 +259,12 @@ def _disc_or_body(a: _Axial) -> None:
         post = np.array([p_post - f[0] * depth for f in fr])
     ant = np.array([p_post - f[1] * depth - (0.8 if a.in_disc else 0) for f in fr])
     outline = np.vstack([np.column_stack([xg, post]), np.column_stack([xg, ant])[::-1]])
-    cv.poly(outline, CORTEX if not a.in_disc else ANNULUS0 + disc)
+    cv.poly(outline, pa.CORTEX if not a.in_disc else pa.ANNULUS0 + disc)
     if not a.in_disc:
         cv.poly(inset(outline, 1.6), a.body.marrow_id)
         return
     nuc = ellipse((0.0, p_post - 0.45 * depth), (1, 0), 0.45 * hw, 0.28 * depth, 28)
-    cv.poly(nuc, NUCLEUS0 + disc)
+    cv.poly(nuc, pa.NUCLEUS0 + disc)
     if lesion.fragment is not None:
         mig, ra, rs, xf, wlf = lesion.fragment
         dh = (t - lesion.t0) * a.h_mid - mig
@@ -294,5 +278,5 @@ def _disc_or_body(a: _Axial) -> None:
                     ra * math.sqrt(g),
                     22,
                 ),
-                FRAGMENT0 + disc,
+                pa.FRAGMENT0 + disc,
             )

@@ -18,25 +18,8 @@ from functools import partial
 
 import numpy as np
 
-from lit_spine.phantom.anatomy import (
-    ANNULUS0,
-    CORTEX,
-    CSF,
-    EPIDURAL_FAT,
-    FAT,
-    FRAGMENT0,
-    LIGAMENT,
-    MUSCLE,
-    NERVE,
-    NUCLEUS0,
-    POST_MARROW,
-    VESSEL,
-    VISCERA,
-    Anatomy,
-    lateral_fractions,
-    perp,
-    unit,
-)
+from lit_spine.phantom import anatomy as pa
+from lit_spine.phantom.anatomy import Anatomy, lateral_fractions, perp, unit
 from lit_spine.phantom.canvas import (
     Canvas,
     ellipse,
@@ -113,7 +96,7 @@ def _torso(s: _Slice) -> None:
     can = np.concatenate([[canal[0]], canal[::2], [canal[-1]]])
     back = offset_line(cext, dext, 0.5 * dep + can + anat.back_depth + 12)
     front = offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth))
-    cv.poly(np.vstack([back, front[::-1]]), FAT)
+    cv.poly(np.vstack([back, front[::-1]]), pa.FAT)
     # Subcutaneous fat thickness varies smoothly along the back (thicker low down).
     k = np.linspace(0.0, 1.0, len(cext))
     wave = 1.0 + 0.18 * np.sin(2.5 * np.pi * k + anat.back_depth) + 0.15 * (k - 0.5)
@@ -121,20 +104,20 @@ def _torso(s: _Slice) -> None:
     front_in = offset_line(
         cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat * wave[::-1])
     )
-    cv.poly(np.vstack([back_in, front_in[::-1]]), MUSCLE)
+    cv.poly(np.vstack([back_in, front_in[::-1]]), pa.MUSCLE)
     # Fasciae: thin dark lines at the fat / muscle interfaces.
-    cv.line(back_in, LIGAMENT, 0.8)
-    cv.line(front_in, LIGAMENT, 0.8)
+    cv.line(back_in, pa.LIGAMENT, 0.8)
+    cv.line(front_in, pa.LIGAMENT, 0.8)
     cv.line(
         offset_line(
             cext, dext, 0.5 * dep + can + anat.back_depth + 12 - 0.45 * anat.back_fat * wave
         ),
-        LIGAMENT,
+        pa.LIGAMENT,
         0.5,
     )
     front_v = offset_line(cext, dext, -(0.5 * dep + anat.abdomen_depth - anat.front_fat - 12))
     ant_spine = offset_line(cext, dext, -(0.5 * dep + 1.5))
-    cv.poly(np.vstack([ant_spine, front_v[::-1]]), VISCERA)
+    cv.poly(np.vstack([ant_spine, front_v[::-1]]), pa.VISCERA)
     for bx, ba, bs, br, bt in anat.bowel:
         xm = float(s.x_at(np.array([[ba, bs]]))[0])
         rr = br * br - (xm - bx) ** 2
@@ -158,7 +141,7 @@ def _great_vessels(s: _Slice) -> None:
             top = near[0] - 80 * unit(cen[1] - cen[0])
             near = np.vstack([top, near])
             far = np.vstack([far[0] - 80 * unit(cen[1] - cen[0]), far])
-            s.cv.poly(np.vstack([near, far[::-1]]), VESSEL)
+            s.cv.poly(np.vstack([near, far[::-1]]), pa.VESSEL)
 
 
 def _epidural_fat(s: _Slice) -> None:
@@ -173,7 +156,7 @@ def _epidural_fat(s: _Slice) -> None:
         np.vstack(
             [offset_line(post_ext, pdir_e, -2.0), offset_line(post_ext, pdir_e, canal_e)[::-1]]
         ),
-        EPIDURAL_FAT,
+        pa.EPIDURAL_FAT,
     )
 
 
@@ -199,7 +182,7 @@ def _thecal_sac(s: _Slice) -> tuple[np.ndarray, np.ndarray] | None:
     front_s = offset_line(sp, sd, mid - half + 0.5 * np.sqrt(sac_q))
     back_s = offset_line(sp, sd, mid + half - 1.0 * np.sqrt(sac_q))
     tip = 0.5 * (front_s[1] + back_s[1]) - 6.0 * unit(front_s[2] - front_s[1])
-    s.cv.poly(np.vstack([tip, front_s[1:], back_s[1:][::-1]]), LIGAMENT)
+    s.cv.poly(np.vstack([tip, front_s[1:], back_s[1:][::-1]]), pa.LIGAMENT)
     inner = np.maximum(half - 1.1, 0.0)
     s.cv.poly(
         np.vstack(
@@ -209,7 +192,7 @@ def _thecal_sac(s: _Slice) -> tuple[np.ndarray, np.ndarray] | None:
                 offset_line(sp, sd, mid + inner - 0.3)[1:][::-1],
             ]
         ),
-        CSF,
+        pa.CSF,
     )
     return mid, half
 
@@ -235,7 +218,7 @@ def _cord(s: _Slice) -> None:
                     offset_line(cmid[1:], up_d[1:], cw[1:])[::-1],
                 ]
             ),
-            NERVE,
+            pa.NERVE,
         )
 
 
@@ -252,7 +235,7 @@ def _cauda_equina(s: _Slice, mid: np.ndarray, half: np.ndarray) -> None:
             line = offset_line(rp, rd, r_mid - r_half + 2 * fr * r_half)
             for run in true_runs(ok):
                 if run.stop - run.start > 1:
-                    s.cv.line(line[run], NERVE, 0.7)
+                    s.cv.line(line[run], pa.NERVE, 0.7)
 
 
 def _posterior_elements(s: _Slice) -> None:
@@ -284,8 +267,8 @@ def _posterior_elements(s: _Slice) -> None:
             tip_c = 0.5 * (top + bot) + length * pd
             tip_h = 0.45 * float(np.linalg.norm(top - bot))
         poly = process_outline(top, bot, tip_c, tip_h, nb, club=ax < 4.5 and b < 7)
-        cv.poly(poly, CORTEX)
-        cv.poly(inset(poly, 1.5), POST_MARROW)
+        cv.poly(poly, pa.CORTEX)
+        cv.poly(inset(poly, 1.5), pa.POST_MARROW)
         if ax >= anat.canal_half_width - 1 and b < 7:  # pedicle bridging body and arch
             ped_top = body.ps - 0.15 * (body.ps - body.pi)
             ped_bot = body.ps - 0.6 * (body.ps - body.pi)
@@ -297,10 +280,10 @@ def _posterior_elements(s: _Slice) -> None:
                     ped_bot + 1 * body.u,
                 ]
             )
-            cv.poly(ped, CORTEX)
-            cv.poly(inset(ped, 1.3), POST_MARROW)
+            cv.poly(ped, pa.CORTEX)
+            cv.poly(inset(ped, 1.3), pa.POST_MARROW)
             root_c = body.pi - 3.5 * nb + 0.45 * cd * pd
-            cv.poly(ellipse(root_c, nb, 3.0, 2.5, 14), NERVE)
+            cv.poly(ellipse(root_c, nb, 3.0, 2.5, 14), pa.NERVE)
 
 
 def _vertebral_body(s: _Slice, body, x: float) -> None:
@@ -308,7 +291,7 @@ def _vertebral_body(s: _Slice, body, x: float) -> None:
     out = body.outline(x)
     if out is None:
         return
-    s.cv.poly(out, CORTEX)
+    s.cv.poly(out, pa.CORTEX)
     marrow = inset(out, 1.6 + body.signs.sclerosis)
     s.cv.poly(marrow, body.marrow_id)
     fr = lateral_fractions(x, body.half_width)
@@ -359,7 +342,7 @@ def _osteophytes(cv: Canvas, body, x: float, fr: tuple[float, float]) -> None:
                 corner + 0.3 * size * outward - 0.2 * size * vert,
             ]
         )
-        cv.poly(beak, CORTEX)
+        cv.poly(beak, pa.CORTEX)
         if size > 2.5:
             cv.poly(inset(beak, 1.0), body.marrow_id)
 
@@ -384,14 +367,14 @@ def _schmorl_nodes(s: _Slice) -> None:
             c = ep + 0.15 * dep * inward
             cv.poly(
                 ellipse(c, inward, dep * math.sqrt(g) + 1.2, 0.5 * w * math.sqrt(g) + 1.0, 20),
-                CORTEX,
+                pa.CORTEX,
             )
             cv.poly(
-                ellipse(c, inward, dep * math.sqrt(g), 0.5 * w * math.sqrt(g), 20), NUCLEUS0 + d
+                ellipse(c, inward, dep * math.sqrt(g), 0.5 * w * math.sqrt(g), 20), pa.NUCLEUS0 + d
             )
             cv.poly(
                 ellipse(c - 1.5 * inward, inward, dep * 0.5, 0.5 * w * math.sqrt(g) + 0.3, 16),
-                ANNULUS0 + d if lesion.nucleus_t2 < 0.4 else NUCLEUS0 + d,
+                pa.ANNULUS0 + d if lesion.nucleus_t2 < 0.4 else pa.NUCLEUS0 + d,
             )
 
 
@@ -403,7 +386,7 @@ def _disc(s: _Slice, d: int) -> None:
     out = anat.disc_outline(d, x)
     if out is None:
         return
-    cv.poly(out, ANNULUS0 + d)
+    cv.poly(out, pa.ANNULUS0 + d)
     lp, la, up, ua = anat.disc_corners(d, x)
     u = anat.disc_u(d)
     h = 0.5 * float(np.linalg.norm(up - lp) + np.linalg.norm(ua - la))
@@ -413,9 +396,11 @@ def _disc(s: _Slice, d: int) -> None:
     if lesion.irregular:
         jit = 1 + lesion.irregular * np.sin(np.arange(24) * 2.3 + d) * 0.35
         nuc = centre + (nuc - centre) * jit[:, None]
-    cv.poly(nuc, NUCLEUS0 + d)
+    cv.poly(nuc, pa.NUCLEUS0 + d)
     if lesion.cleft:
-        cv.line(np.array([centre - 0.25 * depth * u, centre + 0.28 * depth * u]), ANNULUS0 + d, 0.7)
+        cv.line(
+            np.array([centre - 0.25 * depth * u, centre + 0.28 * depth * u]), pa.ANNULUS0 + d, 0.7
+        )
     if lesion.fragment is not None:
         _fragment(cv, lesion, d, x, lp, up, u)
 
@@ -439,8 +424,8 @@ def _fragment(cv: Canvas, lesion, d: int, x: float, lp, up, u) -> None:
             base + 1.0 * u + 1.6 * n,
         ]
     )
-    cv.poly(neck, FRAGMENT0 + d)
-    cv.poly(ellipse(fc, u, ra * math.sqrt(g), rs * math.sqrt(g), 22), FRAGMENT0 + d)
+    cv.poly(neck, pa.FRAGMENT0 + d)
+    cv.poly(ellipse(fc, u, ra * math.sqrt(g), rs * math.sqrt(g), 22), pa.FRAGMENT0 + d)
 
 
 def _sacral_discs(s: _Slice) -> None:
@@ -448,4 +433,4 @@ def _sacral_discs(s: _Slice) -> None:
     bodies = s.anat.bodies
     for k in range(7, len(bodies) - 1):
         up, lo = bodies[k], bodies[k + 1]
-        s.cv.line(np.array([0.5 * (up.pi + lo.ps), 0.5 * (up.ai + lo.as_)]), LIGAMENT, 1.5)
+        s.cv.line(np.array([0.5 * (up.pi + lo.ps), 0.5 * (up.ai + lo.as_)]), pa.LIGAMENT, 1.5)

@@ -16,45 +16,26 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from lit_spine.phantom.anatomy import (
-    AIR,
-    ANNULUS0,
-    BOWEL_FLUID,
-    BOWEL_GAS,
-    CORTEX,
-    CSF,
-    EPIDURAL_FAT,
-    FAT,
-    FRAGMENT0,
-    LIGAMENT,
-    MUSCLE,
-    NERVE,
-    NUCLEUS0,
-    POST_MARROW,
-    PSOAS,
-    SACRAL_MARROW,
-    VESSEL,
-    VISCERA,
-    Anatomy,
-)
+from lit_spine.phantom import anatomy as pa
+from lit_spine.phantom.anatomy import Anatomy
 from lit_spine.phantom.pathology import SEQUENCES
 
 _BASE_SIGNAL = {  # tissue: (T2, T1, fat-suppressed T2), CSF on T2 = 1
-    AIR: (0.0, 0.0, 0.0),
-    FAT: (0.78, 0.95, 0.10),
-    MUSCLE: (0.20, 0.34, 0.22),
-    VISCERA: (0.34, 0.38, 0.32),
-    BOWEL_FLUID: (0.85, 0.12, 0.85),
-    VESSEL: (0.05, 0.07, 0.05),
-    EPIDURAL_FAT: (0.70, 0.90, 0.10),
-    CSF: (1.0, 0.12, 1.0),
-    NERVE: (0.24, 0.32, 0.26),
-    LIGAMENT: (0.06, 0.08, 0.06),
-    CORTEX: (0.045, 0.06, 0.045),
-    POST_MARROW: (0.40, 0.58, 0.16),
-    SACRAL_MARROW: (0.42, 0.62, 0.16),
-    PSOAS: (0.20, 0.34, 0.22),
-    BOWEL_GAS: (0.02, 0.02, 0.02),
+    pa.AIR: (0.0, 0.0, 0.0),
+    pa.FAT: (0.78, 0.95, 0.10),
+    pa.MUSCLE: (0.20, 0.34, 0.22),
+    pa.VISCERA: (0.34, 0.38, 0.32),
+    pa.BOWEL_FLUID: (0.85, 0.12, 0.85),
+    pa.VESSEL: (0.05, 0.07, 0.05),
+    pa.EPIDURAL_FAT: (0.70, 0.90, 0.10),
+    pa.CSF: (1.0, 0.12, 1.0),
+    pa.NERVE: (0.24, 0.32, 0.26),
+    pa.LIGAMENT: (0.06, 0.08, 0.06),
+    pa.CORTEX: (0.045, 0.06, 0.045),
+    pa.POST_MARROW: (0.40, 0.58, 0.16),
+    pa.SACRAL_MARROW: (0.42, 0.62, 0.16),
+    pa.PSOAS: (0.20, 0.34, 0.22),
+    pa.BOWEL_GAS: (0.02, 0.02, 0.02),
 }
 _MODIC_SIGNAL = {1: (0.66, 0.28, 0.60), 2: (0.58, 0.82, 0.13), 3: (0.12, 0.12, 0.09)}
 
@@ -66,16 +47,16 @@ def tissue_lut(anat: Anatomy, sequence: str) -> np.ndarray:
     for tissue, values in _BASE_SIGNAL.items():
         lut[tissue] = values[k]
     for b, body in enumerate(anat.bodies):
-        if body.marrow_id == SACRAL_MARROW:
+        if body.marrow_id == pa.SACRAL_MARROW:
             continue
         lut[body.marrow_id] = (anat.marrow_t2[b], anat.marrow_t1[b], 0.16)[k]
         mt = body.signs.modic_type
         lut[body.modic_id] = _MODIC_SIGNAL[mt][k] if mt else lut[body.marrow_id]
     for d, lesion in enumerate(anat.discs):
-        lut[ANNULUS0 + d] = (0.12, 0.20, 0.12)[k]
+        lut[pa.ANNULUS0 + d] = (0.12, 0.20, 0.12)[k]
         deg = (0.9 - lesion.nucleus_t2) / 0.8
-        lut[NUCLEUS0 + d] = (lesion.nucleus_t2, 0.34 - 0.12 * deg, 0.95 * lesion.nucleus_t2)[k]
-        lut[FRAGMENT0 + d] = (
+        lut[pa.NUCLEUS0 + d] = (lesion.nucleus_t2, 0.34 - 0.12 * deg, 0.95 * lesion.nucleus_t2)[k]
+        lut[pa.FRAGMENT0 + d] = (
             max(lesion.nucleus_t2, 0.35) * 0.85,
             0.32,
             0.8 * max(lesion.nucleus_t2, 0.35),

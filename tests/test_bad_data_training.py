@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from dicom_factory import dataset
 from fuzz_dicom import panic_rle
 from pydicom.uid import RLELossless
+from spine_helpers import BatchRecorder, bare_trainer
 
 from lit_spine.data.datamodule import SpineDataModule, SpineDataset, non_finite_rows
-
-
-class _Recorder(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.images = []
-
-    def training_step(self, batch, batch_idx):
-        self.images.append(batch["image"].clone())
-        return (self.w - batch["image"].mean()) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +42,8 @@ def test_fit_skips_and_reports_bad_files_once(bad_root, tmp_path, capfd):
         num_workers=0,
         seed=0,
     )
-    model = _Recorder()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, datamodule=dm)
+    model = BatchRecorder()
+    bare_trainer(max_epochs=2).fit(model, datamodule=dm)
     err = capfd.readouterr().err
     assert err.count("lit-spine: split 'train':") == 1, err
     for needle in ("zeros.dcm", "cut.dcm", "study1: the annotated slice cannot be decoded",

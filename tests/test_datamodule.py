@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
+from spine_helpers import BatchRecorder, bare_trainer, geometry_only, phantom_datamodule
 from torch.utils.data import DataLoader
 
 from lit_spine.data.datamodule import (
@@ -17,7 +17,7 @@ from lit_spine.data.datamodule import (
 )
 from lit_spine.data.labels import NUM_POINTS, get_vocabulary
 from lit_spine.data.targets import heatmap_to_input_coords
-from lit_spine.data.transforms import AugmentConfig, SpineAugment
+from lit_spine.data.transforms import SpineAugment
 
 ITEM_KEYS = {"image", "heatmap", "points", "present", "labels", "spacing_mm", "index"}
 
@@ -110,19 +110,7 @@ def test_geometry_keeps_points_on_their_pixels():
         cache.points[i, 0] = (x, y)
         cache.images[i, 0, y - 1 : y + 2, x - 1 : x + 2] = 0.5
         cache.images[i, 0, y, x] = 1.0
-    geometry = AugmentConfig(
-        affine_p=1.0,
-        rotate_deg=20,
-        scale=0.2,
-        translate=0.05,
-        shear_deg=3,
-        slice_flip_p=0,
-        gamma_p=0,
-        contrast_p=0,
-        bias_field_p=0,
-        noise_p=0,
-        cutout_p=0,
-    )
+    geometry = geometry_only(rotate_deg=20, scale=0.2, translate=0.05, shear_deg=3)
     ds = SpineDataset(cache, augment=SpineAugment(geometry), seed=0)
     checked = 0
     for epoch in range(3):
@@ -369,36 +357,13 @@ def test_missing_split_names_the_folder(phantom_root, tmp_path):
 
 
 def test_no_data_root_generates_the_phantom(tmp_path):
-    dm = SpineDataModule(
-        phantom_dir=str(tmp_path / "phantom"),
-        phantom_studies=4,
-        cache_dir=str(tmp_path / "cache"),
-        image_size=64,
-        batch_size=2,
-        num_workers=0,
-    )
+    dm = phantom_datamodule(tmp_path, phantom_studies=4, batch_size=2)
     dm.prepare_data()
     assert (tmp_path / "phantom" / "train").is_dir()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, 64, 64)
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (3, 1)
-
-
-class _Recorder(pl.LightningModule):
-    """Trains one scalar; records (epoch, rows, image sum) of every training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.seen = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append((self.current_epoch, batch["index"].tolist(), float(batch["image"].sum())))
-        return (self.w - batch["image"].mean()) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def test_trainer_epochs_are_reproducible_with_any_worker_count(challenge_root, tmp_path):
@@ -415,17 +380,8 @@ def test_trainer_epochs_are_reproducible_with_any_worker_count(challenge_root, t
             num_workers=workers,
             seed=3,
         )
-        model = _Recorder()
-        trainer = pl.Trainer(
-            max_epochs=3,
-            accelerator="cpu",
-            logger=False,
-            limit_val_batches=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(model, datamodule=dm)
+        model = BatchRecorder()
+        bare_trainer(max_epochs=3).fit(model, datamodule=dm)
         return model.seen
 
     seen = fit(0)

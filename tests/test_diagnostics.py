@@ -12,21 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from spine_helpers import write_diagnostics
 from torch import nn
 
+from lit_spine import diagnostics
 from lit_spine.data.labels import DISC_POINTS, NUM_POINTS, POINT_NAMES, get_vocabulary
-from lit_spine.diagnostics import (
-    BatchNormDrift,
-    batch_statistics_copy,
-    calibration,
-    calibration_pairs,
-    effective_receptive_field,
-    erf_size,
-    neighbour_levels,
-    per_level_localisation,
-    radial_errors_mm,
-    score,
-)
 from lit_spine.models.summary import receptive_field
 from lit_spine.report_diagnostics import SECTIONS, fmt, interval, render_sections
 
@@ -45,8 +35,8 @@ def spine_points(n: int, spacing_mm: float = 0.5) -> tuple[np.ndarray, np.ndarra
 def test_exact_points_give_zero_radial_error_and_full_hits():
     gt, spacing = spine_points(5)
     present = np.ones(gt.shape[:2], bool)
-    assert np.allclose(radial_errors_mm(gt, gt, spacing, present), 0.0)
-    result = per_level_localisation(gt, gt, present, spacing, radius_mm=8.0)
+    assert np.allclose(diagnostics.radial_errors_mm(gt, gt, spacing, present), 0.0)
+    result = diagnostics.per_level_localisation(gt, gt, present, spacing, radius_mm=8.0)
     assert result["hit_rate"] == 1.0 and result["off_by_one_rate"] == 0.0
     assert [lv["name"] for lv in result["levels"]] == list(POINT_NAMES)
     assert all(lv["mre_mm"] == 0.0 and lv["hit_rate"] == 1.0 for lv in result["levels"])
@@ -56,15 +46,14 @@ def test_radial_error_uses_row_and_column_spacing():
     gt = np.zeros((1, 1, 2))
     pred = np.array([[[3.0, 4.0]]])  # dx = 3 columns, dy = 4 rows
     spacing = np.array([[2.0, 1.0]])  # 2 mm per row, 1 mm per column
-    assert radial_errors_mm(pred, gt, spacing, np.ones((1, 1), bool))[0, 0] == pytest.approx(
-        np.hypot(3.0, 8.0)
-    )
+    errors = diagnostics.radial_errors_mm(pred, gt, spacing, np.ones((1, 1), bool))
+    assert errors[0, 0] == pytest.approx(np.hypot(3.0, 8.0))
 
 
 def test_shift_by_one_level_is_all_off_by_one():
     gt, spacing = spine_points(4)
     present = np.ones(gt.shape[:2], bool)
-    neighbours = neighbour_levels()
+    neighbours = diagnostics.neighbour_levels()
     # Same-type neighbours only: the disc above/below a disc, the vertebra above/below one.
     assert neighbours[POINT_NAMES.index("L4-L5")] == (
         POINT_NAMES.index("L3-L4"),
@@ -73,21 +62,23 @@ def test_shift_by_one_level_is_all_off_by_one():
     assert neighbours[POINT_NAMES.index("L1")] == (POINT_NAMES.index("L2"),)
     # Every prediction sits on the next level down (the lowest of each type on the one above).
     pred = gt[:, [nb[-1] for nb in neighbours]]
-    result = per_level_localisation(pred, gt, present, spacing, radius_mm=8.0)
+    result = diagnostics.per_level_localisation(pred, gt, present, spacing, radius_mm=8.0)
     assert result["off_by_one_rate"] == 1.0 and result["hit_rate"] == 0.0
     assert all(lv["off_by_one_rate"] == 1.0 for lv in result["levels"])
     # A prediction far from every point is a miss but not a level shift.
     far = gt + np.array([60.0, 0.0])
-    assert per_level_localisation(far, gt, present, spacing, 8.0)["off_by_one_rate"] == 0.0
+    assert (
+        diagnostics.per_level_localisation(far, gt, present, spacing, 8.0)["off_by_one_rate"] == 0.0
+    )
 
 
 def test_calibrated_toy_classifier_has_near_zero_ece_and_bins_agree_with_torchmetrics():
     rng = np.random.default_rng(0)
     p = rng.random(200_000)
     outcome = rng.random(p.size) < p  # calibrated by construction
-    cal = calibration(p, outcome, n_bins=15)
+    cal = diagnostics.calibration(p, outcome, n_bins=15)
     assert cal["ece"] < 0.01
-    overconfident = calibration(np.clip(p * 1.6 - 0.3, 0, 1), outcome, n_bins=15)
+    overconfident = diagnostics.calibration(np.clip(p * 1.6 - 0.3, 0, 1), outcome, n_bins=15)
     assert overconfident["ece"] > 0.08  # E|0.6 p - 0.3| over the unclipped range: ~0.096
     for result in (cal, overconfident):
         bins = [b for b in result["bins"] if b["n"]]
@@ -122,22 +113,22 @@ def test_score_at_true_points_separates_localisation_from_classification():
     data = _data(6)
     data["true_vertebra_probs"] = data["vertebra_probs"]
     data["true_disc_probs"] = data["disc_probs"]
-    assert score(data, VOCAB, 8.0).map == pytest.approx(1.0)
+    assert diagnostics.score(data, VOCAB, 8.0).map == pytest.approx(1.0)
     # Move every decoded point 30 mm away: the pipeline's mAP collapses, the classifier's
     # mAP at the true points does not.
     data["points"] = data["points"] + np.float32(60.0)
-    assert score(data, VOCAB, 8.0).map == 0.0
-    assert score(data, VOCAB, 8.0, true_points=True).map == pytest.approx(1.0)
+    assert diagnostics.score(data, VOCAB, 8.0).map == 0.0
+    assert diagnostics.score(data, VOCAB, 8.0, true_points=True).map == pytest.approx(1.0)
     # Per-level AP only sees that level's rows and ground truth.
-    assert score(data, VOCAB, 8.0, true_points=True, level=3).map == pytest.approx(1.0)
+    assert diagnostics.score(data, VOCAB, 8.0, true_points=True, level=3).map == pytest.approx(1.0)
 
 
 def test_calibration_pairs_follow_the_head():
     data = _data(3)
-    conf, outcome = calibration_pairs(data, multi_label=True)
+    conf, outcome = diagnostics.calibration_pairs(data, multi_label=True)
     per_study = 5 * len(VOCAB.vertebra) + 6 * len(VOCAB.disc)
     assert len(conf) == 3 * per_study and np.array_equal(conf, outcome.astype(float))
-    conf, outcome = calibration_pairs(data, multi_label=False)
+    conf, outcome = diagnostics.calibration_pairs(data, multi_label=False)
     assert len(conf) == 3 * NUM_POINTS and conf.min() == 1.0 and outcome.all()
 
 
@@ -148,14 +139,14 @@ def test_batchnorm_drift_is_zero_when_batch_stats_equal_running_stats():
     bn.running_mean.copy_(x.mean((0, 2, 3)))
     bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
     net = nn.Sequential(bn)
-    with BatchNormDrift(net) as drift:
+    with diagnostics.BatchNormDrift(net) as drift:
         net(x)
     layer = drift.result()["0"]
     assert layer["mean_shift_sd"] == pytest.approx(0.0, abs=1e-5)
     assert layer["log_var_ratio"] == pytest.approx(0.0, abs=1e-5)
     # Shift the running mean by one running standard deviation: drift reads 1.
     bn.running_mean.add_(bn.running_var.sqrt())
-    with BatchNormDrift(net) as drift:
+    with diagnostics.BatchNormDrift(net) as drift:
         net(x)
     assert drift.result()["0"]["mean_shift_sd"] == pytest.approx(1.0, rel=1e-3)
 
@@ -164,7 +155,7 @@ def test_batch_statistics_copy_uses_batch_stats_and_leaves_running_stats():
     bn = nn.BatchNorm2d(3).eval()
     bn.running_mean.fill_(5.0)
     net = nn.Sequential(bn)
-    twin = batch_statistics_copy(net)
+    twin = diagnostics.batch_statistics_copy(net)
     x = torch.randn(4, 3, 5, 5)
     before = twin[0].running_mean.clone()
     y = twin(x)
@@ -178,14 +169,14 @@ def test_erf_of_a_single_conv_is_its_kernel_support():
     nn.init.constant_(conv.weight, 1.0)
     images = torch.zeros(3, 1, 33, 33)
     images[:, :, 16, 16] = 1.0
-    erf = effective_receptive_field(conv, images, stride=1)
+    erf = diagnostics.effective_receptive_field(conv, images, stride=1)
     assert erf.shape == (33, 33) and erf.sum() == pytest.approx(1.0)
-    size = erf_size(erf)
+    size = diagnostics.erf_size(erf)
     assert size["support_px"] == [5, 5]
     assert size["support_px"] == list(receptive_field(conv, images[:1])["size"])
     # Uniform 5x5 mass: radius 2 holds 13 of 25 px (>= 50%), sqrt(5) only 21 (< 90%), sqrt(8) all.
     assert size["r50_px"] == pytest.approx(2.0) and size["r90_px"] == pytest.approx(np.sqrt(8))
-    assert erf_size(erf, (2.0, 2.0))["r50_mm"] == pytest.approx(4.0)
+    assert diagnostics.erf_size(erf, (2.0, 2.0))["r50_mm"] == pytest.approx(4.0)
 
 
 def test_interval_helper_and_format():
@@ -323,26 +314,13 @@ def test_report_sections_aggregate_cells_over_seeds(tmp_path):
             self.name, self.runs = name, runs
 
     def write(d: Path, ece: float, drift: float | None, has_bn: bool) -> Path:
-        d.mkdir(parents=True)
-        levels = [
-            {"name": n, "n": 2, "mre_mm": 1.0 + k, "hit_rate": 1.0, "ap": 0.5,
-             "off_by_one_rate": 0.0}
-            for k, n in enumerate(POINT_NAMES)
-        ]  # fmt: skip
-        diag = {
-            "radius_mm": 8.0,
-            "norm": "batchnorm" if has_bn else "groupnorm",
-            "localisation_vs_classification": {"mre_mm": 2.0, "sdr": {"8": 0.9},
-                "map_decoded": 0.2, "map_true_points": 0.6, "map_gap": 0.4},
-            "per_level": {"levels": levels, "hit_rate": 1.0, "off_by_one_rate": 0.0},
-            "batchnorm": {"has_batchnorm": has_bn, "map_eval": 0.2, "map_batch_stats": 0.1,
+        return write_diagnostics(
+            d, POINT_NAMES, hit_rate=1.0, ap=0.5, norm="batchnorm" if has_bn else "groupnorm",
+            batchnorm={"has_batchnorm": has_bn, "map_eval": 0.2, "map_batch_stats": 0.1,
                 "map_gap": 0.1, "mean_shift_sd": drift, "log_var_ratio": drift},
-            "calibration": {"ece": ece, "n": 10, "kind": "k",
+            calibration={"ece": ece, "n": 10, "kind": "k",
                 "bins": [{"n": 10, "confidence": 0.5, "accuracy": 0.5 - ece}]},
-            "erf": {"theoretical_px": [99, 99], "init": {"r50_px": 5.0}, "trained": {"r50_px": 7.0}},
-        }  # fmt: skip
-        (d / "diagnostics.json").write_text(json.dumps(diag))
-        return d
+        )  # fmt: skip
 
     bn = Cell(
         "norm=batchnorm",

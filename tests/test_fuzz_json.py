@@ -108,21 +108,31 @@ def points(entries: list, s: int) -> list:
     return entries[s]["data"][0]["annotation"][0]["data"]["point"]
 
 
+def write_study_image(path: Path, s: int, **fields) -> str:
+    """One blank IMAGE_PX-square T2 sagittal slice of study s (0.5 mm pixels) in series
+    '<study>.7'; `fields` go to `write_slice` (instance UID, position)."""
+    return write_slice(
+        path,
+        np.zeros((IMAGE_PX, IMAGE_PX)),
+        study_uid=study_uid(s),
+        series_uid=f"{study_uid(s)}.7",
+        description="T2 sag",
+        spacing=(0.5, 0.5),
+        **fields,
+    )
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A folder for the files each example writes, and a DICOM split for --data-root runs."""
     base = tmp_path_factory.mktemp("fuzz_json")
     for s in range(N_STUDIES):
         for z in range(N_SLICES):
-            write_slice(
+            write_study_image(
                 base / "val" / f"study{s}" / f"image{z}.dcm",
-                np.zeros((IMAGE_PX, IMAGE_PX)),
-                study_uid=study_uid(s),
-                series_uid=f"{study_uid(s)}.7",
-                description="T2 sag",
+                s,
                 position=(float(z), 0.0, 0.0),
                 instance_uid=instance_uid(s) if z == 1 else f"{study_uid(s)}.7.9{z}",
-                spacing=(0.5, 0.5),
             )
     return base
 
@@ -143,6 +153,11 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 def write(path: Path, content) -> Path:
     path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
     return path
+
+
+def clean_files(base: Path) -> tuple[Path, Path]:
+    """The clean ground truth and predictions written as base/gt.json and base/pred.json."""
+    return write(base / "gt.json", GT), write(base / "pred.json", PRED)
 
 
 def evaluate(base: Path, gt=GT, pred=PRED, extra=("--spacing-mm", "0.5,0.5"), json_out=True):
@@ -244,6 +259,21 @@ study_i = st.integers(0, N_STUDIES - 1)
 point_i = st.integers(0, len(POINT_NAMES) - 1)
 
 
+def fuzzed(n: int, **strategies):
+    """A fuzz test: `n` examples (see `fuzz`) of the arguments `strategies` draw, under a
+    120 s limit."""
+
+    def decorate(test):
+        return pytest.mark.timeout(120)(fuzz(n)(given(**strategies)(test)))
+
+    return decorate
+
+
+def fuzzed_point(n: int, **strategies):
+    """`fuzzed`, drawing the file to edit (target), a study (s) and a point (k) first."""
+    return fuzzed(n, target=targets, s=study_i, k=point_i, **strategies)
+
+
 def mutated(target: str):
     """Deep copies of both files and the one to edit."""
     gt, pred = copy.deepcopy(GT), copy.deepcopy(PRED)
@@ -254,10 +284,14 @@ def path_of(target: str, gt_path: Path, pred_path: Path) -> Path:
     return gt_path if target == "gt" else pred_path
 
 
+def evaluated(target: str, base: Path, gt=GT, pred=PRED, **options) -> tuple[tuple, Path]:
+    """`evaluate`'s result and the path of the file that `target` ("gt" or "pred") names."""
+    result, gt_path, pred_path = evaluate(base, gt, pred, **options)
+    return result, path_of(target, gt_path, pred_path)
+
+
 # ---------------------------------------------------------------------------- point values
-@pytest.mark.timeout(120)
-@fuzz(40)
-@given(target=targets, s=study_i, k=point_i, coord=bad_coords)
+@fuzzed_point(40, coord=bad_coords)
 def test_fuzz_bad_coord_is_an_error_naming_study_and_point(work, target, s, k, coord):
     gt, pred, edit = mutated(target)
     if isinstance(coord, tuple):  # (which axis, bad value) in an otherwise good pair
@@ -282,9 +316,7 @@ bad_z = st.one_of(
 )
 
 
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(target=targets, s=study_i, k=point_i, z=bad_z)
+@fuzzed_point(30, z=bad_z)
 def test_fuzz_bad_zindex_is_an_error(work, target, s, k, z):
     gt, pred, edit = mutated(target)
     points(edit, s)[k]["zIndex"] = z
@@ -304,12 +336,8 @@ def is_valid_disease(kind: str, value) -> bool:
     return all(c.strip() in VOCAB.codes(kind) for c in value.split(",") if c.strip())
 
 
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(
-    target=targets,
-    s=study_i,
-    k=point_i,
+@fuzzed_point(
+    30,
     disease=st.one_of(
         json_scalars,
         st.lists(st.sampled_from(["v1", "v2", "V2", "v9", "x", " ", "v0"]), max_size=3).map(
@@ -332,12 +360,8 @@ def test_fuzz_bad_disease_is_an_error_valid_one_is_scored(work, target, s, k, di
         )
 
 
-@pytest.mark.timeout(120)
-@fuzz(25)
-@given(
-    target=targets,
-    s=study_i,
-    k=point_i,
+@fuzzed_point(
+    25,
     score=st.one_of(
         st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 <= v <= 1),
         st.text(max_size=4),
@@ -359,12 +383,8 @@ def test_fuzz_bad_score_is_an_error(work, target, s, k, score):
 
 
 # ---------------------------------------------------------------------------- identifications
-@pytest.mark.timeout(120)
-@fuzz(35)
-@given(
-    target=targets,
-    s=study_i,
-    k=point_i,
+@fuzzed_point(
+    35,
     ident=st.one_of(
         st.sampled_from(POINT_NAMES).flatmap(
             lambda n: st.lists(st.booleans(), min_size=len(n), max_size=len(n)).map(
@@ -406,12 +426,8 @@ def test_fuzz_identification_wrong_case_empty_or_unknown(work, target, s, k, ide
 
 
 # ---------------------------------------------------------------------------- duplicates
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(
-    target=targets,
-    s=study_i,
-    k=point_i,
+@fuzzed_point(
+    30,
     how=st.sampled_from(["study", "study_other_instance", "point_moved", "point_exact"]),
     dx=st.floats(0.01, 500),
 )
@@ -455,9 +471,8 @@ def test_duplicate_check_is_linear_on_120000_points(work):
 
 
 # ---------------------------------------------------------------------------- uids, structure
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(
+@fuzzed(
+    30,
     target=targets,
     s=study_i,
     key=st.sampled_from(["studyUid", "instanceUid", "seriesUid"]),
@@ -490,9 +505,7 @@ def _nodes(obj, path=()):
 NODES = list(_nodes(GT))
 
 
-@pytest.mark.timeout(120)
-@fuzz(40)
-@given(target=targets, node=st.sampled_from(NODES), value=json_values)
+@fuzzed(40, target=targets, node=st.sampled_from(NODES), value=json_values)
 def test_fuzz_any_node_replaced_is_scored_or_a_one_line_error(work, target, node, value):
     """Random JSON anywhere in the tree: exit 0 with a full report, or exit 2 naming the file."""
     gt, pred, edit = mutated(target)
@@ -541,9 +554,7 @@ def dumps_with_repeated_key(obj, path: tuple, value) -> str:
     raise AssertionError(f"no object at {path}")
 
 
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(target=targets, data=st.data(), same=st.booleans())
+@fuzzed(30, target=targets, data=st.data(), same=st.booleans())
 def test_fuzz_a_key_given_twice_in_one_object_is_an_error(work, target, data, same):
     """JSON readers keep one of two equal keys silently: the suite names the key instead."""
     gt, pred, edit = mutated(target)
@@ -567,9 +578,8 @@ def test_fuzz_a_key_given_twice_in_one_object_is_an_error(work, target, data, sa
 ENCODINGS = ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1", "utf-8-sig", "cp1252"]
 
 
-@pytest.mark.timeout(120)
-@fuzz(30)
-@given(
+@fuzzed(
+    30,
     target=targets,
     encoding=st.sampled_from(ENCODINGS),
     junk=st.binary(max_size=6),
@@ -620,8 +630,8 @@ def test_fuzz_encodings_and_junk_bytes(work, target, encoding, junk, where):
 @pytest.mark.parametrize("target", ["gt", "pred"])
 def test_unreadable_files_give_one_line_errors(work, content, expected, target):
     files = (content, PRED) if target == "gt" else (GT, content)
-    result, gt_path, pred_path = evaluate(work, *files)
-    assert_error(result, path_of(target, gt_path, pred_path), expected)
+    result, file = evaluated(target, work, *files)
+    assert_error(result, file, expected)
 
 
 @pytest.mark.parametrize("target", ["gt", "pred"])
@@ -636,7 +646,7 @@ def test_utf8_bom_is_accepted(work, target):
 
 @pytest.mark.parametrize("target", ["--gt", "--pred"])
 def test_a_folder_is_not_a_file(work, target):
-    gt_path, pred_path = write(work / "gt.json", GT), write(work / "pred.json", PRED)
+    gt_path, pred_path = clean_files(work)
     paths = {"--gt": str(gt_path), "--pred": str(pred_path), target: str(work)}
     result = run_cli([*(a for k, v in paths.items() for a in (k, v)), "--spacing-mm", "1,1"])
     assert_error(result, work, "is a folder; expected a JSON")
@@ -670,8 +680,8 @@ def test_file_names_and_values_with_newlines_stay_on_one_line(work):
 def test_null_disease_and_bad_identification_cases(work, tag, expected, target):
     gt, pred, edit = mutated(target)
     points(edit, 1)[1]["tag"] = tag
-    result, gt_path, pred_path = evaluate(work, gt, pred)
-    line = assert_error(result, path_of(target, gt_path, pred_path), f"study {study_uid(1)}")
+    result, file = evaluated(target, work, gt, pred)
+    line = assert_error(result, file, f"study {study_uid(1)}")
     assert expected in line
 
 
@@ -691,12 +701,8 @@ def test_one_study_annotating_two_images_is_an_error(work):
 
 
 # ---------------------------------------------------------------------------- against images
-@pytest.mark.timeout(120)
-@fuzz(25)
-@given(
-    target=targets,
-    s=study_i,
-    k=point_i,
+@fuzzed_point(
+    25,
     axis=st.sampled_from([0, 1]),
     value=st.one_of(st.floats(-65535, -0.51), st.floats(IMAGE_PX - 0.49, 65535)),
 )
@@ -711,9 +717,7 @@ def test_fuzz_points_outside_the_image_are_reported_and_scored(work, target, s, 
     assert report["n_studies"] == N_STUDIES and report["n_gt_points"] == N_STUDIES * 11
 
 
-@pytest.mark.timeout(120)
-@fuzz(15)
-@given(target=targets, s=study_i, k=point_i, z=st.integers(N_SLICES, 10**6))
+@fuzzed_point(15, z=st.integers(N_SLICES, 10**6))
 def test_fuzz_zindex_outside_the_series_is_reported(work, target, s, k, z):
     gt, pred, edit = mutated(target)
     points(edit, s)[k]["zIndex"] = z
@@ -758,15 +762,7 @@ def _set_spacing(path: Path, raw: str | None) -> None:
 def test_unusable_pixel_spacing_stops_or_is_skipped(tmp_path, raw, reason):
     split = tmp_path / "val"
     for s in range(N_STUDIES):
-        write_slice(
-            split / f"study{s}" / "image1.dcm",
-            np.zeros((IMAGE_PX, IMAGE_PX)),
-            study_uid=study_uid(s),
-            series_uid=f"{study_uid(s)}.7",
-            description="T2 sag",
-            instance_uid=instance_uid(s),
-            spacing=(0.5, 0.5),
-        )
+        write_study_image(split / f"study{s}" / "image1.dcm", s, instance_uid=instance_uid(s))
     bad = split / "study1" / "image1.dcm"
     if raw == "truncated":
         bad.write_bytes(bad.read_bytes()[:400])
@@ -820,9 +816,8 @@ number_text = st.one_of(
 )
 
 
-@pytest.mark.timeout(120)
-@fuzz(40)
-@given(
+@fuzzed(
+    40,
     option=st.sampled_from(["--radius-mm", "--baseline-radius-mm", "--sdr-mm", "--spacing-mm"]),
     values=st.lists(number_text, min_size=1, max_size=3),
 )
@@ -875,7 +870,7 @@ def test_fuzz_options_are_checked_at_parse_time(work, option, values):
     ],
 )
 def test_issue_options_are_rejected(work, option, value):
-    gt_path, pred_path = write(work / "gt.json", GT), write(work / "pred.json", PRED)
+    gt_path, pred_path = clean_files(work)
     rc, out, err = run_cli(["--pred", str(pred_path), "--gt", str(gt_path), option, value])
     assert rc == 2 and out == "" and f"argument {option}: " in err
 

@@ -264,16 +264,18 @@ def case(gt_points, preds, spacing=((1.0, 1.0),)):
     return gt, pred, np.array(spacing, dtype=float)
 
 
+def scored(gt_points, preds, spacing=((1.0, 1.0),), **options):
+    """`score_detections` of the `case` built from gt_points and preds (see `case`)."""
+    return score_detections(*case(gt_points, preds, spacing), **options)
+
+
 def counts(report, name):
     c = report.classes[name]
     return c.tp, c.fp, c.fn
 
 
 def test_multi_label_ground_truth_is_one_instance_per_label():
-    gt, pred, sp = case(
-        [(0, "L4-L5", 100, 100, "disc/v2,v5")], [(0, "L4-L5", 101, 100, "disc/v2", 0.9)]
-    )
-    r = score_detections(gt, pred, sp)
+    r = scored([(0, "L4-L5", 100, 100, "disc/v2,v5")], [(0, "L4-L5", 101, 100, "disc/v2", 0.9)])
     assert counts(r, "disc/v2") == (1, 0, 0)
     assert counts(r, "disc/v5") == (0, 0, 1)
     assert r.classes["disc/v2"].ap == 1.0 and r.classes["disc/v5"].ap == 0.0
@@ -291,25 +293,23 @@ def test_multi_label_ground_truth_is_one_instance_per_label():
 
 def test_multi_label_prediction_is_one_prediction_per_label():
     # A "v2,v5" point written as two rows at the same coordinates: both labels diagonal.
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L4-L5", 100, 100, "disc/v2,v5")],
         [(0, "L4-L5", 101, 100, "disc/v5", 0.8), (0, "L4-L5", 101, 100, "disc/v2", 0.8)],
     )
-    r = score_detections(gt, pred, sp)
     assert counts(r, "disc/v2") == (1, 0, 0) and counts(r, "disc/v5") == (1, 0, 0)
     assert r.baseline_macro_f1 == 1.0
     # A second candidate at other coordinates does not add its label to the set.
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L4-L5", 100, 100, "disc/v2,v5")],
         [(0, "L4-L5", 101, 100, "disc/v2", 0.8), (0, "L4-L5", 102, 100, "disc/v5", 0.8)],
     )
-    r = score_detections(gt, pred, sp)
     assert r.confusion[CLS["disc/v2"], CLS["disc/v5"]] == 1  # first on the score tie wins
     assert counts(r, "disc/v5") == (1, 0, 0)  # section 1 still matches both
 
 
 def test_duplicates_near_one_point_nearest_is_tp_others_ignored():
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v2")],
         [
             (0, "L1", 104, 100, "vertebra/v2", 0.9),
@@ -317,7 +317,6 @@ def test_duplicates_near_one_point_nearest_is_tp_others_ignored():
             (0, "L1", 99, 100, "vertebra/v2", 0.7),
         ],
     )  # tie at 1 mm: earlier row wins
-    r = score_detections(gt, pred, sp)
     assert counts(r, "vertebra/v2") == (1, 0, 0)
     assert r.classes["vertebra/v2"].ignored == 2
     assert r.precision == 1.0 and r.classes["vertebra/v2"].ap == 1.0
@@ -328,21 +327,17 @@ def test_duplicates_near_one_point_nearest_is_tp_others_ignored():
 def test_prediction_hitting_two_instances_goes_to_the_nearest_only():
     # L1 and L2 both vertebra/v2, 6 px apart; one prediction between, nearer L2 -> TP for L2.
     # A second prediction nearest L2 too is ignored even though L1 is unclaimed (no rematch).
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v2"), (0, "L2", 100, 106, "vertebra/v2")],
         [(0, "L1", 100, 104, "vertebra/v2", 0.9), (0, "L2", 100, 105, "vertebra/v2", 0.8)],
     )
-    r = score_detections(gt, pred, sp)
     assert counts(r, "vertebra/v2") == (1, 0, 1)
     assert r.classes["vertebra/v2"].ignored == 1
     assert r.classes["vertebra/v2"].ap == 0.5
 
 
 def test_wrong_class_inside_the_circle_is_fp():
-    gt, pred, sp = case(
-        [(0, "L3-L4", 100, 100, "disc/v2")], [(0, "L3-L4", 100, 100, "disc/v3", 1.0)]
-    )
-    r = score_detections(gt, pred, sp)
+    r = scored([(0, "L3-L4", 100, 100, "disc/v2")], [(0, "L3-L4", 100, 100, "disc/v3", 1.0)])
     assert counts(r, "disc/v3") == (0, 1, 0)
     assert counts(r, "disc/v2") == (0, 0, 1)
     assert r.classes["disc/v3"].ap is None  # no ground truth -> no AP, not in mAP
@@ -353,7 +348,7 @@ def test_wrong_class_inside_the_circle_is_fp():
 
 
 def test_missing_predictions_and_absent_studies_only_add_fn():
-    gt, pred, sp = case(
+    r = scored(
         [
             (0, "L1", 100, 100, "vertebra/v1"),
             (0, "L2", 100, 130, "vertebra/v1"),
@@ -362,7 +357,6 @@ def test_missing_predictions_and_absent_studies_only_add_fn():
         [(0, "L1", 100, 100, "vertebra/v1", 0.6)],
         spacing=((1.0, 1.0), (0.7, 0.7)),
     )
-    r = score_detections(gt, pred, sp)
     assert counts(r, "vertebra/v1") == (1, 0, 1) and counts(r, "vertebra/v2") == (0, 0, 1)
     assert r.classes["vertebra/v1"].ap == 0.5 and r.classes["vertebra/v2"].ap == 0.0
     assert r.map == 0.25 and r.recall == pytest.approx(1 / 3) and r.precision == 1.0
@@ -374,11 +368,10 @@ def test_missing_predictions_and_absent_studies_only_add_fn():
 
 
 def test_missing_ground_truth_point_prediction_is_fp_and_ignored_by_baseline():
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v1")],
         [(0, "L1", 100, 100, "vertebra/v1", 0.9), (0, "L5", 100, 200, "vertebra/v1", 0.95)],
     )  # no L5 in the ground truth
-    r = score_detections(gt, pred, sp)
     assert counts(r, "vertebra/v1") == (1, 1, 0)
     assert r.classes["vertebra/v1"].ap == 0.5  # FP ranked first: precision 1/2 at recall 1
     assert r.baseline_macro_f1 == 1.0 and r.keypoint_recall == 1.0
@@ -387,12 +380,14 @@ def test_missing_ground_truth_point_prediction_is_fp_and_ignored_by_baseline():
 
 def test_distance_exactly_r_is_not_a_hit():
     # spacing 0.5 mm, 16 px along x = exactly 8.0 mm: a miss at R = 8; 15.5 px (7.75 mm): a hit.
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v2"), (0, "L5", 100, 300, "vertebra/v2")],
         [(0, "L1", 116, 100, "vertebra/v2", 0.9), (0, "L5", 115.5, 300, "vertebra/v2", 0.9)],
         spacing=((0.5, 0.5),),
+        radius_mm=8.0,
+        baseline_radius_mm=8.0,
+        sdr_radii_mm=(8.0,),
     )
-    r = score_detections(gt, pred, sp, radius_mm=8.0, baseline_radius_mm=8.0, sdr_radii_mm=(8.0,))
     assert counts(r, "vertebra/v2") == (1, 1, 1)
     assert r.keypoint_recall == 0.5
     assert r.classes["vertebra/v2"].baseline_wrong == 1
@@ -402,19 +397,18 @@ def test_distance_exactly_r_is_not_a_hit():
 
 def test_anisotropic_spacing_x_uses_column_y_uses_row_spacing():
     # spacing [row 0.5, col 1.0]: 10 px along x = 10 mm (miss), 10 px along y = 5 mm (hit).
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v2"), (0, "L5", 100, 300, "vertebra/v2")],
         [(0, "L1", 110, 100, "vertebra/v2", 0.9), (0, "L5", 100, 310, "vertebra/v2", 0.9)],
         spacing=((0.5, 1.0),),
     )
-    r = score_detections(gt, pred, sp)
     assert counts(r, "vertebra/v2") == (1, 1, 1)
     assert sorted([r.localisation["all"].mre_mm * 2]) == [15.0]
     assert r.localisation["all"].median_re_mm == 7.5
 
 
 def test_ap_envelope_and_score_ties_in_input_order():
-    gt, pred, sp = case(
+    r = scored(
         [(0, "L1", 100, 100, "vertebra/v2"), (0, "L3", 100, 200, "vertebra/v2")],
         [
             (0, "L1", 100, 100, "vertebra/v2", 0.9),  # TP: P 1
@@ -422,19 +416,16 @@ def test_ap_envelope_and_score_ties_in_input_order():
             (0, "L3", 100, 200, "vertebra/v2", 0.7),
         ],
     )  # TP: P 2/3
-    r = score_detections(gt, pred, sp)
     assert r.classes["vertebra/v2"].ap == pytest.approx((1 + 2 / 3) / 2)
     # Equal scores: input order decides the ranking.
     fp_first = [(0, "L2", 100, 150, "vertebra/v2", 0.5), (0, "L1", 100, 100, "vertebra/v2", 0.5)]
-    gt, pred, sp = case([(0, "L1", 100, 100, "vertebra/v2")], fp_first)
-    assert score_detections(gt, pred, sp).classes["vertebra/v2"].ap == 0.5
-    gt, pred, sp = case([(0, "L1", 100, 100, "vertebra/v2")], fp_first[::-1])
-    assert score_detections(gt, pred, sp).classes["vertebra/v2"].ap == 1.0
+    one_l1 = [(0, "L1", 100, 100, "vertebra/v2")]
+    assert scored(one_l1, fp_first).classes["vertebra/v2"].ap == 0.5
+    assert scored(one_l1, fp_first[::-1]).classes["vertebra/v2"].ap == 1.0
 
 
 def test_empty_inputs_and_flat_keys():
-    gt, pred, sp = case([], [], spacing=((1.0, 1.0),))
-    r = score_detections(gt, pred, sp)
+    r = scored([], [], spacing=((1.0, 1.0),))
     assert r.map is None and r.precision == 0.0 and r.keypoint_recall == 0.0
     flat = r.flat()
     assert math.isnan(flat["map"]) and math.isnan(flat["mre_mm"])

@@ -392,49 +392,15 @@ def test_parse_splits():
 
 def test_cli_writes_dataset_and_preview(tmp_path, capsys):
     out = tmp_path / "ph"
-    rc = main(
-        [
-            "--out",
-            str(out),
-            "--studies",
-            "3",
-            "--splits",
-            "train=2,test=1",
-            "--size",
-            "96",
-            "--workers",
-            "1",
-            "--vocab",
-            "seed7",
-            "--preview",
-            "--no-progress",
-        ]
-    )
+    dataset = ["--out", str(out), "--studies", "3", "--splits", "train=2,test=1", "--size", "96"]
+    rc = main([*dataset, "--workers", "1", "--vocab", "seed7", "--preview", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     png = out / "preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(load_annotations(out / "test_annotation.json", "seed7")) == 1
     # Preview of an existing dataset into another file; errors are one line, exit code 2.
-    assert (
-        main(
-            [
-                "--out",
-                str(out),
-                "--studies",
-                "3",
-                "--splits",
-                "train=2,test=1",
-                "--size",
-                "96",
-                "--vocab",
-                "seed7",
-                "--preview",
-                str(tmp_path / "p.png"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    preview = ["--preview", str(tmp_path / "p.png")]
+    assert main([*dataset, "--vocab", "seed7", *preview, "--no-progress"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert main(["--out", str(out), "--studies", "3", "--size", "64", "--no-progress"]) == 2
     assert "other parameters" in capsys.readouterr().err

@@ -5,7 +5,6 @@ phantom instances."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -14,6 +13,15 @@ import torch
 import torch.nn.functional as F
 from dicom_factory import write_slice
 from pydicom.uid import generate_uid
+from spine_helpers import (
+    checked_losses,
+    copy_data,
+    fit_on_phantom,
+    phantom_datamodule,
+    predict_run,
+    train_one_step,
+    write_diagnostics,
+)
 
 from lit_spine.commands import phantom
 from lit_spine.data.dicom import decode_pixels
@@ -34,12 +42,6 @@ def rsna_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("rsna") / "data"
     assert phantom.main(["--layout", "rsna2024", "--studies", "4", "--out", str(root)]) == 0
     return root
-
-
-def _copy(rsna_root, tmp_path):
-    dst = tmp_path / "data"
-    shutil.copytree(rsna_root, dst)
-    return dst
 
 
 def test_phantom_layout_read_back(rsna_root):
@@ -148,7 +150,7 @@ def test_hand_made_sample_in_the_real_format(tmp_path):
 
 
 def test_bad_rows_reported_and_skipped(rsna_root, tmp_path):
-    root = _copy(rsna_root, tmp_path)
+    root = copy_data(rsna_root, tmp_path)
     data0 = read_rsna2024(root)
     sid = data0.studies[0].study_id
     grades = pd.read_csv(root / GRADES_CSV, dtype=str)
@@ -180,7 +182,7 @@ def test_bad_rows_reported_and_skipped(rsna_root, tmp_path):
 
 
 def test_missing_column_names_file_and_column(rsna_root, tmp_path):
-    root = _copy(rsna_root, tmp_path)
+    root = copy_data(rsna_root, tmp_path)
     coords = pd.read_csv(root / COORDS_CSV).drop(columns=["instance_number"])
     coords.to_csv(root / COORDS_CSV, index=False)
     with pytest.raises(RsnaFormatError, match=r"train_label_coordinates.csv: missing column"):
@@ -287,27 +289,15 @@ def test_inspect_rsna2024_json(rsna_root, capsys):
 
 
 # ---------------------------------------------------------------------------- training path
-def _rsna_dm(tmp_path, **kw):
-    from lit_spine.data.datamodule import SpineDataModule
-
-    args = dict(
-        format="rsna2024",
-        task="rsna2024_canal",
-        vocab="rsna2024_severity",
-        phantom_dir=str(tmp_path / "phantom"),
-        phantom_studies=6,
-        cache_dir=str(tmp_path / "cache"),
-        folds=2,
-        image_size=64,
-        slices=3,
-        batch_size=4,
-        num_workers=0,
-    )
-    return SpineDataModule(**(args | kw))
+# `phantom_datamodule` settings of these tests: rsna2024_canal on a 6-study phantom, 2 folds.
+RSNA_DM = dict(
+    format="rsna2024", task="rsna2024_canal", vocab="rsna2024_severity", phantom_studies=6,
+    folds=2, slices=3, batch_size=4,
+)  # fmt: skip
 
 
 def test_datamodule_rsna2024_phantom_batches(tmp_path):
-    dm = _rsna_dm(tmp_path)
+    dm = phantom_datamodule(tmp_path, RSNA_DM)
     dm.prepare_data()
     dm.setup("fit")
     root = tmp_path / "phantom" / "rsna2024"
@@ -349,7 +339,7 @@ def test_datamodule_rsna2024_phantom_batches(tmp_path):
     assert len(seen) == 6 * 5
 
     # A second data module reuses the phantom and its cache (no rewrite, same key).
-    again = _rsna_dm(tmp_path)
+    again = phantom_datamodule(tmp_path, RSNA_DM)
     again.prepare_data()
     assert again.cache_hashes == dm.cache_hashes
 
@@ -375,7 +365,7 @@ def test_bad_study_reported_and_skipped(rsna_root, tmp_path):
     from lit_spine.data.cache import CacheSettings
     from lit_spine.data.rsna_cache import build_rsna2024_cache
 
-    root = _copy(rsna_root, tmp_path)
+    root = copy_data(rsna_root, tmp_path)
     data = read_rsna2024(root)
     bad = data.studies[1]
     broken = {p.path for p in bad.points.values()}
@@ -393,21 +383,13 @@ def test_bad_study_reported_and_skipped(rsna_root, tmp_path):
 def test_module_one_training_step_on_rsna_batch(tmp_path):
     from lit_spine.module import SpineModule
 
-    dm = _rsna_dm(tmp_path, slices=1, augment=False)
+    dm = phantom_datamodule(tmp_path, RSNA_DM, slices=1, augment=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     net = SpineNet("resnet18", vocab="rsna2024_severity", task="rsna2024_canal", head_channels=32)
     module = SpineModule(net, class_loss="ce", multi_label=False)
     assert module.task.name == "rsna2024_canal" and module.val_rsna_logloss is not None
-    opt = torch.optim.SGD(module.parameters(), lr=0.01)
-    out = module(batch["image"], batch["points"])
-    losses = module.loss_fn(out, batch)
-    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
-    before = net.classifier.disc.weight.detach().clone()
-    opt.zero_grad()
-    losses["loss"].backward()
-    opt.step()
-    assert not torch.equal(before, net.classifier.disc.weight)
+    train_one_step(module, batch)
     # The competition log loss sees each graded level of the batch once.
     with torch.no_grad():
         pred = module._predict(batch["image"])
@@ -422,39 +404,11 @@ def test_module_one_training_step_on_rsna_batch(tmp_path):
 def test_fit_through_cli_logs_rsna_logloss(tmp_path, capsys):
     import csv
     import json
-    from pathlib import Path
 
-    from lit_spine.train_cli import run_lightning_cli
-
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    run_lightning_cli(
-        [
-            "fit",
-            "--config", str(experiments / "base.yaml"),
-            "--config", str(experiments / "smoke.yaml"),
-            "--config", str(experiments / "data" / "rsna2024.yaml"),
-            "--data.data_root=null",
-            f"--data.phantom_dir={tmp_path / 'phantom'}",
-            "--data.phantom_studies=6",
-            "--data.folds=2",
-            "--data.image_size=64",
-            "--data.batch_size=4",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--model.net.init_args.backbone=test_resnet",
-            "--model.net.init_args.norm_groups=8",
-            "--trainer.max_epochs=2",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--experiment=rsna",
-            f"--runs_root={tmp_path / 'runs'}",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
-    (run,) = (tmp_path / "runs" / "rsna").iterdir()
-    config = json.loads((run / "meta.json").read_text())["config_flat"]
+    run, config, state = fit_on_phantom(tmp_path, "rsna2024.yaml", "rsna", studies=6,
+                                        batch_size=4, max_epochs=2)  # fmt: skip
     assert config["data.task"] == "rsna2024_canal" and config["data.format"] == "rsna2024"
     # data.task is linked to the net: 5 heatmap channels, 3 severity logits, no vertebra head.
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["net.heatmap.weight"].shape[0] == 5
     assert state["net.classifier.disc.weight"].shape[0] == 3
     assert state["net.classifier.vertebra.weight"].shape[0] == 0
@@ -470,15 +424,7 @@ def test_fit_through_cli_logs_rsna_logloss(tmp_path, capsys):
     # evaluate scores them against the phantom's labels with the same log loss.
     from lit_spine.commands import evaluate as evaluate_cmd
 
-    run_lightning_cli(
-        [
-            "predict",
-            "--config", str(run / "config.yaml"),
-            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.enable_progress_bar=false",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
+    predict_run(run)
     out = run / "predict"
     submission = pd.read_csv(out / "submission.csv")
     coords = pd.read_csv(out / "coordinates.csv")
@@ -496,33 +442,19 @@ def test_fit_through_cli_logs_rsna_logloss(tmp_path, capsys):
 
 
 def test_report_per_level_follows_the_task_and_skips_mixed_tasks(tmp_path):
-    import json
     from types import SimpleNamespace
 
     from lit_spine.report_diagnostics import SECTIONS, render_sections
     from lit_spine.task import POINT_NAMES
 
     def cell(name: str, levels: tuple[str, ...]):
-        d = tmp_path / name
-        d.mkdir()
-        rows = [
-            {"name": n, "n": 2, "mre_mm": 1.0 + k, "hit_rate": 0.5, "ap": 0.25,
-             "off_by_one_rate": 0.0}
-            for k, n in enumerate(levels)
-        ]  # fmt: skip
-        diag = {
-            "radius_mm": 8.0,
-            "norm": "groupnorm",
-            "localisation_vs_classification": {"mre_mm": 2.0, "sdr": {"8": 0.9},
-                "map_decoded": 0.2, "map_true_points": 0.6, "map_gap": 0.4},
-            "per_level": {"levels": rows, "hit_rate": 0.5, "off_by_one_rate": 0.0},
-            "batchnorm": {"has_batchnorm": False, "map_eval": 0.2, "map_batch_stats": 0.2,
+        d = write_diagnostics(
+            tmp_path / name, levels, hit_rate=0.5, ap=0.25, norm="groupnorm",
+            batchnorm={"has_batchnorm": False, "map_eval": 0.2, "map_batch_stats": 0.2,
                 "map_gap": 0.0, "mean_shift_sd": None, "log_var_ratio": None},
-            "calibration": {"ece": 0.1, "n": 4, "kind": "k",
+            calibration={"ece": 0.1, "n": 4, "kind": "k",
                 "bins": [{"n": 4, "confidence": 0.5, "accuracy": 0.4}]},
-            "erf": {"theoretical_px": [99, 99], "init": {"r50_px": 5.0}, "trained": {"r50_px": 7.0}},
-        }  # fmt: skip
-        (d / "diagnostics.json").write_text(json.dumps(diag))
+        )  # fmt: skip
         return SimpleNamespace(name=name, runs=[SimpleNamespace(dir=d)])
 
     rsna, tianchi = cell("rsna", RSNA_LEVELS), cell("tianchi", POINT_NAMES)
@@ -582,7 +514,7 @@ def test_prediction_files_round_trip_through_evaluate(tmp_path, capsys):
     from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_rsna2024
     from lit_spine.predict_layouts import write_layout_predictions
 
-    dm = _rsna_dm(tmp_path, slices=1)
+    dm = phantom_datamodule(tmp_path, RSNA_DM, slices=1)
     dm.prepare_data()
     dm.setup("predict")
     data = dm.predict_dataset
@@ -713,7 +645,7 @@ def test_foraminal_task_reads_each_side_on_its_own_t1_slice(rsna_root, tmp_path)
         assert len({p.split()[1] for p in present}) == 1
     assert cache.labels.any(-1)[cache.present].all()
     # A point whose instance file is gone is reported and left out, not moved.
-    root = _copy(rsna_root, tmp_path)
+    root = copy_data(rsna_root, tmp_path)
     st = read_rsna2024(root, "rsna2024_foraminal").studies[0]
     st.points["L1/L2 left"].path.unlink()
     again = read_rsna2024(root, "rsna2024_foraminal")
@@ -728,7 +660,7 @@ def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
     from lit_spine.module import SpineModule
     from lit_spine.predict_layouts import write_layout_predictions
 
-    dm = _rsna_dm(tmp_path, task="rsna2024_foraminal", slices=1, augment=False)
+    dm = phantom_datamodule(tmp_path, RSNA_DM, task="rsna2024_foraminal", slices=1, augment=False)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -737,8 +669,7 @@ def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
                    head_channels=32)  # fmt: skip
     module = SpineModule(net)
     assert module.rsna_logloss_name == "rsna_foraminal_logloss"
-    losses = module.loss_fn(module(batch["image"], batch["points"]), batch)
-    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
+    checked_losses(module, batch)
     with torch.no_grad():
         pred = module._predict(batch["image"])
     module._update_rsna_logloss(pred["disc_probs"], batch)

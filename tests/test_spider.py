@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-import torch
+from spine_helpers import (
+    copy_data,
+    fit_on_phantom,
+    phantom_datamodule,
+    predict_run,
+    train_one_step,
+    write_labelled_predictions,
+)
 
 from lit_spine.commands import inspect, phantom
 from lit_spine.data.spider import (
@@ -38,12 +44,6 @@ def spider(tmp_path_factory):
     root = tmp_path_factory.mktemp("spider") / "data"
     truth = write_spider_phantom(root, studies=3, seed=0, size=SIZE)
     return root, truth
-
-
-def _copy(root, tmp_path):
-    dst = tmp_path / "data"
-    shutil.copytree(root, dst)
-    return dst
 
 
 def test_phantom_layout_read_back(spider):
@@ -140,7 +140,7 @@ def test_missing_spacing_refused_not_defaulted(tmp_path):
 
 
 def test_bad_rows_and_files_reported_and_skipped(spider, tmp_path):
-    root = _copy(spider[0], tmp_path)
+    root = copy_data(spider[0], tmp_path)
     csv = pd.read_csv(root / GRADINGS_CSV, dtype=str)
     csv.loc[0, "Patient"] = "x"
     csv.loc[1, "IVD label"] = "0"
@@ -227,29 +227,17 @@ def test_phantom_and_inspect_commands(tmp_path, capsys):
     assert "patient 2: mask" in captured.out and "not found; patient skipped" in captured.out
 
 
-def _dm(tmp_path, **kw):
-    from lit_spine.data.datamodule import SpineDataModule
-
-    args = dict(
-        format="spider",
-        task="spider_disc",
-        vocab="spider_pfirrmann",
-        phantom_dir=str(tmp_path / "phantom"),
-        phantom_studies=4,
-        cache_dir=str(tmp_path / "cache"),
-        folds=2,
-        image_size=64,
-        slices=3,
-        batch_size=2,
-        num_workers=0,
-    )
-    return SpineDataModule(**(args | kw))
+# `phantom_datamodule` settings of these tests: spider_disc on a 4-study phantom, 2 folds.
+SPIDER_DM = dict(
+    format="spider", task="spider_disc", vocab="spider_pfirrmann", phantom_studies=4,
+    folds=2, slices=3, batch_size=2,
+)  # fmt: skip
 
 
 def test_datamodule_one_training_step(tmp_path):
     from lit_spine.module import SpineModule
 
-    dm = _dm(tmp_path, slices=1, augment=False)
+    dm = phantom_datamodule(tmp_path, SPIDER_DM, slices=1, augment=False)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.root == tmp_path / "phantom" / "spider"
@@ -266,53 +254,16 @@ def test_datamodule_one_training_step(tmp_path):
     net = SpineNet("resnet18", vocab="spider_pfirrmann", task="spider_disc", head_channels=32)
     module = SpineModule(net, class_loss="ce", multi_label=False)
     assert module.task.name == "spider_disc"
-    opt = torch.optim.SGD(module.parameters(), lr=0.01)
-    losses = module.loss_fn(module(batch["image"], batch["points"]), batch)
-    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
-    before = net.classifier.disc.weight.detach().clone()
-    opt.zero_grad()
-    losses["loss"].backward()
-    opt.step()
-    assert not torch.equal(before, net.classifier.disc.weight)
+    train_one_step(module, batch)
     with pytest.raises(ValueError, match="data.folds >= 2"):
-        _dm(tmp_path, folds=1)
+        phantom_datamodule(tmp_path, SPIDER_DM, folds=1)
     with pytest.raises(ValueError, match=r"does not fit data.format 'spider'.*spider: spider_disc"):
-        _dm(tmp_path, task="rsna2024_canal", vocab="rsna2024_severity")
+        phantom_datamodule(tmp_path, SPIDER_DM, task="rsna2024_canal", vocab="rsna2024_severity")
 
 
 def test_fit_through_cli(tmp_path, capsys):
-    from pathlib import Path
-
-    from lit_spine.train_cli import run_lightning_cli
-
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    run_lightning_cli(
-        [
-            "fit",
-            "--config", str(experiments / "base.yaml"),
-            "--config", str(experiments / "smoke.yaml"),
-            "--config", str(experiments / "data" / "spider.yaml"),
-            "--data.data_root=null",
-            f"--data.phantom_dir={tmp_path / 'phantom'}",
-            "--data.phantom_studies=4",
-            "--data.folds=2",
-            "--data.image_size=64",
-            "--data.batch_size=2",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--model.net.init_args.backbone=test_resnet",
-            "--model.net.init_args.norm_groups=8",
-            "--trainer.max_epochs=1",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--experiment=spider",
-            f"--runs_root={tmp_path / 'runs'}",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
-    (run,) = (tmp_path / "runs" / "spider").iterdir()
-    config = json.loads((run / "meta.json").read_text())["config_flat"]
+    run, config, state = fit_on_phantom(tmp_path, "spider.yaml", "spider", studies=4, batch_size=2)
     assert config["data.task"] == "spider_disc" and config["data.format"] == "spider"
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["net.heatmap.weight"].shape[0] == get_task("spider_disc").num_points
     assert state["net.classifier.disc.weight"].shape[0] == 5
     diagnostics = json.loads((run / "diagnostics.json").read_text())
@@ -322,15 +273,7 @@ def test_fit_through_cli(tmp_path, capsys):
     # predict on the checkpoint writes predictions.csv; evaluate scores it with the metric.
     from lit_spine.commands import evaluate as evaluate_cmd
 
-    run_lightning_cli(
-        [
-            "predict",
-            "--config", str(run / "config.yaml"),
-            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.enable_progress_bar=false",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
+    predict_run(run)
     pred = pd.read_csv(run / "predict" / "predictions.csv")
     assert len(pred) == 2 * 5 and set(pred.level) == set(RSNA_LEVELS)
     grade_probs = pred[[f"pfirrmann_{g}" for g in range(1, 6)]].to_numpy()
@@ -349,30 +292,20 @@ def test_fit_through_cli(tmp_path, capsys):
 
 def test_prediction_file_round_trip_through_evaluate(tmp_path, capsys):
     from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_spider
-    from lit_spine.metrics import select_predictions
-    from lit_spine.predict_layouts import write_layout_predictions
 
-    dm = _dm(tmp_path, slices=1)
+    dm = phantom_datamodule(tmp_path, SPIDER_DM, slices=1)
     dm.prepare_data()
     dm.setup("predict")
     cache, indices = dm.predict_dataset.cache, list(dm.predict_dataset.indices)
-    task = get_task("spider_disc")
-    vocab = task.vocabulary()
     n = len(indices)
-    labels = cache.labels[indices]
-    probs = np.where(labels, 0.9, 0.025).astype(np.float32)
-    merged = {
-        "index": np.asarray(indices),
-        "points": np.nan_to_num(cache.points[indices]).astype(np.float32),
-        "scores": np.full((n, 5), 0.95, np.float32),
-        "vertebra_probs": np.zeros((n, 0, 0), np.float32),
-        "disc_probs": probs,
-    }
-    rows = select_predictions(*(torch.from_numpy(merged[k]) for k in
-                                ("points", "scores", "vertebra_probs", "disc_probs")),
-                              vocab, task=task)  # fmt: skip
-    out = tmp_path / "predict"
-    (path,) = write_layout_predictions(out, merged, cache, task, vocab, rows)
+    # spider_disc has no vertebra head: every class column is a disc's.
+    (path,) = write_labelled_predictions(
+        tmp_path / "predict",
+        cache,
+        indices,
+        get_task("spider_disc"),
+        lambda probs: (np.zeros((len(probs), 0, 0), np.float32), probs),
+    )
     pred = pd.read_csv(path)
     root = tmp_path / "phantom" / "spider"
     data = read_spider(root)

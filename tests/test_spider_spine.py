@@ -11,7 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-import torch
+from spine_helpers import (
+    fit_on_phantom,
+    phantom_datamodule,
+    predict_run,
+    train_one_step,
+    write_labelled_predictions,
+)
 
 from lit_spine.commands import inspect
 from lit_spine.data.spider import (
@@ -168,23 +174,18 @@ def test_inspect_task(spider, capsys):
     assert "does not fit --format spider" in capsys.readouterr().err
 
 
-def _dm(tmp_path, **kw):
-    from lit_spine.data.datamodule import SpineDataModule
-
-    args = dict(
-        format="spider", task="spider_spine", vocab="spider_findings",
-        phantom_dir=str(tmp_path / "phantom"), phantom_studies=4,
-        cache_dir=str(tmp_path / "cache"), folds=2, image_size=64, slices=1,
-        batch_size=2, num_workers=0, augment=False,
-    )  # fmt: skip
-    return SpineDataModule(**(args | kw))
+# `phantom_datamodule` settings of these tests: spider_spine on a 4-study phantom, 2 folds.
+SPINE_DM = dict(
+    format="spider", task="spider_spine", vocab="spider_findings", phantom_studies=4,
+    folds=2, slices=1, batch_size=2, augment=False,
+)  # fmt: skip
 
 
 def test_datamodule_one_training_step(tmp_path):
     from lit_spine.models.net import SpineNet
     from lit_spine.module import SpineModule
 
-    dm = _dm(tmp_path)
+    dm = phantom_datamodule(tmp_path, SPINE_DM)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.task.name == "spider_spine" and dm.task.num_points == 10
@@ -208,42 +209,26 @@ def test_datamodule_one_training_step(tmp_path):
             assert set(np.flatnonzero(cache.labels[row, k]).tolist()) == want
     net = SpineNet("resnet18", vocab="spider_findings", task="spider_spine", head_channels=32)
     module = SpineModule(net)
-    losses = module.loss_fn(module(batch["image"], batch["points"]), batch)
-    assert torch.isfinite(losses["loss"]) and losses["cls"] > 0
-    opt = torch.optim.SGD(module.parameters(), lr=0.01)
-    before = net.classifier.disc.weight.detach().clone()
-    opt.zero_grad()
-    losses["loss"].backward()
-    opt.step()
-    assert not torch.equal(before, net.classifier.disc.weight)
+    train_one_step(module, batch)
     assert net.classifier.vertebra.weight.shape[0] == 1
 
 
 def test_prediction_file_round_trip_through_evaluate(tmp_path):
     from lit_spine.evaluate_layouts import evaluate_spider
-    from lit_spine.metrics import select_predictions
-    from lit_spine.predict_layouts import write_layout_predictions
 
-    dm = _dm(tmp_path)
+    dm = phantom_datamodule(tmp_path, SPINE_DM)
     dm.prepare_data()
     dm.setup("predict")
     cache, indices = dm.predict_dataset.cache, list(dm.predict_dataset.indices)
-    task = get_task("spider_spine")
-    vocab = task.vocabulary()
     n = len(indices)
-    labels = cache.labels[indices]
-    probs = np.where(labels, 0.9, 0.025).astype(np.float32)
-    merged = {
-        "index": np.asarray(indices),
-        "points": np.nan_to_num(cache.points[indices]).astype(np.float32),
-        "scores": np.full((n, 10), 0.95, np.float32),
-        "vertebra_probs": probs[:, 0::2, :1],
-        "disc_probs": probs[:, 1::2, 1:],
-    }
-    rows = select_predictions(*(torch.from_numpy(merged[k]) for k in
-                                ("points", "scores", "vertebra_probs", "disc_probs")),
-                              vocab, task=task)  # fmt: skip
-    (path,) = write_layout_predictions(tmp_path / "predict", merged, cache, task, vocab, rows)
+    # Vertebrae (even points) have one class, v1; discs (odd points) the other five.
+    (path,) = write_labelled_predictions(
+        tmp_path / "predict",
+        cache,
+        indices,
+        get_task("spider_spine"),
+        lambda probs: (probs[:, 0::2, :1], probs[:, 1::2, 1:]),
+    )
     pred = pd.read_csv(path)
     assert len(pred) == 10 * n and list(pred.columns[-6:]) == [
         "p_vertebra", "p_normal", "p_modic", "p_herniation", "p_bulging", "p_narrowing",
@@ -268,55 +253,18 @@ def test_prediction_file_round_trip_through_evaluate(tmp_path):
 
 
 def test_fit_predict_evaluate_through_cli(tmp_path, capsys):
-    from pathlib import Path
-
     from lit_spine.commands import evaluate as evaluate_cmd
-    from lit_spine.train_cli import run_lightning_cli
 
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    run_lightning_cli(
-        [
-            "fit",
-            "--config", str(experiments / "base.yaml"),
-            "--config", str(experiments / "smoke.yaml"),
-            "--config", str(experiments / "data" / "spider.yaml"),
-            "--data.task=spider_spine",
-            "--data.vocab=spider_findings",
-            "--data.data_root=null",
-            f"--data.phantom_dir={tmp_path / 'phantom'}",
-            "--data.phantom_studies=4",
-            "--data.folds=2",
-            "--data.image_size=64",
-            "--data.batch_size=2",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--model.net.init_args.backbone=test_resnet",
-            "--model.net.init_args.norm_groups=8",
-            "--trainer.max_epochs=1",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--experiment=spine",
-            f"--runs_root={tmp_path / 'runs'}",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
-    (run,) = (tmp_path / "runs" / "spine").iterdir()
-    config = json.loads((run / "meta.json").read_text())["config_flat"]
+    settings = ("--data.task=spider_spine", "--data.vocab=spider_findings")
+    run, config, state = fit_on_phantom(tmp_path, "spider.yaml", "spine", *settings, studies=4,
+                                        batch_size=2)  # fmt: skip
     assert config["data.task"] == "spider_spine" and config["data.vocab"] == "spider_findings"
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["net.heatmap.weight"].shape[0] == 10
     assert state["net.classifier.vertebra.weight"].shape[0] == 1
     assert state["net.classifier.disc.weight"].shape[0] == 5
     diagnostics = json.loads((run / "diagnostics.json").read_text())
     assert [lv["name"] for lv in diagnostics["per_level"]["levels"]] == list(SPINE)
-    run_lightning_cli(
-        [
-            "predict",
-            "--config", str(run / "config.yaml"),
-            "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.enable_progress_bar=false",
-            "--wandb=disabled",
-        ]
-    )  # fmt: skip
+    predict_run(run)
     pred = pd.read_csv(run / "predict" / "predictions.csv")
     assert len(pred) == 2 * 10 and list(pred.level[:10]) == list(SPINE)
     capsys.readouterr()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from spine_helpers import geometry_only
 
 from lit_spine.data.labels import DISC_POINTS, VERTEBRA_POINTS, get_vocabulary
 from lit_spine.data.targets import (
@@ -22,19 +23,7 @@ from lit_spine.data.transforms import (
 )
 
 SIZE = (96, 128)  # non-square on purpose: catches swapped axes
-GEOMETRY_ONLY = AugmentConfig(
-    affine_p=1.0,
-    rotate_deg=25.0,
-    scale=0.3,
-    translate=0.1,
-    shear_deg=5.0,
-    slice_flip_p=0.0,
-    gamma_p=0.0,
-    contrast_p=0.0,
-    bias_field_p=0.0,
-    noise_p=0.0,
-    cutout_p=0.0,
-)
+GEOMETRY_ONLY = geometry_only(rotate_deg=25.0, scale=0.3, translate=0.1, shear_deg=5.0)
 
 
 def dot_image(x: int, y: int, size=SIZE) -> torch.Tensor:

@@ -38,7 +38,7 @@ def _spacing(text: Any) -> tuple[float, float]:
         lo, hi = SPACING_RANGE_MM
         raise argparse.ArgumentTypeError(
             f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
-            f"1:{MAX_SPACING_ASPECT:g} apart; {one_line(text, 80)!r}: {reason}"
+            f"{MAX_SPACING_ASPECT:g}:1 apart; {one_line(text, 80)!r}: {reason}"
         )
     return row, col
 

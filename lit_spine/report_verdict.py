@@ -64,10 +64,8 @@ def schedule_text(runs) -> str:
     kinds = distinct_values(runs, "model.scheduler")
     if kinds != ["cosine"]:
         return f"; schedule {_span(kinds)}" if kinds else ""
-    warmup, floor = (
-        distinct_values(runs, "model.warmup_epochs"),
-        distinct_values(runs, "model.min_lr_ratio"),
-    )
+    warmup = distinct_values(runs, "model.warmup_epochs")
+    floor = distinct_values(runs, "model.min_lr_ratio")
     hold = distinct_values(runs, "model.hold_fraction") or [0.0]
     text = f"; schedule: warm-up {_span(warmup)} epoch(s), cosine decay to {_span(floor)} x lr"
     if hold == [0.0]:

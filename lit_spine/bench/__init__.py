@@ -1,11 +1,10 @@
 """`lit-spine bench`: time the suite's own parts against the obvious alternatives, in one run.
 
 Every figure is measured here, now, on this machine; nothing is extrapolated or copied in.
-A figure is
-the median of `--repeats` runs with their min and max; a ratio is the ratio of two medians
-taken in the same run, with the runs of both sides interleaved (A, B, A, B, ...) so that
-load from other processes on a shared machine hits both sides alike. Repeated calls are
-timed with `torch.utils.benchmark.Timer`.
+A figure is the median of `--repeats` runs with their min and max; a ratio is the ratio of
+two medians taken in the same run, with the runs of both sides interleaved (A, B, B, A, ...)
+so that load from other processes on a shared machine hits both sides alike. Repeated calls
+are timed with `torch.utils.benchmark.Timer`.
 
 What is compared (`--only` picks sections by name; `sections.py`):
 

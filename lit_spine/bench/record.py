@@ -69,10 +69,8 @@ class Figure:
         """The JSON line of this figure."""
         s = summarize(self.values)
         stats = {k: clean(s[k]) for k in ("median", "min", "max")}
-        return {"figure": self.name, **stats, "unit": self.unit, "n": s["n"]} | {
-            "section": self.section,
-            **self.extra,
-        }
+        head = {"figure": self.name, **stats, "unit": self.unit, "n": s["n"]}
+        return head | {"section": self.section, **self.extra}
 
 
 def check_target(value: float, target: float, higher_is_better: bool = True) -> bool:
@@ -108,9 +106,10 @@ def ratio_record(
     rec |= {"denominator": denominator.name, "unit": "x", "section": section}
     paired = [a / b for a, b in zip(numerator.values, denominator.values) if b]
     if paired and len(paired) == len(numerator.values) == len(denominator.values):
-        rec["paired_min"], rec["paired_max"] = clean(min(paired)), clean(max(paired))
-        if target is not None and min(paired) < target <= max(paired):
-            rec["straddles_target"] = True
+        s = summarize(paired)  # per-repeat ratios: the spread of the interleaved pairs
+        rec["paired_min"], rec["paired_max"] = clean(s["min"]), clean(s["max"])
+        if target is not None and s["min"] < target <= s["max"]:
+            rec["straddles_target"] = True  # single repeats on both sides: within noise
     return _verdict(rec, value, target, higher_is_better, why)
 
 

@@ -1,12 +1,12 @@
-"""The training steps the bench times: the real `SpineModule` step (its own loss and
-optimizer) per precision and memory format, the one plain PyTorch step it is compared with,
-and the peak FLOP/s and MFU arithmetic.
+"""The training step the bench times: the real `SpineModule` step per precision and memory
+format, the one plain PyTorch step it is compared with, the peak FLOP/s and MFU arithmetic.
 
 Timing is `torch.utils.benchmark.Timer` (warm-up, adaptive block size, `num_threads`, CUDA
-synchronisation). Hand-written, because no library does it: the variants and the MFU
-arithmetic. FLOPs of a training step are the forward FLOPs `describe` counts (batch 1) times
-3: the backward costs about twice the forward (an input and a weight gradient per layer;
-Kaplan et al. 2020 use the same rule).
+synchronisation); nothing here times by hand. Hand-written, because no library does it: the
+variant set-up and the MFU arithmetic. FLOPs of a training step are the forward FLOPs that
+`describe` counts (torch.utils.flop_counter, batch 1) times 3: the backward pass costs about
+twice the forward (one product for the input gradient, one for the weight gradient per layer;
+Kaplan et al. 2020 use the same 2x rule).
 """
 
 from __future__ import annotations
@@ -46,17 +46,18 @@ class Variant:
 
 
 def suite_variant(cuda: bool) -> Variant:
-    """Precision and channels_last of the suite's preset for this device (experiments/gpu.yaml,
-    experiments/sweep_cpu.yaml), resolved as `lit-spine fit` does (bf16 falls back to fp32 on
-    a CPU without native bf16)."""
+    """How the suite trains on this device: precision and channels_last of its preset
+    (experiments/gpu.yaml on a GPU, experiments/sweep_cpu.yaml on the CPU), resolved as
+    `lit-spine fit` resolves them (bf16 falls back to fp32 on a CPU without native bf16)."""
     import yaml
 
     from lit_spine.hardware import resolve_precision
 
     preset = yaml.safe_load((EXPERIMENTS / ("gpu.yaml" if cuda else "sweep_cpu.yaml")).read_text())
-    trainer, model = preset.get("trainer") or {}, preset.get("model") or {}
-    precision, _ = resolve_precision(trainer.get("precision", "32-true"), "gpu" if cuda else "cpu")
-    return Variant(precision, bool(model.get("channels_last", False)))
+    precision, _ = resolve_precision(
+        (preset.get("trainer") or {}).get("precision", "32-true"), "gpu" if cuda else "cpu"
+    )
+    return Variant(precision, bool((preset.get("model") or {}).get("channels_last", False)))
 
 
 def autocast(device: torch.device | str, variant: Variant) -> contextlib.AbstractContextManager:
@@ -67,8 +68,10 @@ def autocast(device: torch.device | str, variant: Variant) -> contextlib.Abstrac
 
 
 def make_batch(batch_size: int, image_size: int, device: torch.device, seed: int = 0) -> dict:
-    """A random training batch with the keys and shapes `SpineLoss` reads (heatmap stride 4);
-    step time does not depend on the values."""
+    """A synthetic training batch with the keys and shapes `SpineLoss` reads (stride 4).
+
+    Step time does not depend on pixel values, so random images and targets do for timing.
+    """
     from lit_spine.task import NUM_POINTS, get_vocabulary
 
     g = torch.Generator().manual_seed(seed)
@@ -100,8 +103,8 @@ def make_net(backbone: str, norm: str = "batchnorm", seed: int = 0):
 
 def build_module(backbone: str | torch.nn.Module, variant: Variant, device: torch.device | str):
     """A SpineModule around a SpineNet (seeded, for a backbone name) on `device`, after its own
-    `configure_model` (channels_last, compile); constant lr and no SyncBatchNorm, as no Trainer
-    sets the schedule or the world size."""
+    `configure_model` for `variant` (channels_last, compile). Constant lr and no SyncBatchNorm:
+    no Trainer is attached to plan a schedule or report a world size."""
     from lit_spine.module import SpineModule
 
     net = make_net(backbone)[0] if isinstance(backbone, str) else backbone
@@ -113,7 +116,7 @@ def build_module(backbone: str | torch.nn.Module, variant: Variant, device: torc
 
 def suite_step(module, batch: dict, variant: Variant) -> Callable[[], None]:
     """One real `SpineModule.training_step` + backward + step of the optimizer the module
-    configures (fused AdamW where no grad scaler runs), as a zero-argument call."""
+    configures (fused AdamW where no grad scaler runs, as in training), as a zero-argument call."""
     optimizer = module.configure_optimizers()
 
     def step() -> None:
@@ -142,27 +145,29 @@ def plain_step(net, optimizer, loss_fn, batch: dict, scheduler=None, variant=Var
 
 
 def plain_fp32_step(backbone: str, batch: dict, device: torch.device) -> Callable[[], None]:
-    """The same network, its default AdamW and SpineLoss in `plain_step`, as a call."""
+    """The same network trained by `plain_step` (no module, no autocast), as a zero-argument call."""
     from lit_spine.losses import SpineLoss
 
     net = make_net(backbone)[0].to(device).train()
-    optimizer = torch.optim.AdamW(net.param_groups(1e-4), lr=1e-3)
-    return lambda: plain_step(net, optimizer, SpineLoss(class_loss="bce"), batch)
+    optimizer = torch.optim.AdamW(net.param_groups(1e-4), lr=1e-3)  # torch's default step
+    loss_fn = SpineLoss(class_loss="bce")
+    return lambda: plain_step(net, optimizer, loss_fn, batch)
 
 
 def held_memory_mb(step: Callable[[], None]) -> float:
-    """Tensor memory a `suite_step` holds, in MB, from one call: parameters, gradients and
-    optimizer state after it, plus the activations autograd saved for the backward
-    (`torch.autograd.graph.saved_tensors_hooks`), a bound of its peak."""
+    """Tensor memory a training step holds, in MB, from one call of `step` (a `suite_step`):
+    parameters, gradients and optimizer state after it, plus the activations autograd saved
+    for the backward (`torch.autograd.graph.saved_tensors_hooks`), a bound of its peak."""
 
     def nbytes(tensors) -> int:  # by storage address: views and shared weights count once
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
         return sum(s.nbytes() for s in storages.values())
 
     params = [p for group in step.optimizer.param_groups for p in group["params"]]
-    weights, saved = {p.untyped_storage().data_ptr() for p in params}, []
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved = []  # kept here to the end, so no address is reused among them
 
-    def pack(t: torch.Tensor) -> torch.Tensor:  # kept to the end: no address is reused
+    def pack(t: torch.Tensor) -> torch.Tensor:
         if t.untyped_storage().data_ptr() not in weights:
             saved.append(t)
         return t
@@ -175,19 +180,19 @@ def held_memory_mb(step: Callable[[], None]) -> float:
 
 
 def time_call(fn: Callable, threads: int, min_run_time: float, warmup: int = 2) -> float:
-    """Median seconds per call of `fn` (`blocked_autorange` for `min_run_time` s, after
-    `warmup` untimed calls), or, with `min_run_time` 0, the seconds of exactly one call (a long
-    job, or one step of several interleaved ones)."""
+    """Median seconds per call of `fn` (blocked_autorange for `min_run_time` s, after `warmup`
+    untimed calls), or, with `min_run_time` 0, the seconds of exactly one call (a long job, or
+    one step of several interleaved ones: `Timer.timeit` would add two untimed calls)."""
     for _ in range(warmup):
-        fn()  # oneDNN primitives, optimizer state and compiled graphs are built here
-    if min_run_time > 0:
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-        return float(timer.blocked_autorange(min_run_time=min_run_time).median)
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # as Timer does: queued GPU work is part of the call
-    return time.perf_counter() - start
+        fn()  # oneDNN primitives, optimizer state and compiled graphs are built in the warm-up
+    if min_run_time <= 0:
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # as Timer does: queued GPU work is part of the call
+        return time.perf_counter() - start
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
 def forward_flops(backbone: str, image_size: int) -> float:
@@ -202,20 +207,24 @@ def train_flops_per_image(forward: float) -> float:
     return forward * (1.0 + BACKWARD_FACTOR)
 
 
-def peak_flops(device, dtype, threads: int, min_run_time: float, quick: bool) -> dict:
-    """Measured FLOP/s of a dense GEMM and of a 3x3 convolution (channels_last) in `dtype`,
-    sized to reach the BLAS / oneDNN steady state (smaller under `quick`); 'peak' is the larger.
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, threads: int, min_run_time: float, quick: bool
+) -> dict[str, float]:
+    """Measured FLOP/s of a dense GEMM and of a 3x3 convolution in `dtype`; 'peak' is the larger.
+
+    Sizes are large enough to reach the BLAS/oneDNN steady state (smaller under `quick`).
     """
     cuda = device.type == "cuda"
     n = 512 if quick else (4096 if cuda else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    gemm = 2.0 * n**3 / time_call(lambda: a @ b, threads, min_run_time)
+    gemm_s = time_call(lambda: a @ b, threads, min_run_time)
     batch, chans, size = (2, 64, 16) if quick else ((32, 256, 32) if cuda else (8, 128, 32))
     conv = torch.nn.Conv2d(chans, chans, 3, padding=1, bias=False).to(device, dtype)
     conv = conv.to(memory_format=torch.channels_last)
     x = torch.randn(batch, chans, size, size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        x = x.contiguous(memory_format=torch.channels_last)
-        seconds = time_call(lambda: conv(x), threads, min_run_time)
-    conv_flops = 2.0 * batch * chans * size * size * chans * 9 / seconds
+        conv_s = time_call(lambda: conv(x), threads, min_run_time)
+    gemm = 2.0 * n**3 / gemm_s
+    conv_flops = 2.0 * batch * chans * size * size * chans * 9 / conv_s
     return {"gemm": gemm, "conv3x3": conv_flops, "peak": max(gemm, conv_flops)}

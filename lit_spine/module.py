@@ -3,7 +3,9 @@
 Also the callbacks that belong to training: the DropBlock rate warm-up (Ghiasi et al. 2018,
 "DropBlock: A regularization method for convolutional networks": the drop rate grows
 linearly from 0 to its target during training), a throughput / peak-memory monitor, and a
-checkpoint on interruption so that `fit --ckpt_path last` continues where a run stopped.
+checkpoint on interruption so that `fit --ckpt_path last` continues where a run stopped, and
+the exponential moving average of the weights that validation, checkpoints and the finished
+model use when a preset asks for it (`WeightEMA`, on Lightning's `WeightAveraging`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchmetrics import MaxMetric
 
 from lit_spine.losses import SpineLoss, class_probabilities
@@ -469,6 +474,44 @@ class DropBlockSchedule(pl.Callback):
             return
         total = max(1.0, float(trainer.estimated_stepping_batches) * self.warmup_fraction)
         net.set_drop_schedule(min(1.0, trainer.global_step / total))
+
+
+class WeightEMA(WeightAveraging):
+    """Validate, checkpoint and end training with an exponential moving average of the weights
+    (and of the BatchNorm statistics): w_ema <- decay * w_ema + (1 - decay) * w after every
+    optimizer step, starting from the initial weights.
+
+    Lightning's `WeightAveraging` does the averaging, the swap around validation, the checkpoint
+    (`state_dict` holds the average, so `test`, `predict` and `load_checkpoint` use it; the raw
+    weights travel beside it for a resume) and the copy into the model at the end of `fit`.
+    This subclass only picks torch's foreach EMA update (Lightning's `EMAWeightAveraging`
+    updates tensor by tensor) and names the two settings a preset needs.
+
+    Args:
+        decay: weight of the old average per step; the average spans about 1 / (1 - decay)
+            steps (0.99: about 100).
+        start_step: first optimizer step (0-based) that updates the average; before it the
+            average stays at the initial weights.
+    """
+
+    def __init__(self, decay: float = 0.99, start_step: int = 0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"WeightEMA decay={decay!r}: must lie strictly between 0 and 1")
+        if start_step < 0:
+            raise ValueError(f"WeightEMA start_step={start_step!r}: must be 0 or more")
+        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self.start_step = start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # SpineModule.configure_model only sets the memory format (and, on GPUs, SyncBatchNorm);
+        # it shards nothing, so Lightning's warning about sharded models does not apply here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*WeightAveraging.*configure_model")
+            super().setup(trainer, pl_module, stage)
 
 
 class ThroughputMonitor(pl.Callback):

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 
 from lit_spine import runs as run_folder
@@ -213,6 +213,28 @@ class RunFolder(SaveConfigCallback):
             atomic_write_json(Path(self.cli.log_dir) / "test_metrics.json", metrics)
 
 
+def last_checkpoint_every_epoch(callbacks: list) -> list[ModelCheckpoint]:
+    """Callbacks that keep `last.ckpt` at the latest epoch where the configured checkpoint asks
+    for it (`checkpoint.save_last`).
+
+    Since Lightning 2.6 a monitoring `ModelCheckpoint` writes `last.ckpt` only at the steps
+    where it also saved a top-k checkpoint, i.e. when the monitored metric improved: with
+    save_top_k=1 `last.ckpt` is a copy of `best.ckpt`, and resuming a run to more epochs would
+    silently restart from its best epoch. Here the monitoring callback keeps `best.ckpt` only,
+    and a second one without a monitor rewrites `last.ckpt` at the end of every epoch.
+    """
+    extra = []
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.save_last:
+            cb.save_last = False
+            last = ModelCheckpoint(
+                dirpath=cb.dirpath, filename=ModelCheckpoint.CHECKPOINT_NAME_LAST, monitor=None,
+                save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False,
+            )  # fmt: skip
+            extra.append(last)
+    return extra
+
+
 class SpineCLI(LightningCLI):
     """LightningCLI for SpineModule + SpineDataModule with run folders and default callbacks."""
 
@@ -364,14 +386,17 @@ class SpineCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
         callbacks = list(callbacks)
+        if self.subcommand == "fit":
+            callbacks += last_checkpoint_every_epoch(callbacks)
         callbacks.append(ThroughputMonitor())
         callbacks.append(CheckpointOnInterrupt(self.run_dir / "checkpoints"))
         if self.subcommand != "fit":
-            callbacks = [
-                c
-                for c in callbacks
-                if not isinstance(c, (ModelCheckpoint, EarlyStopping, CheckpointOnInterrupt))
-            ]
+            # A checkpoint of a run with weight averaging already holds the averaged weights.
+            fit_only = (ModelCheckpoint, EarlyStopping, CheckpointOnInterrupt, WeightAveraging)
+            callbacks = [c for c in callbacks if not isinstance(c, fit_only)]
+            given = config.get("callbacks") or []  # `trainer.callbacks` (a preset's EMA)
+            given = given if isinstance(given, list) else [given]
+            config = {**config, "callbacks": [c for c in given if not isinstance(c, fit_only)]}
         if self.subcommand == "predict":
             from lit_spine.predict import PredictionWriter
 

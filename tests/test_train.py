@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 OVERLAYS = sorted(
     p.relative_to(EXPERIMENTS).as_posix()
-    for sub in ("backbone", "norm", "drop", "data")
+    for sub in ("backbone", "norm", "drop", "data", "train")
     for p in (EXPERIMENTS / sub).glob("*.yaml")
 )
 STANDALONE = ("smoke.yaml", "overfit.yaml")
@@ -362,3 +362,56 @@ def test_hold_fraction_ends_the_cosine_early_and_holds_the_floor():
     assert seen[15:] == pytest.approx([0.01] * 5)
     with pytest.raises(ValueError, match="hold_fraction must be in"):
         SpineModule(SpineNet("test_resnet", head_channels=16), hold_fraction=1.0)
+
+
+def test_weight_ema_validates_checkpoints_and_resumes_with_the_average(phantom_root, tmp_path):
+    """`WeightEMA` (a preset's `trainer.callbacks`): validation scores the averaged weights, the
+    checkpoint's state_dict is that average (the raw weights beside it), `test` on the
+    checkpoint reproduces the last in-training validation, and a resumed run goes on."""
+    from lit_spine.module import WeightEMA
+
+    preset = tmp_path / "ema.yaml"
+    callbacks = [{"class_path": "lit_spine.module.WeightEMA", "init_args": {"decay": 0.8}}]
+    preset.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    run = _tiny_fit(phantom_root, tmp_path, "--config", str(preset), "--seed_everything=3")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    average, raw = last["state_dict"], last["current_model_state"]
+    assert average.keys() == raw.keys()
+    moved = [k for k, v in average.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    assert any("weight" in k for k in moved), "the average should differ from the raw weights"
+
+    # The last epoch's validation ran on the average: testing the checkpoint on the same
+    # split gives the same numbers.
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    last_val = [r for r in rows if r.get("val/mAP")][-1]
+    run_lightning_cli(
+        [
+            "test", "--config", str(run / "config.yaml"), "--wandb=disabled",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--data.test_split=val",
+        ]
+    )  # fmt: skip
+    tested = json.loads((run / "test" / "test_metrics.json").read_text())
+    assert tested["test/mAP"] == pytest.approx(float(last_val["val/mAP"]), abs=1e-6)
+    assert tested["test/mre_mm"] == pytest.approx(float(last_val["val/mre_mm"]), rel=1e-5)
+
+    _resume(run, tmp_path, epochs=3)
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+    for bad in ({"decay": 1.0}, {"decay": 0.0}, {"start_step": -1}):
+        with pytest.raises(ValueError, match="WeightEMA"):
+            WeightEMA(**bad)
+    ema = WeightEMA(start_step=5)
+    assert not ema.should_update(step_idx=4) and ema.should_update(step_idx=5)
+    assert not ema.should_update(epoch_idx=9), "the average is updated per step, not per epoch"
+
+
+def test_last_checkpoint_is_the_last_epoch_when_validation_did_not_improve(phantom_root, tmp_path):
+    """`checkpoint.save_last`: last.ckpt is the final epoch, not a copy of the best one (Lightning
+    2.6 writes it only when the monitored metric improved). With lr 0 validation never
+    improves after the first epoch, so best.ckpt stays at epoch 0 while last.ckpt moves on."""
+    run = _tiny_fit(phantom_root, tmp_path, "--model.lr=0.0", "--trainer.max_epochs=3")
+    summary = json.loads((run / "summary.json").read_text())
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == summary["global_step"]

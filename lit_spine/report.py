@@ -53,7 +53,7 @@ from lit_spine.report_cells import (
     short_names,
 )
 from lit_spine.report_plots import plot_curves, plot_factor_bars, plot_norm_vs_batch
-from lit_spine.report_stats import convergence
+from lit_spine.report_stats import POWER, convergence
 from lit_spine.report_verdict import (
     STATISTICS_TEXT,
     convergence_note,
@@ -199,7 +199,8 @@ def _differences_section(report: Report) -> list[str]:
         "",
         "Δ = cell - baseline over shared seeds (mean ± std of the per-seed differences); "
         "P(A>B): A = the cell, B = the baseline; p: paired t-test (Welch's where seeds do not "
-        "pair up), Holm-corrected over this table.",
+        "pair up), Holm-corrected over this table; seeds to separate: seeds per cell for a "
+        f"paired t-test to reach its Holm level with power {POWER} if Δ is real.",
         "",
         f"| cell | Δ {m} | 95% CI of Δ | n pairs | P(A>B) | 95% CI of P(A>B) | p | p (Holm) "
         "| seeds to separate | test |",

@@ -306,8 +306,10 @@ def paired_difference(
 def compare_all(
     cells: Sequence[Cell], reference: Cell, metric: str, seed_keys: Sequence[str], goal: str
 ) -> list[tuple[Cell, dict]]:
-    """Every other cell against `reference`, with Holm-adjusted p-values (p_holm) over them and
-    the level each comparison faces in Holm's step-down (holm_alpha)."""
+    """Every other cell against `reference`, with Holm-adjusted p-values (p_holm) over them, the
+    level each comparison faces in Holm's step-down (holm_alpha), and the seeds a paired
+    comparison would need to pass at that level (seeds_needed): the count at 0.05 can already
+    be met while p_Holm is above 0.05."""
     diffs = [
         (c, paired_difference(c, reference, metric, seed_keys, goal))
         for c in cells
@@ -317,6 +319,8 @@ def compare_all(
     for (_, d), adjusted, level in zip(diffs, holm(pvalues), holm_levels(pvalues)):
         d["p_holm"] = adjusted
         d["holm_alpha"] = level
+        if d["kind"] == "paired" and math.isfinite(level):
+            d["seeds_needed"] = seeds_to_separate(d["diff"], d["std"], alpha=level)
     return diffs
 
 

@@ -24,7 +24,6 @@ from lit_spine.report_stats import (
     MIN_BOOTSTRAP_N,
     N_RESAMPLES,
     POWER,
-    seeds_to_separate,
 )
 
 
@@ -265,9 +264,7 @@ def verdict_text(report: Report) -> str:
     for c, d in same:
         alpha = d.get("holm_alpha", math.nan)
         alpha = alpha if math.isfinite(alpha) else ALPHA
-        need = d.get("seeds_needed")
-        if need is not None and d["kind"] == "paired" and alpha < ALPHA:
-            need = seeds_to_separate(d["diff"], d["std"], alpha=alpha)
+        need = d.get("seeds_needed")  # at its Holm level (report_cells.compare_all)
         if d["kind"] == "paired" and d["diff"] == 0:
             nxt.append(
                 f"{c.label(names)} has the same mean as {best.label(names)} over these seeds: "

@@ -415,6 +415,9 @@ def test_verdict_seeds_to_separate_use_the_holm_step(tmp_path):
     assert strict > report_stats.seeds_to_separate(mean, sd)
     assert f"{strict} seeds per cell ({strict - 3} more) would separate norm=groupnorm " in v
     assert "α 0.025, its Holm step" in v
+    # The differences table states the same counts as the verdict.
+    table = {c.values[NORM[0]]: d["seeds_needed"] for c, d in rep.versus_best}
+    assert table[first] == strict
     _, mean, sd = pairs[second]
     loose = report_stats.seeds_to_separate(mean, sd)
     assert (

@@ -23,11 +23,20 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv with the pinned dependencies (idempotent, seconds when up to date)
 
+# Two installs at once (`make test` and `make sweep` started together on a fresh clone) would
+# run pip twice into one venv and can break it: where flock(1) exists (Linux), the install runs
+# under a lock, and the second make rechecks the stamp once it gets the lock.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -U pip setuptools wheel
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -c requirements.lock -e '.[dev]'
-	@touch $(STAMP)
+	@if [ -z "$$LIT_SPINE_INSTALL_LOCKED" ] && command -v flock >/dev/null 2>&1; then \
+	  LIT_SPINE_INSTALL_LOCKED=1 flock .install.lock $(MAKE) --no-print-directory $(STAMP); \
+	else \
+	  set -e; \
+	  test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  echo "install: $(VENV) with the pinned dependencies"; \
+	  $(PY) -m pip install -q --disable-pip-version-check -U pip setuptools wheel; \
+	  $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -c requirements.lock -e '.[dev]'; \
+	  touch $(STAMP); \
+	fi
 
 test: install ## run the fast test suite
 	WANDB_MODE=disabled $(PY) -m pytest -q

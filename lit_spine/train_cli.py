@@ -406,6 +406,17 @@ class SpineCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         cfg = self.config_init[self.subcommand]
+        size = self.datamodule.hparams.get("image_size")
+        deepest = max(getattr(self.model.spine_net, "reductions", None) or [1])
+        if isinstance(size, int) and size % deepest:
+            fits = sorted({max(deepest, size // deepest * deepest), -(-size // deepest) * deepest})
+            if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # the new run's folder, still empty: nothing ran
+            raise SystemExit(
+                f"lit-spine: data.image_size={size} is not a multiple of {deepest}, the deepest "
+                f"reduction of backbone {self.model.spine_net.backbone_name!r}; use "
+                + " or ".join(str(f) for f in fits)
+            )
         if cfg.get("print_model"):
             from lit_spine.models.summary import describe, format_description
 

@@ -415,3 +415,16 @@ def test_last_checkpoint_is_the_last_epoch_when_validation_did_not_improve(phant
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert best["epoch"] == 0
     assert last["epoch"] == 2 and last["global_step"] == summary["global_step"]
+
+
+def test_image_size_not_a_multiple_of_the_reduction_stops_before_training(phantom_root, tmp_path):
+    """A size the backbone cannot take is refused at start-up, naming the key and the sizes
+    that fit, not at the first forward pass of a run."""
+    from lit_spine.models.net import SpineNet
+
+    deepest = max(SpineNet("test_resnet", head_channels=16).reductions)
+    bad = 2 * deepest + 4  # a multiple of the heatmap stride (4), not of the reduction
+    assert deepest > 4
+    with pytest.raises(SystemExit, match=f"data.image_size={bad} is not a multiple of {deepest}"):
+        _tiny_fit(phantom_root, tmp_path, f"--data.image_size={bad}")
+    assert not list((tmp_path / "runs" / "tiny").glob("*")), "no empty run folder is left"

@@ -140,6 +140,9 @@ def paired_t_power(n: int, effect: float, alpha: float = ALPHA) -> float:
     return float(stats.nct.sf(t_crit, df, nc) + stats.nct.cdf(-t_crit, df, nc))
 
 
+AFFORDABLE_SEEDS = 1000  # above this many seeds per cell the verdict calls a pair not separable
+
+
 def seeds_to_separate(
     difference: float, std_difference: float, alpha: float = ALPHA, power: float = POWER
 ) -> int | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from lit_spine.report_cells import Report, distinct_values, significant
 from lit_spine.report_stats import (
+    AFFORDABLE_SEEDS,
     ALPHA,
     CONVERGE_ABS,
     CONVERGE_MIN_EPOCHS,
@@ -269,6 +270,12 @@ def verdict_text(report: Report) -> str:
             nxt.append(
                 f"{c.label(names)} has the same mean as {best.label(names)} over these seeds: "
                 "no seed count is predicted to separate them"
+            )
+        elif need is not None and d["kind"] == "paired" and need > AFFORDABLE_SEEDS:
+            nxt.append(
+                f"{c.label(names)} is not separable from {best.label(names)} at any affordable "
+                f"n: the observed difference of {abs(d['diff']):.3f} would need {need:,} seeds "
+                f"per cell (power {POWER}, α {alpha:.3g}); treat them as equal on this data"
             )
         elif need is not None and d["kind"] == "paired":
             more = max(0, need - d["n"])

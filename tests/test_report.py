@@ -508,3 +508,20 @@ def test_protocol_states_the_schedule_and_the_held_floor(tmp_path):
         [make_sweep(tmp_path / "c", cells, NORM, extra={"model.scheduler": "constant"})]
     )
     assert "; schedule constant." in constant.protocol
+
+
+def test_verdict_calls_a_pair_needing_unaffordable_seeds_not_separable(tmp_path):
+    """A difference far below the seed-to-seed spread needs thousands of seeds: the verdict says
+    the two are not separable at an affordable n (with the count), not 'run 1,000 more'."""
+    cells = {
+        ("groupnorm",): _seeded(0.600, (0.0, 0.01, -0.012)),
+        ("batchnorm",): _seeded(0.600, (0.01, -0.005, -0.0035)),
+    }
+    rep = report.write_report([make_sweep(tmp_path / "flat", cells, NORM)])
+    d = np.array(cells[("groupnorm",)]) - np.array(cells[("batchnorm",)])
+    need = report_stats.seeds_to_separate(d.mean(), d.std(ddof=1))
+    assert need > report_stats.AFFORDABLE_SEEDS
+    v = rep.verdict
+    assert v.startswith("Best: norm=batchnorm")
+    assert "norm=groupnorm is not separable from norm=batchnorm at any affordable n" in v
+    assert f"would need {need:,} seeds per cell" in v and "more) would separate" not in v

@@ -407,7 +407,7 @@ class SpineCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         cfg = self.config_init[self.subcommand]
         size = self.datamodule.hparams.get("image_size")
-        deepest = max(getattr(self.model.spine_net, "reductions", None) or [1])
+        deepest = getattr(self.model.spine_net, "size_multiple", 1)  # SpineNet.forward's rule
         if isinstance(size, int) and size % deepest:
             fits = sorted({max(deepest, size // deepest * deepest), -(-size // deepest) * deepest})
             if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):

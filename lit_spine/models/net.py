@@ -150,6 +150,11 @@ class SpineNet(nn.Module):
         self.vocabulary = vocabulary
         self.task = spec
 
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this: the backbone's deepest reduction."""
+        return max(self.reductions)
+
     def forward(
         self, images: torch.Tensor, points: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -161,7 +166,7 @@ class SpineNet(nn.Module):
         heatmaps by argmax when `points` is None).
         """
         height, width = images.shape[-2:]
-        deepest = max(self.reductions)
+        deepest = self.size_multiple
         if height % deepest or width % deepest:
             raise ValueError(
                 f"input size {height}x{width} must be a multiple of the backbone's deepest "

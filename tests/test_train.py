@@ -319,6 +319,41 @@ def test_two_process_cpu_ddp_gives_the_same_metrics(phantom_root, tmp_path):
     assert json.loads((ddp_run / "summary.json").read_text())["status"] == "finished"
 
 
+def test_weight_ema_under_two_process_ddp_validates_and_saves_the_average(phantom_root, tmp_path):
+    """experiments/train/ema.yaml under CPU DDP (a subprocess): both ranks keep the same
+    average, so the validation the run logged (one val study per rank, synced) is what a
+    one-process `test` of last.ckpt on the same split scores, and the checkpoint's state_dict
+    is the average, not the raw weights."""
+    env = {**os.environ, "LIT_SPINE_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    run = tmp_path / "ddp_ema"
+    cmd = [sys.executable, "-m", "lit_spine", "fit", "--config", str(EXPERIMENTS / "smoke.yaml"),
+           "--config", str(EXPERIMENTS / "train" / "ema.yaml"), *tiny_args(phantom_root, tmp_path),
+           "--model.net.init_args.backbone=test_resnet", "--model.net.init_args.norm_groups=8",
+           "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0",
+           "--trainer.strategy=ddp", "--trainer.devices=2", f"--run_dir={run}"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "meta.json").read_text())["world_size"] == 2
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    average, raw = last["state_dict"], last["current_model_state"]
+    assert any(
+        "weight" in k and v.is_floating_point() and not torch.equal(v, raw[k])
+        for k, v in average.items()
+    ), "the checkpoint should hold the average, which differs from the raw weights"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    last_val = [r for r in rows if r.get("val/mre_mm")][-1]
+    run_lightning_cli(
+        [
+            "test", "--config", str(run / "config.yaml"), "--wandb=disabled",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--data.test_split=val",
+            "--trainer.devices=1", "--trainer.strategy=auto",
+        ]
+    )  # fmt: skip
+    tested = json.loads((run / "test" / "test_metrics.json").read_text())
+    assert tested["test/mre_mm"] == pytest.approx(float(last_val["val/mre_mm"]), rel=1e-5)
+    assert tested["test/mAP"] == pytest.approx(float(last_val["val/mAP"]), abs=1e-6)
+
+
 def test_overfit_preset_learns(tmp_path):
     """The whole pipeline learns: loss falls and >90% of points land within 8 mm."""
     run_lightning_cli([

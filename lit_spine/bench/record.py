@@ -2,8 +2,9 @@
 ratios of two medians with their paired spread and target, one JSON line each as measured,
 the machine, and BENCHMARKS.md (tables by `DataFrame.to_markdown`).
 
-Hand-written: the verdict against a target, the spread of interleaved per-repeat ratios, and
-BENCHMARKS.md's two device sections (each run rewrites its own and keeps the other).
+Hand-written, because no library does it: the verdict against a target, the spread of the
+interleaved per-repeat ratios, and BENCHMARKS.md's two device sections (each run rewrites its
+own and keeps the other).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ NO_GPU = (
     "no measured GPU figures yet. Run `lit-spine bench --device cuda --out BENCHMARKS.md` on a "
     "GPU machine (bf16, channels_last) to fill this section; it is kept as is by later CPU-only "
     "runs."
+)
+GRID_TEXT = (
+    "The real `SpineModule` training step (forward, SpineLoss, backward, AdamW) on one "
+    "synthetic batch; 'step time vs BN' is BatchNorm's images/s over this norm's (above 1 = "
+    "slower)."
+)
+MFU_TEXT = (
+    "The real `SpineModule` training step (forward under the autocast Lightning uses, "
+    "SpineLoss, backward, AdamW) per variant, and a plain fp32 NCHW PyTorch loop of the same "
+    "net, batch {batch}, {size} px, timed with torch.utils.benchmark. Training FLOPs = 3x the "
+    "forward FLOPs `describe` counts (backward ~ 2x forward); MFU divides the achieved FLOP/s "
+    "by the measured peak of the same dtype (the larger of a dense GEMM and a 3x3 "
+    "convolution, this run)."
 )
 
 
@@ -68,9 +82,8 @@ class Figure:
     def record(self) -> dict[str, Any]:
         """The JSON line of this figure."""
         s = summarize(self.values)
-        stats = {k: clean(s[k]) for k in ("median", "min", "max")}
-        head = {"figure": self.name, **stats, "unit": self.unit, "n": s["n"]}
-        return head | {"section": self.section, **self.extra}
+        head = {"figure": self.name} | {k: clean(s[k]) for k in ("median", "min", "max")}
+        return head | {"unit": self.unit, "n": s["n"], "section": self.section, **self.extra}
 
 
 def check_target(value: float, target: float, higher_is_better: bool = True) -> bool:
@@ -82,7 +95,7 @@ def check_target(value: float, target: float, higher_is_better: bool = True) -> 
 
 def _verdict(rec: dict, value: float, target: float | None, higher: bool, why: str) -> dict:
     if target is not None:
-        rec.update(target=target, target_op=">=" if higher else "<")
+        rec |= {"target": target, "target_op": ">=" if higher else "<"}
         rec["meets"] = check_target(value, target, higher)
         if not rec["meets"]:
             rec["why"] = why or "measured below the target on this machine"
@@ -109,7 +122,7 @@ def ratio_record(
         s = summarize(paired)  # per-repeat ratios: the spread of the interleaved pairs
         rec["paired_min"], rec["paired_max"] = clean(s["min"]), clean(s["max"])
         if target is not None and s["min"] < target <= s["max"]:
-            rec["straddles_target"] = True  # single repeats on both sides: within noise
+            rec["straddles_target"] = True
     return _verdict(rec, value, target, higher_is_better, why)
 
 
@@ -117,16 +130,15 @@ class Recorder:
     """Collects figures, ratios and notes, printing each figure and ratio as one JSON line
     when it is recorded; `section` (set by the runner) labels them."""
 
-    def __init__(self, stream=None, quiet: bool = False) -> None:
+    def __init__(self, stream=None) -> None:
         self.figures: list[Figure] = []
         self.ratios: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self.stream, self.quiet, self.section = stream or sys.stdout, quiet, ""
+        self.stream, self.section = stream or sys.stdout, ""
 
     def figure(self, name: str, unit: str, values: Sequence[float], **extra) -> Figure:
-        fig = Figure(name, unit, list(values), self.section, extra)
-        self.figures.append(fig)
-        self._emit(fig.record())
+        self.figures.append(fig := Figure(name, unit, list(values), self.section, extra))
+        print(json.dumps(fig.record()), file=self.stream, flush=True)
         return fig
 
     def ratio(self, name, numerator, denominator, target=None, why="", **extra) -> dict:
@@ -149,12 +161,8 @@ class Recorder:
 
     def _add(self, rec: dict[str, Any]) -> dict[str, Any]:
         self.ratios.append(rec)
-        self._emit(rec)
+        print(json.dumps(rec), file=self.stream, flush=True)
         return rec
-
-    def _emit(self, rec: dict[str, Any]) -> None:
-        if not self.quiet:
-            print(json.dumps(rec), file=self.stream, flush=True)
 
 
 def machine_info(device) -> dict[str, Any]:
@@ -207,10 +215,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return frame.to_markdown(index=False, disable_numparse=True) if cells else frame.to_markdown()
 
 
+def _spread(s: dict) -> str:
+    return f"{_fmt(s['min'])}-{_fmt(s['max'])}"
+
+
 def _figure_row(f: Figure) -> list:
-    r, hidden = f.record(), ("what", "includes", "meaning")
     if not f.values:
         return [f.name, "skipped", "", "", f.unit, 0, f.extra.get("skipped", "")]
+    r, hidden = f.record(), ("what", "includes", "meaning")
     context = ", ".join(f"{k}={v}" for k, v in f.extra.items() if k not in hidden)
     return [f.name, r["median"], r["min"], r["max"], f.unit, r["n"], context]
 
@@ -220,65 +232,45 @@ def _ratio_row(r: dict[str, Any]) -> list:
     verdict = "-" if "meets" not in r else ("met" if r["meets"] else "MISSED: " + r.get("why", ""))
     if r.get("straddles_target"):
         verdict += " (single repeats fell on both sides of the target: within noise)"
-    spread = f"{_fmt(r['paired_min'])}-{_fmt(r['paired_max'])}" if "paired_min" in r else ""
+    spread = _spread({"min": r["paired_min"], "max": r["paired_max"]}) if "paired_min" in r else ""
     return [r["figure"], r.get("ratio", r.get("value")), spread, target, verdict]
 
 
-def _grid_rows(rec: Recorder) -> list[list]:
-    """Backbone x norm: images/s (min-max), step time relative to BatchNorm, peak memory."""
-    rows = []
-    for f in (f for f in rec.figures if f.name.startswith("grid/")):
-        x, s, notes = f.extra, summarize(f.values), ("batch", "params_m", "norm_group_size")
-        if not f.values:
-            rows.append([x["backbone"], x["norm"], "skipped", "", "", "", x.get("skipped", "")])
-            continue
-        base = rec.get(f"grid/{x['backbone']}/batchnorm")
-        rel = base.median / f.median if base is not None and base.values else math.nan
-        spread = f"{_fmt(s['min'])}-{_fmt(s['max'])}"
-        rows.append(
-            [
-                x["backbone"],
-                x["norm"],
-                s["median"],
-                spread,
-                f"{rel:.2f}x" if math.isfinite(rel) else "n/a",
-                x.get("peak_mem_mb"),
-                ", ".join(f"{k}={v}" for k, v in x.items() if k in notes),
-            ]
-        )
-    return rows
+def _grid_row(rec: Recorder, f: Figure) -> list:
+    """Backbone, norm, images/s (min-max), step time relative to BatchNorm, peak memory."""
+    x, s = f.extra, summarize(f.values)
+    if not f.values:
+        return [x["backbone"], x["norm"], "skipped", "", "", "", x.get("skipped", "")]
+    base = rec.get(f"grid/{x['backbone']}/batchnorm")
+    rel = base.median / f.median if base is not None and base.values else math.nan
+    notes = ", ".join(
+        f"{k}={v}" for k, v in x.items() if k in ("batch", "params_m", "norm_group_size")
+    )
+    rel_text = f"{rel:.2f}x" if math.isfinite(rel) else "n/a"
+    return [
+        x["backbone"],
+        x["norm"],
+        s["median"],
+        _spread(s),
+        rel_text,
+        x.get("peak_mem_mb"),
+        notes,
+    ]
 
 
-def _mfu_rows(rec: Recorder) -> list[list]:
-    """Backbone x variant: images/s, achieved GFLOP/s, the peak it is divided by, MFU."""
-    rows = []
-    for f in (f for f in rec.figures if f.name.startswith("step/") and f.values):
-        x, dtype = f.extra, "bf16" if f.extra["variant"].startswith("bf16") else "fp32"
-        peak = rec.get(f"peak_flops/{dtype}")
-        mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "n/a"
-        peak = f"{_fmt(peak.median if peak else None)} ({dtype})"
-        rows.append([x["backbone"], x["variant"], f.median, x["achieved_gflops"], peak, mfu])
-    return rows
-
-
-GRID_TEXT = (
-    "The real `SpineModule` training step (forward, SpineLoss, backward, AdamW) on one "
-    "synthetic batch; 'step time vs BN' is BatchNorm's images/s over this norm's (above 1 = "
-    "slower)."
-)
-MFU_TEXT = (
-    "The real `SpineModule` training step (forward under the autocast Lightning uses, "
-    "SpineLoss, backward, AdamW) per variant, and a plain fp32 NCHW PyTorch loop of the same "
-    "net, batch {batch}, {size} px, timed with torch.utils.benchmark. Training FLOPs = 3x the "
-    "forward FLOPs `describe` counts (backward ~ 2x forward); MFU divides the achieved FLOP/s "
-    "by the measured peak of the same dtype (the larger of a dense GEMM and a 3x3 "
-    "convolution, this run)."
-)
+def _mfu_row(rec: Recorder, f: Figure) -> list:
+    """Backbone, variant, images/s, achieved GFLOP/s, the peak it is divided by, MFU."""
+    x, dtype = f.extra, "bf16" if f.extra["variant"].startswith("bf16") else "fp32"
+    peak, mfu = rec.get(f"peak_flops/{dtype}"), x.get("mfu")
+    peak_text = f"{_fmt(peak.median if peak else None)} ({dtype})"
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    return [x["backbone"], x["variant"], f.median, x["achieved_gflops"], peak_text, mfu_text]
 
 
 def run_markdown(rec: Recorder, info: dict[str, Any], seconds: float, cfg) -> str:
     """The Markdown block of this run: machine, targets, figures, ratios, grid, MFU, notes."""
     ratio_header = ["ratio", "value", "paired min-max", "target", "verdict"]
+    figures = [_figure_row(f) for f in rec.figures if not f.name.startswith("grid/")]
     out = [
         f"## {'GPU' if 'gpu' in info else 'CPU'} run: {info.get('gpu') or info['cpu']}",
         f"Run of `lit-spine bench` on {info['date']}, {seconds:.0f} s in all, {cfg.repeats} "
@@ -290,18 +282,15 @@ def run_markdown(rec: Recorder, info: dict[str, Any], seconds: float, cfg) -> st
             [_ratio_row(r) for r in rec.ratios if "target" in r],
         ),
         "### Figures (median, min, max over the repeats)",
-        table(
-            ["figure", "median", "min", "max", "unit", "n", "context"],
-            [_figure_row(f) for f in rec.figures if not f.name.startswith("grid/")],
-        ),
+        table(["figure", "median", "min", "max", "unit", "n", "context"], figures),
         "### Ratios",
         table(ratio_header, [_ratio_row(r) for r in rec.ratios if "target" not in r]),
     ]
-    if grid := _grid_rows(rec):
+    if grid := [_grid_row(rec, f) for f in rec.figures if f.name.startswith("grid/")]:
         header = ["backbone", "norm", "images/s", "min-max", "step time vs BN", "peak mem (MB)"]
-        head = "### Backbone x norm: training cost at the default size"
-        out += [head, GRID_TEXT, table([*header, "notes"], grid)]
-    if mfu := _mfu_rows(rec):
+        out += ["### Backbone x norm: training cost at the default size", GRID_TEXT]
+        out += [table([*header, "notes"], grid)]
+    if mfu := [_mfu_row(rec, f) for f in rec.figures if f.name.startswith("step/") and f.values]:
         header = ["backbone", "variant", "images/s", "achieved GFLOP/s", "peak GFLOP/s", "MFU"]
         text = MFU_TEXT.format(batch=cfg.step_batch, size=cfg.step_image_size)
         out += ["### Training step: precision, memory format, MFU", text, table(header, mfu)]

@@ -209,6 +209,33 @@ def test_unknown_annotated_instance_falls_back_to_auto(tmp_path):
     assert "falling back to the automatic choice: series" in problems[0]
 
 
+def test_an_unreadable_annotated_file_leaves_the_study_out_not_moved(tmp_path):
+    """The annotated slice is in the folder but truncated: its points belong to it, so the
+    study is left out (naming the file and why), never moved onto the automatic choice. An
+    unreadable file whose UID cannot be read either might be the annotated one: left out too;
+    an unreadable file of another instance leaves the documented fallback as it was."""
+    info = standard_study(tmp_path / "s")
+    t2 = info.series["t2"]
+    middle = t2.paths[t2.instance_uids.index(t2.middle)]
+    middle.write_bytes(middle.read_bytes()[:-600])  # the pixel data cut short
+    study = index_study(tmp_path / "s")
+    choice, _, problems = choose_slice(study, StudyAnnotation(info.study_uid, t2.uid, t2.middle))
+    assert choice is None
+    assert f"the annotated instance {t2.middle} is {middle}, which cannot be read" in problems[0]
+    assert "truncated" in problems[0] and problems[0].endswith("study left out")
+
+    (tmp_path / "s" / "junk.dcm").write_bytes(b"\x00" * 300)  # no UID can be read from it
+    study = index_study(tmp_path / "s")
+    choice, _, problems = choose_slice(study, StudyAnnotation(info.study_uid, "1.2.3", "1.2.3.4"))
+    assert choice is None and "1 unreadable file(s) of this folder" in problems[0]
+    assert f"(first {tmp_path / 's' / 'junk.dcm'}) may be it; study left out" in problems[0]
+
+    (tmp_path / "s" / "junk.dcm").unlink()
+    study = index_study(tmp_path / "s")  # only the truncated file of another instance
+    choice, _, problems = choose_slice(study, StudyAnnotation(info.study_uid, "1.2.3", "1.2.3.4"))
+    assert choice.source == "auto" and "falling back to the automatic choice" in problems[0]
+
+
 def test_series_map_forces_series(tmp_path):
     info = standard_study(tmp_path / "s")
     study = index_study(tmp_path / "s")

@@ -51,7 +51,8 @@ from lit_spine.data.dicom import (
 from lit_spine.data.labels import NUM_POINTS, POINT_INDEX, Vocabulary, get_vocabulary
 from lit_spine.utils import atomic_write_json, file_lock, one_line
 
-CACHE_FORMAT_VERSION = 2  # 2: studies without a trustworthy spacing are left out
+CACHE_FORMAT_VERSION = 3  # 2: studies without a trustworthy spacing are left out; 3: and those
+# whose annotated slice is in the folder but unreadable (never moved onto another slice)
 CACHE_DIR_ENV = "LIT_SPINE_CACHE_DIR"
 ARRAY_FILES = ("points", "present", "labels", "spacing_mm")
 

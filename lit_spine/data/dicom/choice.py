@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import pydicom
+
 from lit_spine.data.annotation import StudyAnnotation
 from lit_spine.data.dicom.header import SliceHeader
 from lit_spine.data.dicom.limits import MIN_SERIES_SLICES, DicomFileError
@@ -136,6 +138,34 @@ def _describe_series(study: Study) -> str:
     )
 
 
+def _unreadable_instance(study: Study, instance_uid: str) -> str | None:
+    """Why an annotated instance that no readable slice holds may still be in the folder: one
+    of its unreadable files carries that SOPInstanceUID (read alone, as far as the file allows),
+    or files whose UID cannot be read at all could be it. None when no unreadable file can."""
+    unknown = []
+    for path, reason in study.unreadable.items():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["SOPInstanceUID"])  # fmt: skip
+            uid = str(ds.get("SOPInstanceUID", "") or "")
+        except Exception:  # noqa: BLE001 - any failure: the UID stays unknown
+            uid = ""
+        if uid == instance_uid:
+            return (
+                f"the annotated instance {instance_uid} is {one_line(path)}, which cannot be "
+                f"read ({reason})"
+            )
+        if not uid:
+            unknown.append(path)
+    if not unknown:
+        return None
+    return (
+        f"annotation names instance {instance_uid}, which no readable slice holds; "
+        f"{len(unknown)} unreadable file(s) of this folder (first {one_line(unknown[0])}) may "
+        "be it"
+    )
+
+
 def choose_slice(
     study: Study,
     annotation: StudyAnnotation | None = None,
@@ -198,6 +228,11 @@ def choose_slice(
                 # The points belong to that slice: another slice would silently move them.
                 problems.append("the annotated slice cannot be decoded; study left out")
                 choice, left_out = None, True
+        elif (lost := _unreadable_instance(study, annotation.instance_uid)) is not None:
+            # The annotated file may be there but unreadable: its points belong to it, and the
+            # automatic choice would silently move them onto another slice.
+            problems.append(lost + "; study left out")
+            left_out = True
         else:
             fallback = get_auto()
             problems.append(

@@ -185,6 +185,7 @@ class Study:
     n_files: int
     n_readable: int
     problems: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # path -> why it was skipped
 
     @property
     def name(self) -> str:
@@ -249,9 +250,11 @@ def _group_study(folder: Path, results: list[tuple[Path, SliceHeader | str]]) ->
     problems: list[str] = []
     headers: list[SliceHeader] = []
     seen: set[str] = set()
+    unreadable: dict[str, str] = {}
     for path, res in results:
         if isinstance(res, str):
             problems.append(f"skipped {one_line(path)}: {res}")
+            unreadable[str(path)] = res
             continue
         problems += [f"{one_line(path)}: pydicom warning: {w}" for w in res.warnings]
         if res.instance_uid in seen:
@@ -301,8 +304,8 @@ def _group_study(folder: Path, results: list[tuple[Path, SliceHeader | str]]) ->
                 )
             )
     return Study(
-        folder, study_uid, series, n_files=len(results), n_readable=len(headers), problems=problems
-    )
+        folder, study_uid, series, len(results), len(headers), problems, unreadable
+    )  # fmt: skip
 
 
 class StudyIndex(list):

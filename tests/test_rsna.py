@@ -181,6 +181,87 @@ def test_bad_rows_reported_and_skipped(rsna_root, tmp_path):
     assert all(len(s.points) == 5 for s in data.studies if s.study_id != sid)
 
 
+def test_grade_rows_and_condition_spellings_are_never_read_silently(rsna_root, tmp_path):
+    """A second train.csv row for a study (the first is kept), a study with no row, a row
+    whose study_id is no integer, and a condition that differs from the competition's
+    spelling only in case: each named with its file and row, nothing read from a guess."""
+    root = copy_data(rsna_root, tmp_path)
+    first, second, third = (s.study_id for s in read_rsna2024(root).studies[:3])
+    grades = pd.read_csv(root / GRADES_CSV, dtype=str)
+    dup = grades[grades.study_id == str(first)].assign(spinal_canal_stenosis_l1_l2="Severe")
+    grades.loc[grades.study_id == str(first), "spinal_canal_stenosis_l1_l2"] = "Normal/Mild"
+    grades.loc[grades.study_id == str(third), "study_id"] = f"{third}x"
+    grades = pd.concat([grades[grades.study_id != str(second)], dup], ignore_index=True)
+    grades.to_csv(root / GRADES_CSV, index=False)
+    coords = pd.read_csv(root / COORDS_CSV, dtype=str)
+    rows = coords.index[(coords.study_id == str(second)) & (coords.level == "L1/L2")
+                        & (coords.condition == "Spinal Canal Stenosis")]  # fmt: skip
+    coords.loc[rows, "condition"] = "spinal canal stenosis "
+    coords.to_csv(root / COORDS_CSV, index=False)
+
+    data = read_rsna2024(root)
+    by_id = {s.study_id: s for s in data.studies}
+    assert by_id[first].grades["L1/L2"] == 0, "the first of two rows is kept, not the last"
+    assert by_id[second].grades == {} and by_id[third].grades == {}
+    assert "L1/L2" not in by_id[second].points
+    text = "\n".join(data.problems)
+    last_row = len(grades) + 1
+    assert (f"{GRADES_CSV} row {last_row}: second row for study {first} (the first is row"
+            in text)  # fmt: skip
+    assert f"{GRADES_CSV}: no row for study {second}; its levels are kept without a grade" in text
+    assert f"study_id '{third}x' is not an integer; row skipped" in text
+    assert f"{GRADES_CSV}: no row for study {third}" in text
+    assert (f"(study {second}): condition 'spinal canal stenosis ' is not spelled "
+            "'Spinal Canal Stenosis' as the competition spells it; row skipped") in text  # fmt: skip
+
+
+def test_the_file_the_coordinates_name_is_read_and_inspect_sees_its_header(
+    rsna_root, tmp_path, capsys
+):
+    """`<instance_number>.dcm` with another InstanceNumber tag, and a stray copy of a labelled
+    file that sorts before it (same SOPInstanceUID), are read and reported, not dropped; a
+    labelled slice without pixel spacing and a point outside the image are problems that
+    `inspect` reports from the headers, as the cache build does."""
+    import pydicom
+
+    from lit_spine.commands import inspect
+    from lit_spine.data.cache import CacheSettings
+    from lit_spine.data.rsna_cache import build_rsna2024_cache
+
+    root = copy_data(rsna_root, tmp_path)
+    a, b = read_rsna2024(root).studies[:2]
+    tagged = a.points["L1/L2"].path
+    ds = pydicom.dcmread(tagged)
+    ds.InstanceNumber = 99
+    ds.save_as(tagged)
+    copied = b.points["L5/S1"].path
+    (copied.parent / f"{copied.stem} (1).dcm").write_bytes(copied.read_bytes())
+
+    cache = build_rsna2024_cache(root, CacheSettings(image_size=64), tmp_path / "cache")
+    levels = {(r["study_id"], r["instance_number"]): r["levels"] for r in cache.records}
+    for st, level in ((a, "L1/L2"), (b, "L5/S1")):
+        inst = st.points[level].instance_number
+        assert level in levels[(st.study_id, inst)], (st.study_id, level)
+    text = "\n".join(cache.problems)
+    assert f"{tagged.name} has InstanceNumber 99; the file the coordinates name is read" in text
+    assert f"{copied.name}, the file the coordinates name, is read" in text
+
+    c = next(s for s in read_rsna2024(root).studies if s.study_id not in (a.study_id, b.study_id))
+    ds = pydicom.dcmread(c.points["L3/L4"].path)
+    del ds.PixelSpacing
+    ds.save_as(c.points["L3/L4"].path)
+    coords = pd.read_csv(root / COORDS_CSV, dtype=str)
+    row = coords.index[(coords.study_id == str(a.study_id)) & (coords.level == "L4/L5")
+                       & (coords.condition == "Spinal Canal Stenosis")][0]  # fmt: skip
+    coords.loc[row, "x"] = "70"
+    coords.to_csv(root / COORDS_CSV, index=False)
+    capsys.readouterr()
+    assert inspect.main(["--format", "rsna2024", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{c.points['L3/L4'].path} has no usable pixel spacing" in out
+    assert "L4/L5 at (70, " in out and "lies outside the 64x64 image" in out
+
+
 def test_missing_column_names_file_and_column(rsna_root, tmp_path):
     root = copy_data(rsna_root, tmp_path)
     coords = pd.read_csv(root / COORDS_CSV).drop(columns=["instance_number"])

@@ -149,9 +149,12 @@ def report_cache_problems(split: str, cache, limit: int = 10) -> None:
     problems = list(getattr(cache, "problems", []))
     if not problems:
         return
+    studies = len({r.get("study") for r in getattr(cache, "records", [])}) or len(cache)
+    images = f" as {len(cache)} images" if studies != len(cache) else ""
     lines = [
         f"lit-spine: split {split!r}: {len(problems)} data problems; bad files and studies "
-        f"were skipped ({len(cache)} studies kept; all problems in {cache.path / 'index.json'}):"
+        f"were skipped ({studies} studies kept{images}; all problems in "
+        f"{cache.path / 'index.json'}):"
     ]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:

@@ -246,8 +246,11 @@ def inspect_rsna2024(root: str, task: str = "rsna2024_canal") -> tuple[dict, lis
     """An RSNA 2024 dataset (`--format rsna2024`) for `task`: the JSON summary (studies found,
     series chosen, points and grades), the problems and the text report."""
     from lit_spine.data.rsna import read_rsna2024
+    from lit_spine.data.rsna_cache import locate_instances
 
     data = read_rsna2024(root, task)
+    for st in data.studies:  # the headers of the labelled files, as the cache build reads them
+        locate_instances(data.root, st, data.problems)
     studies = [
         {
             "study_id": st.study_id,

@@ -154,7 +154,20 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
             continue
         if rec["series_description"].strip() == spec.series:
             candidates.setdefault(sid, []).append(ser)
-    canal = coords[coords["condition"].isin({c for c, _ in conditions.values()})]
+    # The task's condition rows. A value that differs from the competition's spelling only in
+    # case is reported and skipped, as a misspelt level is: nothing is read from a guess.
+    wanted = {c for c, _ in conditions.values()}
+    spelt = {c.casefold(): c for c in wanted}
+    condition = coords["condition"].str.strip()
+    for row, rec in coords[
+        ~condition.isin(wanted) & condition.str.casefold().isin(spelt)
+    ].iterrows():
+        problems.append(
+            f"{root / COORDS_CSV} row {row + 2} (study {rec['study_id']}): condition "
+            f"{rec['condition']!r} is not spelled {spelt[rec['condition'].strip().casefold()]!r} "
+            "as the competition spells it; row skipped (fix the spelling to use it)"
+        )
+    canal = coords[condition.isin(wanted)].assign(condition=condition[condition.isin(wanted)])
     with_coords = {
         (parse_int(a), parse_int(b)) for a, b in zip(canal["study_id"], canal["series_id"])
     }
@@ -206,10 +219,24 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
             continue
         studies[sid].points[level] = RsnaPoint(level, inst, x, y, path)
 
+    graded: dict[int, int] = {}  # study -> its train.csv row
     for row, rec in grades.iterrows():
         sid = parse_int(rec["study_id"])
+        if sid is None:
+            problems.append(
+                f"{grades_path} row {row + 2}: study_id {rec['study_id']!r} is not an integer; "
+                "row skipped"
+            )
+            continue
         if sid not in studies:
             continue
+        if sid in graded:
+            problems.append(
+                f"{grades_path} row {row + 2}: second row for study {sid} (the first is row "
+                f"{graded[sid]}); the first is kept"
+            )
+            continue
+        graded[sid] = row + 2
         for level, col in columns.items():
             text = rec[col].strip()
             if not text:
@@ -227,6 +254,11 @@ def read_rsna2024(root: str | Path, task: str = "rsna2024_canal") -> RsnaDataset
 
     kept = []
     for st in studies.values():
+        if st.study_id not in graded:
+            problems.append(
+                f"{grades_path}: no row for study {st.study_id}; its levels are kept without "
+                "a grade (not scored for the condition)"
+            )
         absent = [lv for lv in spec.point_names if lv not in st.points]
         if absent:
             problems.append(

@@ -43,7 +43,13 @@ from lit_spine.data.cache import (
     percentile_normalise,
     to_cache_coords,
 )
-from lit_spine.data.dicom import DatasetError, DicomFileError, PixelReader, index_study
+from lit_spine.data.dicom import (
+    DatasetError,
+    DicomFileError,
+    PixelReader,
+    index_study,
+    read_header,
+)
 from lit_spine.data.rsna import (
     COORDS_CSV,
     GRADES_CSV,
@@ -56,7 +62,7 @@ from lit_spine.data.rsna import (
 from lit_spine.task import Task, get_task
 from lit_spine.utils import one_line
 
-RSNA_CACHE_VERSION = 1
+RSNA_CACHE_VERSION = 2  # 2: the file the coordinates name is read; first train.csv row wins
 
 
 def rsna_cache_key(data: RsnaDataset, settings: CacheSettings, task: str, vocab: str) -> str:
@@ -181,10 +187,16 @@ def _write_rows(
     return rows.records, rows.arrays()
 
 
-def _study_rows(
-    root: Path, spec: Task, st: RsnaStudy, settings: CacheSettings, vocabulary, problems
-):
-    """Yield (record, image, points, present, labels) per labelled instance of a study."""
+def locate_instances(root: Path, st: RsnaStudy, problems: list[str]) -> tuple[Path, Any, list]:
+    """(series folder, its indexed `Study`, the labelled instances usable as far as the headers
+    tell) of one study: per instance number (levels on it, levels inside the image, series,
+    index, header), in instance order. Read from headers only (`lit-spine inspect` runs it
+    too); what is left out or doubtful goes to `problems`.
+
+    The file is the one the coordinates name (`<instance_number>.dcm`, as the competition names
+    its files): a different InstanceNumber tag is reported and the file still read; a file the
+    indexer dropped as a duplicate SOPInstanceUID of another file is read itself, at that
+    copy's place in the series."""
     where = f"study {st.study_id} series {st.series_id}"
     folder = root / IMAGES_DIR / str(st.study_id) / str(st.series_id)
     study = index_study(folder)
@@ -192,25 +204,43 @@ def _study_rows(
     by_instance: dict[int, list[str]] = {}
     for level, point in st.points.items():
         by_instance.setdefault(point.instance_number, []).append(level)
-    reader = PixelReader()
-    radius = settings.neighbors
-    for inst in sorted(by_instance):
-        levels = by_instance[inst]
+    located = []
+    for inst, levels in sorted(by_instance.items()):
+        named, what = folder / f"{inst}.dcm", f"instance {inst} ({', '.join(levels)})"
         found = [
-            (s, i)
-            for s in study.series
-            for i, h in enumerate(s.slices)
-            if h.instance_number == inst and Path(h.path).name == f"{inst}.dcm"
+            (s, i) for s in study.series for i, h in enumerate(s.slices) if Path(h.path) == named
         ]
+        header = found[0][0].slices[found[0][1]] if len(found) == 1 else None
+        if not found and str(named) in study.unreadable:
+            problems.append(f"{where}: {what}: {one_line(named)} cannot be read "
+                            f"({study.unreadable[str(named)]}); those levels are left out")  # fmt: skip
+            continue
+        if not found:  # dropped as a duplicate of another file with its SOPInstanceUID
+            try:
+                header = read_header(named)
+            except DicomFileError as err:
+                problems.append(f"{where}: {what}: {one_line(named)} cannot be read "
+                                f"({err.reason}); those levels are left out")  # fmt: skip
+                continue
+            found = [
+                (s, i) for s in study.series if (i := s.index_of(header.instance_uid)) is not None
+            ]
+            if found:
+                copy = found[0][0].slices[found[0][1]].path
+                problems.append(f"{where}: {what}: {named.name} and {one_line(copy)} share "
+                                f"SOPInstanceUID {header.instance_uid}; {named.name}, the file "
+                                "the coordinates name, is read")  # fmt: skip
         if len(found) != 1:
             problems.append(
-                f"{where}: instance {inst} ({', '.join(levels)}) is "
-                f"{'not a readable slice' if not found else 'found in several series'} "
+                f"{where}: {what} is {'not a slice' if not found else 'found in several series'} "
                 f"of {one_line(folder)}; those levels are left out"
             )
             continue
-        series, index = found[0]
-        header = series.slices[index]
+        if header.instance_number != inst:
+            tag = header.instance_number
+            tag = "no InstanceNumber" if tag is None else f"InstanceNumber {tag}"
+            problems.append(f"{where}: {what}: {named.name} has {tag}; the file the "
+                            "coordinates name is read")  # fmt: skip
         if header.spacing_mm is None:
             problems.append(
                 f"{where}: instance {inst} left out: {one_line(header.path)} has no usable "
@@ -218,6 +248,29 @@ def _study_rows(
                 "computed for it"
             )
             continue
+        inside = []
+        for level in levels:
+            p = st.points[level]
+            if -0.5 <= p.x <= header.cols - 0.5 and -0.5 <= p.y <= header.rows - 0.5:
+                inside.append(level)
+            else:
+                problems.append(
+                    f"{where}: {level} at ({p.x:g}, {p.y:g}) on instance {inst} lies outside "
+                    f"the {header.cols}x{header.rows} image; marked not present"
+                )
+        located.append((inst, levels, inside, found[0][0], found[0][1], header))
+    return folder, study, located
+
+
+def _study_rows(
+    root: Path, spec: Task, st: RsnaStudy, settings: CacheSettings, vocabulary, problems
+):
+    """Yield (record, image, points, present, labels) per labelled instance of a study."""
+    where = f"study {st.study_id} series {st.series_id}"
+    folder, study, located = locate_instances(root, st, problems)
+    reader = PixelReader()
+    radius = settings.neighbors
+    for inst, levels, inside, series, index, header in located:
         try:
             centre = reader(header)
         except DicomFileError as err:
@@ -235,15 +288,9 @@ def _study_rows(
             continue
         points, present, labels = blank_row(spec.num_points, vocabulary.num_classes)
         kept = []
-        for level in levels:
+        for level in inside:
             p = st.points[level]
             k = spec.point_index[level]
-            if not (-0.5 <= p.x <= ncols - 0.5 and -0.5 <= p.y <= rows - 0.5):
-                problems.append(
-                    f"{where}: {level} at ({p.x:g}, {p.y:g}) on instance {inst} lies outside "
-                    f"the {ncols}x{rows} image; marked not present"
-                )
-                continue
             points[k] = to_cache_coords(np.array([p.x, p.y]), scale, pad)
             present[k] = True
             kept.append(level)

@@ -173,6 +173,103 @@ def test_bad_rows_and_files_reported_and_skipped(spider, tmp_path):
         read_spider(root)
 
 
+def _one_problem(data, start):
+    """The one problem line that starts with `start`; it is one line."""
+    (line,) = [p for p in data.problems if p.startswith(start)]
+    assert "\n" not in line and "\\n" not in line, line
+    return line
+
+
+def test_unreadable_image_file_skips_only_that_patient(spider, tmp_path):
+    # A dangling symlink and a folder under a series file's name: reported, not raised.
+    root = copy_data(spider[0], tmp_path)
+    link, folder = root / IMAGES_DIR / "2_t2.mha", root / IMAGES_DIR / "3_t2.mha"
+    link.unlink()
+    link.symlink_to(tmp_path / "missing" / "2_t2.mha")
+    folder.unlink()
+    folder.mkdir()
+    data = read_spider(root)
+    assert [st.patient for st in data.studies] == [1]
+    assert _one_problem(data, "patient 2:") == (
+        f"patient 2: {link}: cannot be read (No such file or directory); study skipped"
+    )
+    assert _one_problem(data, "patient 3:") == (
+        f"patient 3: {folder}: cannot be read (Is a directory); study skipped"
+    )
+
+
+def test_two_file_names_of_one_patient_series_reported(spider, tmp_path):
+    # 01_t2.mha and 1_t2.mha are both patient 1's t2: neither is used, both are named.
+    root = copy_data(spider[0], tmp_path)
+    for folder in (IMAGES_DIR, MASKS_DIR):
+        (root / folder / "01_t2.mha").write_bytes((root / folder / "2_t2.mha").read_bytes())
+    data = read_spider(root)
+    assert [st.patient for st in data.studies] == [2, 3] and data.series_found == 7
+    a, b = root / IMAGES_DIR / "01_t2.mha", root / IMAGES_DIR / "1_t2.mha"
+    assert f"patient 1: {a} and {b} are both its t2 series" in data.problems[0]
+    assert "series skipped" in data.problems[0]
+
+
+def test_truncated_image_reported_by_reader_and_inspect(spider, tmp_path, capsys):
+    # The phantom's compressed image (CompressedDataSize) and a raw one (DimSize x type).
+    root = copy_data(spider[0], tmp_path)
+    path = root / IMAGES_DIR / "2_t2.mha"
+    path.write_bytes(path.read_bytes()[:-100])
+    data = read_spider(root)
+    assert [st.patient for st in data.studies] == [1, 3]
+    line = _one_problem(data, "patient 2:")
+    assert f"{path}: pixel data has " in line and "CompressedDataSize needs" in line
+    assert line.endswith("the file is truncated; study skipped")
+    assert inspect.main(["--format", "spider", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "2 patients kept" in out and f"{path}: pixel data has" in out
+    _hand_made(tmp_path / "raw")
+    path = tmp_path / "raw" / IMAGES_DIR / "7_t2.mha"
+    path.write_bytes(path.read_bytes()[:-1])
+    data = read_spider(tmp_path / "raw")
+    assert data.studies == []
+    line = _one_problem(data, "patient 7:")
+    assert f"{path}: pixel data has {20 * 16 * 3 * 2 - 1} bytes, the header's DimSize x " in line
+    assert f"MET_SHORT needs {20 * 16 * 3 * 2}; the file is truncated" in line
+
+
+def _edit_header(path, key, value):
+    lines = path.read_bytes().split(b"\n")
+    lines = [f"{key} = {value}".encode() if ln.startswith(key.encode()) else ln for ln in lines]
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_bad_header_keys_named_in_one_line(spider, tmp_path):
+    root = copy_data(spider[0], tmp_path)
+    image, mask = root / IMAGES_DIR / "1_t2.mha", root / MASKS_DIR / "2_t2.mha"
+    _edit_header(image, "ElementSpacing", "0.5 0.5")  # ITK: 'No such file or directory'
+    _edit_header(mask, "DimSize", "48 0 3")
+    _edit_header(root / IMAGES_DIR / "3_t2.mha", "ElementType", "MET_NOTATYPE")
+    data = read_spider(root)
+    assert data.studies == []
+    assert _one_problem(data, "patient 1:") == (
+        f"patient 1: {image}: ElementSpacing '0.5 0.5' has 2 values for NDims 3; study skipped"
+    )
+    assert _one_problem(data, "patient 2:") == (
+        f"patient 2: {mask}: DimSize '48 0 3' is not 3 positive integers; study skipped"
+    )
+    line = _one_problem(data, "patient 3:")  # left to ITK: its message, on one line
+    assert "3_t2.mha: not a readable MetaImage (" in line and ".cxx" not in line
+
+
+def test_gradings_of_a_patient_without_volumes_reported(spider, tmp_path):
+    root = copy_data(spider[0], tmp_path)
+    csv = pd.read_csv(root / GRADINGS_CSV, dtype=str)
+    extra = csv[csv.Patient == "1"].assign(Patient="77")
+    pd.concat([csv, extra]).to_csv(root / GRADINGS_CSV, index=False)
+    data = read_spider(root)
+    assert [st.patient for st in data.studies] == [1, 2, 3]
+    assert data.problems == [
+        f"{root / GRADINGS_CSV} (patient 77): {len(extra)} graded disc(s) but no "
+        f"{IMAGES_DIR}/77_<series>.mha; rows unused"
+    ]
+
+
 def test_mask_label_to_level_mapping():
     assert label_level(1) == ("vertebra", "L5")
     assert label_level(5) == ("vertebra", "L1")

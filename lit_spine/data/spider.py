@@ -26,12 +26,16 @@ columns posterior, rows inferior, slices to the patient's right), because SPIDER
 the 2-D TSE series and the 3-D SPACE series with different axis orders.
 
 Hand-written here (no library does it): reading the MetaImage text header to check that it
-states ElementSpacing, since ITK silently assumes 1 mm when the key is missing.
+states ElementSpacing, since ITK silently assumes 1 mm when the key is missing, and that
+NDims, DimSize, ElementSpacing and the pixel data's length agree, so that a bad or
+truncated file is reported in one line naming it and the key (`_checked_header`) rather
+than by ITK's multi-line exception, and by `inspect` rather than first by the cache build.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from lit_spine.task import PFIRRMANN_GRADES, Task, get_task
-from lit_spine.utils import parse_int
+from lit_spine.utils import one_line, parse_int
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
@@ -182,31 +186,95 @@ class SpiderDataset:
 
 
 # ------------------------------------------------------------------------------- volumes
-def mha_header(path: Path) -> dict[str, str]:
-    """The MetaImage text header (key = value lines up to ElementDataFile)."""
+# Bytes per value of the MetaImage element types (MET_LONG is 4 in MetaIO, at least 4
+# anywhere: a lower bound never calls a complete file truncated).
+ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                 "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8,
+                 "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}  # fmt: skip
+
+
+def _parse_header(f) -> dict[str, str]:
     out: dict[str, str] = {}
-    with open(path, "rb") as f:
-        for _ in range(64):
-            line = f.readline(4096)
-            if not line:
-                break
-            key, sep, value = line.decode("latin-1").partition("=")
-            if not sep:
-                break
-            out[key.strip()] = value.strip()
-            if key.strip() == "ElementDataFile":
-                break
+    for _ in range(64):
+        line = f.readline(4096)
+        if not line:
+            break
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            break
+        out[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
     return out
 
 
+def mha_header(path: Path) -> dict[str, str]:
+    """The MetaImage text header (key = value lines up to ElementDataFile)."""
+    with open(path, "rb") as f:
+        return _parse_header(f)
+
+
+def _numbers(path: Path, header: dict[str, str], key: str, n: int, kind=float) -> list:
+    """The n positive finite values of a header key, else ValueError naming file, key, value."""
+    text = header.get(key, "")
+    try:
+        values = [kind(v) for v in text.split()]
+    except ValueError:
+        values = []
+    if len(text.split()) != n:
+        raise ValueError(f"{path}: {key} {one_line(text, 80)!r} has {len(text.split())} "
+                         f"values for NDims {n}")  # fmt: skip
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
+        what = "integers" if kind is int else "finite numbers"
+        raise ValueError(f"{path}: {key} {one_line(text, 80)!r} is not {n} positive {what}")
+    return values
+
+
 def _checked_header(path: Path) -> dict[str, str]:
-    header = mha_header(path)
+    """The header, checked before ITK sees the file (ITK's own messages are multi-line and
+    often name a stale errno): readable, NDims 3, DimSize and ElementSpacing with 3 positive
+    values each, and, for pixel data stored in the file (LOCAL), at least as many bytes after
+    the header as it states (CompressedDataSize, or DimSize x channels x element size), so
+    `read_spider` and `inspect` report a truncated volume. Damage inside compressed data
+    that keeps the size, and a separate data file, are found only when the volume is read
+    (the mask here, the image by the cache build)."""
+    try:
+        with open(path, "rb") as f:
+            header = _parse_header(f)
+            have = os.fstat(f.fileno()).st_size - f.tell()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from err
+    if header.get("NDims") != "3":
+        ndims = one_line(header.get("NDims", "(none)"), 80)
+        raise ValueError(f"{path}: NDims {ndims!r} in the MetaImage header; expected a 3-D "
+                         "volume (NDims = 3)")  # fmt: skip
     if "ElementSpacing" not in header:
         raise ValueError(
             f"{path}: the MetaImage header has no ElementSpacing, so no distance in mm can "
             "be computed (no default spacing is assumed)"
         )
+    size = _numbers(path, header, "DimSize", 3, int)
+    _numbers(path, header, "ElementSpacing", 3)
+    if header.get("ElementDataFile") != "LOCAL" or header.get("BinaryData") == "False":
+        return header
+    if header.get("CompressedData") == "True":
+        need, what = parse_int(header.get("CompressedDataSize", "")), "CompressedDataSize"
+    else:
+        channels = parse_int(header.get("ElementNumberOfChannels", "1")) or 1
+        item = ELEMENT_BYTES.get(header.get("ElementType", ""))
+        need = item and math.prod(size) * channels * item
+        what = f"DimSize x {header.get('ElementType')}"
+    if need and have < need:
+        raise ValueError(f"{path}: pixel data has {have} bytes, the header's {what} needs "
+                         f"{need}; the file is truncated")  # fmt: skip
     return header
+
+
+def _itk_error(path: Path, err: RuntimeError) -> ValueError:
+    """ITK's multi-line exception as one line naming the file: its text after the last
+    'ITK ERROR:' / 'sitk::ERROR:' (the source-file location before it says nothing here)."""
+    text = re.split(r"(?:ITK|sitk::)ERROR:", " ".join(str(err).split()))[-1]
+    return ValueError(f"{path}: not a readable MetaImage ({one_line(text.strip(), 200)})")
 
 
 def read_volume(path: Path):
@@ -218,7 +286,7 @@ def read_volume(path: Path):
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        raise ValueError(f"{path}: not a readable MetaImage ({str(err).strip()[:200]})") from err
+        raise _itk_error(path, err) from err
     if image.GetDimension() != 3:
         raise ValueError(f"{path}: {image.GetDimension()}-D image, expected a 3-D volume")
     image = sitk.DICOMOrient(image, ORIENTATION)
@@ -311,22 +379,34 @@ def read_gradings(path: Path, problems: list[str]) -> dict[int, dict[int, dict[s
 
 
 # ------------------------------------------------------------------------------- dataset
-def _series_files(root: Path, problems: list[str]) -> dict[int, dict[str, Path]]:
+def _series_files(root: Path, problems: list[str]) -> tuple[dict[int, dict[str, Path]], int]:
+    """patient -> series -> image file, and the number of series files. Two names of one
+    patient's series (01_t2.mha, 1_t2.mha) are both left out: which one the gradings and
+    the mask belong to is unknown."""
     folder = root / IMAGES_DIR
     if not folder.is_dir():
         raise SpiderFormatError(
             f"{folder}: folder not found; a spider root holds {IMAGES_DIR}/, {MASKS_DIR}/ and "
             f"{GRADINGS_CSV} (docs/datasets.md)"
         )
-    found: dict[int, dict[str, Path]] = {}
+    found: dict[int, dict[str, list[Path]]] = {}
     for path in sorted(folder.iterdir()):
         match = NAME_RE.match(path.name)
         if not match:
             if not path.name.startswith("."):
                 problems.append(f"{path}: name is not <patient>_<{'|'.join(SERIES)}>.mha; skipped")
             continue
-        found.setdefault(int(match.group(1)), {})[match.group(2)] = path
-    return found
+        found.setdefault(int(match.group(1)), {}).setdefault(match.group(2), []).append(path)
+    out: dict[int, dict[str, Path]] = {}
+    for patient, series in found.items():
+        out[patient] = {name: paths[0] for name, paths in series.items() if len(paths) == 1}
+        for name, paths in series.items():
+            if len(paths) > 1:
+                problems.append(
+                    f"patient {patient}: {' and '.join(map(str, paths))} are both its {name} "
+                    "series; which one the gradings and mask belong to is unknown, series skipped"
+                )
+    return out, sum(len(paths) for series in found.values() for paths in series.values())
 
 
 def read_study(
@@ -345,7 +425,7 @@ def read_study(
             return None
         mask, spacing, _ = read_volume(mask_path)
     except (RuntimeError, ValueError) as err:
-        problems.append(f"patient {patient}: {str(err).strip()[:300]}; study skipped")
+        problems.append(f"patient {patient}: {one_line(str(err).strip())}; study skipped")
         return None
     if np.issubdtype(mask.dtype, np.floating) and not np.array_equal(mask, np.round(mask)):
         problems.append(f"{where}: mask values are not integer labels; study skipped")
@@ -391,7 +471,10 @@ def _grid(path: Path):
     _checked_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise _itk_error(path, err) from err
     return reader
 
 
@@ -402,13 +485,19 @@ def read_spider(root: str | Path, task: str = "spider_disc") -> SpiderDataset:
     if spec.name not in SPIDER_TASKS:
         raise ValueError(f"task {task!r} has no spider reader; use {' or '.join(SPIDER_TASKS)}")
     problems: list[str] = []
-    files = _series_files(root, problems)
+    files, series_found = _series_files(root, problems)
     gradings = read_gradings(root / GRADINGS_CSV, problems)
+    for patient in sorted(set(gradings) - set(files)):  # a volume renamed or not copied
+        n = len(gradings[patient])
+        problems.append(f"{root / GRADINGS_CSV} (patient {patient}): {n} graded disc(s) but "
+                        f"no {IMAGES_DIR}/{patient}_<series>.mha; rows unused")  # fmt: skip
     overview_rows = None
     if (root / OVERVIEW_CSV).is_file():
         overview_rows = len(pd.read_csv(root / OVERVIEW_CSV, dtype=str, keep_default_na=False))
     studies: list[SpiderStudy] = []
     for patient, series in sorted(files.items()):
+        if not series:
+            continue  # each series had two files (reported)
         choice = next((s for s in T2_SERIES if s in series), None)
         if choice is None:
             problems.append(f"patient {patient}: no T2 series ({', '.join(sorted(series))} "
@@ -446,7 +535,6 @@ def read_spider(root: str | Path, task: str = "spider_disc") -> SpiderDataset:
                             "slice; patient skipped")  # fmt: skip
             continue
         studies.append(study)
-    series_found = sum(len(s) for s in files.values())
     return SpiderDataset(root, spec, studies, problems, series_found, overview_rows)
 
 

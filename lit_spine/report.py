@@ -40,11 +40,13 @@ from lit_spine.report_cells import (
     choose_baseline,
     compare_all,
     curve_column,
+    data_caveats,
     default_baseline,
     factor_keys,
     find_runs,
     group_cells,
     latest_sweep,  # noqa: F401 - kept as report.latest_sweep (its users import it from here)
+    left_out_runs,
     load_runs,
     marginal_means,
     norm_vs_batch_analysis,
@@ -77,12 +79,20 @@ def build_report(
     source = find_runs(paths)
     metric = metric or (source.metric or {}).get("name") or DEFAULT_METRIC
     goal = goal or (source.metric or {}).get("goal") or "maximize"
-    loaded = load_runs(source.run_dirs)
+    seen: set[Path] = set()
+    run_dirs = []  # each folder once, however often it was given or listed in a state.json
+    for d in source.run_dirs:
+        if (key := Path(d).resolve()) not in seen:
+            seen.add(key)
+            run_dirs.append(d)
+    loaded = load_runs(run_dirs)
     runs = [r for r in loaded if r.finished]
     skipped = [r.dir for r in loaded if not r.finished]
     if not runs:
         raise ValueError(
-            f"no finished runs in {', '.join(map(str, paths))} ({len(skipped)} unfinished)"
+            f"no finished runs in {', '.join(map(str, paths))} ({len(skipped)} unfinished: "
+            + "; ".join(left_out_runs(loaded))
+            + ")"
         )
     column = curve_column(runs, metric)
     for run in runs:
@@ -112,6 +122,12 @@ def build_report(
         seed_keys=tuple(seed_keys),
         title=f"Sweep report: {', '.join(source.names)}",
     )
+    duplicates = len(source.run_dirs) - len(run_dirs)
+    report.left_out = left_out_runs(loaded)
+    report.caveats = data_caveats(loaded, cells, factors, metric, seed_keys)
+    if duplicates:
+        report.caveats.append(f"{duplicates} run folder(s) were given more than once and are "
+                              "counted once")  # fmt: skip
     report.norm_batch = norm_vs_batch_analysis(report)
     report.protocol = protocol_line(report)
     report.verdict = verdict_text(report)
@@ -147,7 +163,8 @@ def ranking_table(report: Report) -> str:
             str(s["n"]),
             f"{fmt_number(s['mean'])} ± {fmt_number(s['std'])}",
             fmt_interval(s["boot_low"], s["boot_high"], 4),
-            f"{s.get('not_converged', 0)}/{len(cell.runs)}",
+            f"{s.get('not_converged', 0)}/{len(cell.runs)}"
+            + (f" ({s['too_short']} too short)" if s.get("too_short") else ""),
             fmt_number(s["runtime_s"], 0),
             fmt_number(s["images_per_s"], 1),
             _params(s["params"]),
@@ -166,7 +183,10 @@ def _header_section(report: Report) -> list[str]:
         f"Factors: {', '.join(f'`{k}`' for k in report.factors) or 'none'}.",
     ]
     if report.skipped:
-        lines.append(f"Left out: {len(report.skipped)} unfinished run(s).")
+        lines.append(f"Left out: {len(report.skipped)} unfinished run(s): "
+                     + "; ".join(report.left_out) + ".")  # fmt: skip
+    if report.caveats:
+        lines += ["", "**Caveats.** " + "; ".join(report.caveats) + "."]
     return lines
 
 
@@ -393,6 +413,10 @@ def print_report(
     """Write the report; print its protocol, ranking table, files and, last, the verdict."""
     report = write_report(paths, out, **kwargs)
     print(report.protocol.replace("**", ""))
+    if report.skipped:
+        print(f"Left out: {len(report.skipped)} unfinished run(s): " + "; ".join(report.left_out))
+    if report.caveats:
+        print("Caveats: " + "; ".join(report.caveats) + ".")
     print(convergence_note(report).replace("**", ""))
     print(f"\n{report.metric} ({report.goal}), best first:")
     print(ranking_table(report))

@@ -228,7 +228,8 @@ def paired_difference(
     seed_keys: Sequence[str],
     goal: str = "maximize",
 ) -> dict[str, Any]:
-    """cell - baseline: paired by seed (paired t-test) or, when no seeds pair up, Welch's t-test.
+    """cell - baseline: paired by seed (paired t-test) or, when fewer than 2 seeds pair up,
+    Welch's t-test over all values of both cells.
 
     Also the difference's bootstrap interval (diff_low/diff_high), P(A>B) = the probability that
     this cell beats the baseline (for `goal`) with its percentile bootstrap interval, and the
@@ -240,7 +241,7 @@ def paired_difference(
     mine = {r.seed(seed_keys): r.number([metric]) for r in cell.runs}
     common = [s for s in mine if s in base and not (math.isnan(mine[s]) or math.isnan(base[s]))]
     sign = 1.0 if goal.startswith("max") else -1.0
-    if len(common) >= 1 and any(seed_keys):
+    if len(common) >= 2 and any(seed_keys):  # else Welch's test over all values
         a = [mine[s] for s in common]
         b = [base[s] for s in common]
         diffs = [x - y for x, y in zip(a, b)]
@@ -328,7 +329,8 @@ def parse_baseline(text: str, factors: Sequence[str], names: dict[str, str]) -> 
     """`norm=batchnorm,drop=none` (short or full keys) -> {full key: value text}."""
     wanted = {}
     by_short = {names[k]: k for k in factors}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    items = re.split(r",(?![^\[\]{}]*[\]}])", text)  # commas inside [..] / {..} stay
+    for item in filter(None, (s.strip() for s in items)):
         if "=" not in item:
             raise ValueError(f"--baseline {text!r}: expected KEY=VALUE[,KEY=VALUE]")
         key, value = item.split("=", 1)
@@ -341,8 +343,17 @@ def parse_baseline(text: str, factors: Sequence[str], names: dict[str, str]) -> 
 
 def choose_baseline(cells: list[Cell], wanted: dict[str, Any]) -> Cell | None:
     """The cell matching `wanted` (values compared as text); None when none matches."""
+
+    def same(value: Any, text: Any) -> bool:
+        if str(value) == str(text):
+            return True
+        try:  # a list or dict value given as JSON text, e.g. drop=[0.1, 0.2]
+            return hashable(value) == hashable(json.loads(str(text)))
+        except ValueError:
+            return False
+
     for cell in cells:
-        if all(str(cell.values.get(k)) == str(v) for k, v in wanted.items()):
+        if all(same(cell.values.get(k), v) for k, v in wanted.items()):
             return cell
     return None
 
@@ -410,6 +421,8 @@ class Report:
     curve_column: str = ""
     seed_keys: tuple[str, ...] = SEED_KEYS
     title: str = "Sweep report"
+    caveats: list[str] = field(default_factory=list)  # see data_caveats
+    left_out: list[str] = field(default_factory=list)  # unfinished runs, by name and status
     verdict: str = ""
     markdown: str = ""
     files: list[Path] = field(default_factory=list)
@@ -456,6 +469,8 @@ def norm_vs_batch_analysis(report: Report) -> dict[str, Any] | None:
     if norm is None or batch is None:
         return None
     runs = report.runs
+    # A run without a numeric batch size is left out here (data_caveats names it).
+    runs = [r for r in runs if isinstance(r.config.get(batch), int | float)]
     batches = sorted({r.config.get(batch) for r in runs}, key=float)
     if len(batches) < 2:
         return None
@@ -507,3 +522,78 @@ def norm_vs_batch_analysis(report: Report) -> dict[str, Any] | None:
         "held": held,
         "reason": reason,
     }
+
+
+def _runs_text(runs: Sequence[Run], limit: int = 6) -> str:
+    names = [r.dir.name for r in runs]
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def left_out_runs(loaded: Sequence[Run]) -> list[str]:
+    """One line per status of the runs the report leaves out (not finished), with names."""
+    by_status: dict[str, list[Run]] = {}
+    for run in loaded:
+        if run.finished:
+            continue
+        status = run.summary.get("status")
+        if not status:
+            readable = run_folder.read_summary(run.dir) is not None
+            status = "no status in summary.json" if readable else "no readable summary.json"
+        by_status.setdefault(str(status), []).append(run)
+    return [f"{len(rs)} {status}: {_runs_text(rs)}" for status, rs in sorted(by_status.items())]
+
+
+def data_caveats(
+    loaded: Sequence[Run], cells: Sequence[Cell], factors: Sequence[str], metric: str,
+    seed_keys: Sequence[str],
+) -> list[str]:  # fmt: skip
+    """What could make the ranking mislead, in words: finished runs without the metric (a
+    diverged run has none, and leaving it out silently favours what diverges), cells with no
+    finished run, cells run on different seeds, unequal budgets within a cell, and factors that
+    change together in every run (their effects cannot be told apart)."""
+    names, out = short_names(factors), []
+    runs = [r for c in cells for r in c.runs]
+    missing = [r for r in runs if math.isnan(r.number([metric]))]
+    if missing:
+        out.append(f"{len(missing)} finished run(s) have no `{metric}` and are left out of the "
+                   f"statistics (a diverged run has none): {_runs_text(missing)}")  # fmt: skip
+    keys = {tuple(hashable(v) for v in c.values.values()) for c in cells}
+    lost: dict[tuple, list[Run]] = {}
+    for run in loaded:
+        if not run.finished and run.config and factors:
+            key = tuple(hashable(run.config.get(f)) for f in factors)
+            if key not in keys:
+                lost.setdefault(key, []).append(run)
+    for key, rs in lost.items():
+        label = ", ".join(f"{names[f]}={v}" for f, v in zip(factors, key))
+        out.append(f"no finished run in {label} ({len(rs)} unfinished: {_runs_text(rs)}); "
+                   "it is not ranked")  # fmt: skip
+    seeds = {c.label(names): sorted({r.seed(seed_keys) for r in c.runs}, key=str) for c in cells}
+    if len(cells) > 1 and len({tuple(v) for v in seeds.values()}) > 1:
+        listed = "; ".join(
+            f"{label}: {', '.join(str(s[0] if len(s) == 1 else s) for s in v)}"
+            for label, v in seeds.items()
+        )
+        out.append(f"the cells ran different seeds ({listed}); each comparison pairs the seeds "
+                   "both cells have, while the ranking uses each cell's mean over all its seeds")  # fmt: skip
+    for f in factors:
+        unset = [r for r in runs if r.config.get(f) is None]
+        if unset:
+            out.append(f"{len(unset)} run(s) have no `{f}` in their config (their cell has "
+                       f"{names[f]}=None): {_runs_text(unset)}")  # fmt: skip
+    for c in cells:
+        epochs = sorted({r.summary.get("epochs") for r in c.runs} - {None})
+        if len(epochs) > 1:
+            out.append(f"unequal budgets in {c.label(names)}: its runs ran {epochs[0]}-"
+                       f"{epochs[-1]} epochs")  # fmt: skip
+    for i, f in enumerate(factors):
+        for g in factors[i + 1 :]:
+            pairs = {(hashable(c.values.get(f)), hashable(c.values.get(g))) for c in cells}
+            if len(pairs) > 1 and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(
+                pairs
+            ):
+                out.append(f"`{names[f]}` and `{names[g]}` change together in every run: their "
+                           "effects cannot be told apart (each factor's mean shows both)")  # fmt: skip
+    return out

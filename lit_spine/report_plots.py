@@ -103,6 +103,9 @@ def plot_norm_vs_batch(
     batch = next((k for k in factors if k.split(".")[-1] == "batch_size"), None)
     if norm is None or batch is None:
         return None
+    runs = [
+        r for r in runs if isinstance(r.config.get(batch), int | float)
+    ]  # caveats name the rest
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 5))
     for norm_value in dict.fromkeys(r.config.get(norm) for r in runs):

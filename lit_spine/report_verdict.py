@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lit_spine.report_cells import Report, distinct_values, significant
+from lit_spine.report_cells import Report, better, distinct_values, significant
 from lit_spine.report_stats import (
     AFFORDABLE_SEEDS,
     ALPHA,
@@ -119,7 +119,7 @@ STATISTICS_TEXT = (
     f"(`scipy.stats.bootstrap`, {N_RESAMPLES} resamples, BCa; percentile where BCa is "
     f"degenerate; none below {MIN_BOOTSTRAP_N} seeds: 'n too small'); with few seeds they are "
     "narrower than their nominal level, so decisions use the test. Differences are paired by "
-    "seed; p is the paired t-test (Welch's t-test where no seeds pair up), Holm-corrected over "
+    "seed; p is the paired t-test (Welch's t-test where fewer than 2 seeds pair up), Holm-corrected over "
     f"all comparisons with the same reference cell (family-wise α = {ALPHA}). P(A>B) is the "
     "probability that a cell (A) beats the reference (B) on a seed (Bouthillier et al. 2021; "
     "ties count 1/2), with a percentile bootstrap interval over the seed pairs. 'Seeds to "
@@ -200,16 +200,33 @@ def verdict_text(report: Report) -> str:
     def tested(d: dict) -> bool:
         return math.isfinite(d.get("p_holm", math.nan))
 
+    def identical(d: dict) -> bool:  # the same value on every shared seed
+        return d["kind"] == "paired" and d["diff"] == 0 and d["std"] == 0
+
     same = [(c, d) for c, d in report.versus_best if not significant(d)]
-    worse = [(c, d) for c, d in report.versus_best if significant(d)]
+    worse = [(c, d) for c, d in report.versus_best if significant(d) and better(report, d) < 0]
+    # Ranked below the best by its mean over all its seeds, yet significantly better on the
+    # seeds both share: the cells ran different seeds, and the ranking is not settled.
+    ahead = [(c, d) for c, d in report.versus_best if significant(d) and better(report, d) > 0]
+    for c, d in ahead:
+        parts.append(
+            f"But {c.label(names)} beats it on the {d['n']} seeds both ran ({_effect(report, d)}): "
+            "the cells ran different seeds, so which is best is not settled; run the same "
+            "seeds in every cell."
+        )
+    tests = "Holm-corrected t-test paired by seed, Welch's where fewer than 2 seeds pair up"
     for group, intro in (
         (
             [x for x in same if tested(x[1])],
-            f"Indistinguishable from it at n={s['n']} (Holm-corrected paired t-test, p ≥ {ALPHA})",
+            f"Indistinguishable from it at n={s['n']} ({tests}, p ≥ {ALPHA})",
         ),
         (
-            [x for x in same if not tested(x[1])],
-            "Not testable against it (fewer than 2 paired seeds)",
+            [x for x in same if not tested(x[1]) and identical(x[1])],
+            "Identical to it on every seed both ran",
+        ),
+        (
+            [x for x in same if not tested(x[1]) and not identical(x[1])],
+            "Not testable against it (fewer than 2 values on one side)",
         ),
     ):
         if group:
@@ -223,8 +240,8 @@ def verdict_text(report: Report) -> str:
                 for c, d in group
             )
             parts.append(f"{intro}: {listed}.")
-    if not same and report.versus_best:
-        parts.append(f"Every other cell is worse (Holm-corrected paired t-test, p < {ALPHA}).")
+    if len(worse) == len(report.versus_best) and worse:
+        parts.append(f"Every other cell is worse ({tests}, p < {ALPHA}).")
     if worse:
         listed = "; ".join(
             f"{c.label(names)} by {abs(d['diff']):.3f} ({_effect(report, d)})" for c, d in worse
@@ -241,7 +258,23 @@ def verdict_text(report: Report) -> str:
             "their ranking reflects learning speed in this budget."
         )
     elif any(r.convergence.get("status") == "converged" for r in report.runs):
-        parts.append("Every judged run reached a plateau.")
+        short = [c for c in report.cells if c.stats.get("too_short")]
+        parts.append(
+            "Every judged run reached a plateau"
+            + (
+                " (too short to judge, fewer than "
+                f"{CONVERGE_MIN_EPOCHS} validations: "
+                + ", ".join(
+                    f"{c.label(names)} {c.stats['too_short']}/{len(c.runs)}"
+                    + (", the best cell" if c is best else "")
+                    for c in short
+                )
+                + ")"
+                if short
+                else ""
+            )
+            + "."
+        )
     else:
         parts.append(f"Convergence not judged (fewer than {CONVERGE_MIN_EPOCHS} epochs).")
     nb = report.norm_batch
@@ -261,16 +294,20 @@ def verdict_text(report: Report) -> str:
                 "Caution: lr_scaling none with fixed epochs, so small batches took more "
                 "optimizer steps at the same lr; use lr_scaling linear to follow the paper."
             )
+    if report.caveats:
+        parts.append("Caveats: " + "; ".join(report.caveats) + ".")
     nxt = []
     for c, d in same:
         alpha = d.get("holm_alpha", math.nan)
         alpha = alpha if math.isfinite(alpha) else ALPHA
         need = d.get("seeds_needed")  # at its Holm level (report_cells.compare_all)
-        if d["kind"] == "paired" and d["diff"] == 0:
+        if d["kind"] == "paired" and d["diff"] == 0 and not identical(d):
             nxt.append(
                 f"{c.label(names)} has the same mean as {best.label(names)} over these seeds: "
                 "no seed count is predicted to separate them"
             )
+        elif identical(d):
+            continue  # no difference to separate
         elif need is not None and d["kind"] == "paired" and need > AFFORDABLE_SEEDS:
             nxt.append(
                 f"{c.label(names)} is not separable from {best.label(names)} at any affordable "
@@ -287,8 +324,8 @@ def verdict_text(report: Report) -> str:
             )
         else:
             nxt.append(
-                f"{c.label(names)}: too few paired seeds to estimate; run at least "
-                f"{MIN_BOOTSTRAP_N} shared seeds per cell"
+                f"{c.label(names)}: too few paired seeds to estimate the seeds needed; run at "
+                f"least {MIN_BOOTSTRAP_N} shared seeds per cell"
             )
     if bad:
         nxt.append("train the unconverged cells longer (more epochs) before trusting their rank")

@@ -525,3 +525,124 @@ def test_verdict_calls_a_pair_needing_unaffordable_seeds_not_separable(tmp_path)
     assert v.startswith("Best: norm=batchnorm")
     assert "norm=groupnorm is not separable from norm=batchnorm at any affordable n" in v
     assert f"would need {need:,} seeds per cell" in v and "more) would separate" not in v
+
+
+def _sweep_of(root: Path, runs: list[tuple[str, dict, float]], epochs: int = 8) -> Path:
+    """A sweep folder of fake_fit runs given one by one: (name, params, best)."""
+    for name, params, best in runs:
+        write_run(root / "runs" / name, params, best, epochs=epochs, plateau=0.5)
+    config = {"method": "grid", "metric": {"name": "val/mAP_best", "goal": "maximize"},
+              "parameters": {"model.net.init_args.norm": {"values": ["batchnorm", "groupnorm"]}}}  # fmt: skip
+    state = {"name": root.name, "config": config, "metric": config["metric"],
+             "runs": [{"run_dir": f"runs/{name}"} for name, _, _ in runs]}  # fmt: skip
+    (root / "state.json").write_text(json.dumps(state))
+    return root
+
+
+def _run(norm: str, seed: int, best: float, **more) -> tuple[str, dict, float]:
+    params = {"model.net.init_args.norm": norm, "seed_everything": seed, **more}
+    return f"{norm}-s{seed}" + "".join(f"-{v}" for v in more.values()), params, best
+
+
+def test_verdict_never_calls_a_cell_worse_that_wins_on_the_shared_seeds(tmp_path):
+    """GroupNorm ran seeds 0-3 with one lucky seed, so its mean ranks first; BatchNorm ran
+    seeds 1-3 and beats it by 0.05 on each of them. The verdict must not list BatchNorm as
+    worse, must say the best is not settled, and must name the differing seed sets."""
+    gn = [_run("groupnorm", 0, 0.90)] + [_run("groupnorm", s, 0.50 + s / 100) for s in (1, 2, 3)]
+    bn = [_run("batchnorm", s, 0.55 + s / 100 + s / 1000) for s in (1, 2, 3)]
+    rep = report.write_report([_sweep_of(tmp_path / "seeds", gn + bn)])
+    v = rep.verdict
+    assert v.startswith("Best: norm=groupnorm") and "Worse:" not in v
+    assert "But norm=batchnorm beats it on the 3 seeds both ran (Δ +0.05" in v
+    assert "which is best is not settled; run the same seeds in every cell" in v
+    assert (
+        "the cells ran different seeds (norm=groupnorm: 0, 1, 2, 3; norm=batchnorm: 1, 2, 3)" in v
+    )
+
+
+def test_one_shared_seed_falls_back_to_welch_and_identical_cells_are_named(tmp_path):
+    """With one seed in common the comparison is Welch's over all values (by hand with scipy);
+    two cells equal on every shared seed are 'identical', not 'too few seeds'."""
+    gn = [_run("groupnorm", s, 0.70 + s / 1000) for s in range(5)]
+    bn = [_run("batchnorm", s, 0.50 + s / 1000 + (s % 2) / 500) for s in range(4, 9)]
+    rep = report.write_report([_sweep_of(tmp_path / "welch", gn + bn)])
+    (cell, d), = rep.versus_best  # fmt: skip
+    a = [0.50 + s / 1000 + (s % 2) / 500 for s in range(4, 9)]
+    b = [0.70 + s / 1000 for s in range(5)]
+    assert d["kind"] == "welch" and d["p"] == pytest.approx(
+        stats.ttest_ind(a, b, equal_var=False).pvalue
+    )
+    assert "Worse: norm=batchnorm by 0.19" in rep.verdict
+
+    same = [_run(n, s, 0.60 + s / 100) for n in ("groupnorm", "batchnorm") for s in range(3)]
+    v = report.write_report([_sweep_of(tmp_path / "tie", same)]).verdict
+    assert "Identical to it on every seed both ran: norm=" in v and "Not testable" not in v
+
+
+def test_left_out_and_doubtful_runs_are_named_not_dropped_silently(tmp_path, capsys):
+    """Failed, interrupted and unreadable runs are named by status; finished runs without the
+    metric, a cell with no finished run, unequal budgets, a missing factor key and two
+    factors that always move together are caveats in report.md, on the terminal and in the
+    verdict; a folder given twice counts once; a list-valued baseline can be chosen."""
+    runs = [_run("groupnorm", s, 0.60 + s / 100, lr=0.01) for s in range(3)]
+    runs += [_run("batchnorm", s, 0.50 + s / 100, lr=0.001) for s in range(3)]
+    runs += [_run("layernorm", s, 0.99, lr=0.1) for s in range(3)]
+    runs += [_run("groupnorm", 3, 0.61, lr=0.01)]
+    root = _sweep_of(tmp_path / "caveats", runs)
+    folder = root / "runs"
+    run_folder.write_summary(folder / "layernorm-s0-0.1", {"status": "failed"})
+    run_folder.write_summary(folder / "layernorm-s1-0.1", {"status": "interrupted"})
+    (folder / "layernorm-s2-0.1" / "summary.json").write_text("{")
+    summary = run_folder.read_summary(folder / "groupnorm-s3-0.01")
+    run_folder.write_summary(folder / "groupnorm-s3-0.01", summary | {"val/mAP_best": None})
+    summary = run_folder.read_summary(folder / "groupnorm-s2-0.01")
+    run_folder.write_summary(folder / "groupnorm-s2-0.01", summary | {"epochs": 30})
+
+    assert report_command.main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    md = (root / "report" / "report.md").read_text()
+    rep = report.write_report([root])
+    left = "1 failed: layernorm-s0-0.1; 1 interrupted: layernorm-s1-0.1; 1 no readable summary.json"
+    for text in (md, printed):
+        assert left in text
+    caveats = [
+        "1 finished run(s) have no `val/mAP_best` and are left out of the statistics (a "
+        "diverged run has none): groupnorm-s3-0.01",
+        "no finished run in norm=layernorm, lr=0.1 (3 unfinished",
+        "unequal budgets in norm=groupnorm, lr=0.01: its runs ran 8-30 epochs",
+        "`norm` and `lr` change together in every run: their effects cannot be told apart",
+    ]
+    for text in caveats:
+        assert text in md and text in printed and text in rep.verdict, text
+    twice = report.write_report([root, root], out=tmp_path / "twice")
+    assert [c.stats["n"] for c in twice.cells] == [c.stats["n"] for c in rep.cells]
+    assert "10 run folder(s) were given more than once and are counted once" in twice.verdict
+
+    lists = [_run("batchnorm", s, 0.5 + s / 100, drop=[0.1, 0.2]) for s in range(3)]
+    lists += [_run("batchnorm", s, 0.6 + s / 100, drop="none") for s in range(3)]
+    rep = report.write_report([_sweep_of(tmp_path / "lists", lists)], baseline="drop=[0.1, 0.2]")
+    assert rep.baseline.values == {"drop": [0.1, 0.2]}
+
+
+def test_a_run_without_a_batch_size_is_named_not_a_crash(tmp_path):
+    runs = [_run(n, s, 0.5 + s / 100, **{"data.batch_size": b})
+            for n in ("groupnorm", "batchnorm") for b in (2, 8) for s in range(2)]  # fmt: skip
+    runs.append(_run("groupnorm", 5, 0.6))
+    root = _sweep_of(tmp_path / "nobatch", runs)
+    meta = run_folder.read_json(root / "runs" / "groupnorm-s5" / "meta.json")
+    del meta["config_flat"]["data.batch_size"]  # an older run folder without the key
+    run_folder.write_meta(root / "runs" / "groupnorm-s5", meta)
+    rep = report.write_report([root])
+    assert "1 run(s) have no `data.batch_size` in their config" in rep.verdict
+    assert rep.norm_batch is not None and rep.norm_batch["small"] == 2
+
+
+def test_verdict_names_a_best_cell_too_short_to_judge(tmp_path):
+    runs = [_run("groupnorm", s, 0.6 + s / 100) for s in range(3)]
+    runs += [_run("batchnorm", s, 0.5 + s / 100) for s in range(3)]
+    root = _sweep_of(tmp_path / "short", runs)
+    for s in range(3):  # the best cell's curves: 3 validations only
+        metrics = run_folder.read_metrics(root / "runs" / f"groupnorm-s{s}")
+        run_folder.write_metrics(root / "runs" / f"groupnorm-s{s}", metrics[metrics.epoch < 3])
+    v = report.write_report([root]).verdict
+    assert "too short to judge, fewer than 4 validations: norm=groupnorm 3/3, the best cell" in v

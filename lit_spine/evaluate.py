@@ -240,8 +240,9 @@ def studies_to_arrays(
 
     Returns (ground truth, predictions, spacing (S, 2), problems). Only ground-truth studies
     in `spacing_by_study` are scored (predictions of the others are dropped without a word:
-    the caller reports those studies as skipped). Predictions for studies without ground truth
-    raise `EvaluationError`, or are dropped and reported when `ignore_unknown`.
+    the caller reports those studies as skipped); a scored study the prediction file does not
+    list is reported, its points count as missed. Predictions for studies without ground
+    truth raise `EvaluationError`, or are dropped and reported when `ignore_unknown`.
     """
     vocab = get_vocabulary(vocab) if isinstance(vocab, str) else vocab
     problems: list[Problem] = []
@@ -265,6 +266,22 @@ def studies_to_arrays(
             )
         )
     scored = [uid for uid in gt if uid in spacing_by_study]
+    unpredicted = [uid for uid in scored if uid not in pred]
+    if unpredicted:
+        one = len(unpredicted) == 1
+        problems.append(
+            Problem(
+                "unpredicted_study",
+                str(pred_source),
+                None,
+                None,
+                f"{len(unpredicted)} ground-truth {'study has' if one else 'studies have'} no "
+                f"predictions ({'' if one else 'first: '}"
+                + ", ".join(unpredicted[:5])
+                + (" ..." if len(unpredicted) > 5 else "")
+                + f"); {'its' if one else 'their'} points count as missed",
+            )
+        )
     study_index = {uid: i for i, uid in enumerate(scored)}
     spacing = np.array([spacing_by_study[uid] for uid in scored], dtype=np.float64).reshape(-1, 2)
 
@@ -346,6 +363,14 @@ def _file_problems(studies: Mapping[str, StudyAnnotation]) -> list[Problem]:
     return [p for s in studies.values() for p in s.problems]
 
 
+def _no_gt_points(gt_path: str | Path, n_skipped: int = 0) -> str:
+    skipped = f" ({n_skipped} studies skipped)" if n_skipped else ""
+    return (
+        f"no ground-truth points to score in {one_line(gt_path)}{skipped}; a score of an empty "
+        "evaluation set would mean nothing"
+    )
+
+
 def evaluate_files(
     pred_path: str | Path,
     gt_path: str | Path,
@@ -364,6 +389,8 @@ def evaluate_files(
     except ValueError as err:
         raise EvaluationError(str(err)) from None
     gt = load_annotations(gt_path, vocab)
+    if not any(s.points for s in gt.values()):  # before any check that blames the predictions
+        raise EvaluationError(_no_gt_points(gt_path))
     pred = load_annotations(pred_path, vocab, predictions=True)
     images = study_images(gt, data_root, spacing_mm, gt_path, skip_missing_spacing)
     problems = _file_problems(gt) + _file_problems(pred) + images.problems
@@ -373,11 +400,7 @@ def evaluate_files(
         gt, pred, images.spacing_mm, vocab, ignore_unknown, str(pred_path)
     )
     if not len(gt_a.point):
-        skipped = f" ({len(images.skipped)} studies skipped)" if images.skipped else ""
-        raise EvaluationError(
-            f"{one_line(gt_path)}: no ground-truth points to score{skipped}; a score of an empty "
-            "evaluation set would mean nothing"
-        )
+        raise EvaluationError(_no_gt_points(gt_path, len(images.skipped)))
     report = score_detections(
         gt_a, pred_a, spacing, vocab, radius_mm, baseline_radius_mm, sdr_radii_mm
     )

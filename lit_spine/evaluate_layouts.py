@@ -9,8 +9,8 @@ docs/datasets.md "Prediction files"); the labels are read from the data root.
   and, where a coordinates file is given, the localisation error in mm: the distance
   between the predicted and the labelled point in patient coordinates (each pixel placed
   with its own file's ImagePositionPatient, ImageOrientationPatient and PixelSpacing), so a
-  point on a neighbouring slice counts the slice gap too. Hand-written: no library scores
-  this file format.
+  point on a neighbouring slice counts the slice gap too; the hit and success rates count
+  d < R, strictly, as docs/metric.md. Hand-written: no library scores this file format.
 - spider: the suite's metric (`metrics.score_detections`, docs/metric.md) with the mask
   centroids and the labels (`spider_disc`: Pfirrmann grades; `spider_spine`: the disc
   findings and the vertebra class) that `data/spider.py` reads as ground truth; the task is
@@ -243,11 +243,11 @@ def _rsna_localisation(
         "localisation_points": n,
         "localisation_mre_mm": float(e.mean()) if n else None,
         "localisation_median_mm": float(np.median(e)) if n else None,
-        f"localisation_hit_rate@{radius_mm:g}mm": float((e <= radius_mm).mean()) if n else None,
+        f"localisation_hit_rate@{radius_mm:g}mm": float((e < radius_mm).mean()) if n else None,
         "localisation_same_instance_rate": same / n if n else None,
     }
     for r in sdr_radii_mm:
-        out[f"localisation_sdr@{r:g}mm"] = float((e <= r).mean()) if n else None
+        out[f"localisation_sdr@{r:g}mm"] = float((e < r).mean()) if n else None
     return out
 
 
@@ -268,7 +268,11 @@ def evaluate_rsna2024(
     problems: list[str] = []
     submitted = read_submission(pred, problems)
     if not submitted:
-        raise LayoutEvaluationError(f"{pred}: no usable submission row; nothing to score")
+        shown = " | ".join(problems[:3]) if problems else "the file has no data row"
+        raise LayoutEvaluationError(
+            f"{pred}: no usable submission row; nothing to score ({len(problems)} problem(s)"
+            f"{', the first 3' if len(problems) > 3 else ''}: {shown})"
+        )
     conditions = sorted({c for _, c, _ in submitted}, key=RSNA_CONDITIONS.index)
     grades_path = root / GRADES_CSV
     try:
@@ -277,9 +281,17 @@ def evaluate_rsna2024(
     except RsnaFormatError as err:
         raise LayoutEvaluationError(str(err)) from None
     truth: dict[int, dict] = {}
+    repeated: list[tuple[int, int]] = []  # (row, study) of a second train.csv row
     for row, rec, sid in _int_rows(grades, "study_id", grades_path, problems):
-        truth.setdefault(sid, {"row": row, "rec": rec})
+        if sid in truth:
+            repeated.append((row, sid))
+        else:
+            truth[sid] = {"row": row, "rec": rec}
     studies = {s for s, _, _ in submitted}
+    for row, sid in repeated:
+        if sid in studies:  # as data/rsna.py reports it; an unpredicted study is not scored
+            problems.append(f"{grades_path} row {row}: second row for study {sid} (the first "
+                            f"is row {truth[sid]['row']}); the first is kept")  # fmt: skip
     unknown = sorted(studies - set(truth))
     if unknown and not ignore_unknown:
         raise LayoutEvaluationError(

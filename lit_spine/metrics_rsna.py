@@ -3,8 +3,11 @@
 Per level, the three severity probabilities are normalised to sum 1 and clipped to
 [eps, 1 - eps]; each graded level contributes -log p(true grade) with weight 1 (Normal/Mild),
 2 (Moderate) or 4 (Severe); the score is the weighted mean. Levels without a grade (-1) are
-left out. A task with several conditions (the foraminal task: left and right) scores each
-condition on its own points and logs the mean, as the competition averages its conditions.
+left out. A grade outside {-1, 0, 1, 2}, or a graded level whose probabilities are not
+finite and non-negative with a positive sum, raises ValueError naming the level and its
+values (`check_levels`; `RsnaCanalLogLoss.compute` too), never a NaN score. A task with
+several conditions (the foraminal task: left and right) scores each condition on its own
+points and logs the mean, as the competition averages its conditions.
 Hand-written: a few numpy/torch lines (scikit-learn's log_loss is not a dependency).
 """
 
@@ -22,13 +25,40 @@ RSNA_LOGLOSS: dict[str, tuple[str, tuple[tuple[int, ...], ...] | None]] = {
 }
 
 
-def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float = EPS) -> float:
-    """probs (N, L, 3) non-negative, grades (N, L) int in {0, 1, 2} or -1 (ungraded)."""
-    probs = torch.as_tensor(probs, dtype=torch.float64)
-    grades = torch.as_tensor(grades, dtype=torch.long)
+def check_levels(probs: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+    """The graded-level mask of probs (..., 3) and grades (...) after checking them: a grade
+    outside {-1, 0, 1, 2}, or a graded level whose probabilities are not finite and
+    non-negative with a positive sum, raises ValueError naming its index and value (it would
+    give an IndexError, NaN, or a negative probability's near-perfect score)."""
     if probs.shape[:-1] != grades.shape or probs.shape[-1] != len(SEVERITY_WEIGHTS):
         raise ValueError(f"probs {tuple(probs.shape)} and grades {tuple(grades.shape)} differ")
+    bad = (grades < -1) | (grades >= len(SEVERITY_WEIGHTS))
+    if bad.any():
+        at = ", ".join(str(int(i)) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"grades[{at}] = {int(grades[bad][0])} ({int(bad.sum())} such level(s)): a grade "
+            "is 0, 1, 2 (Normal/Mild, Moderate, Severe) or -1 (ungraded)"
+        )
     keep = grades >= 0
+    p = probs[keep]
+    bad = ~torch.isfinite(p).all(-1) | (p < 0).any(-1) | (p.sum(-1) <= 0)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        at = ", ".join(str(int(j)) for j in keep.nonzero()[i])
+        raise ValueError(
+            f"probs[{at}] = {p[i].tolist()} (grade {int(grades[keep][i])}; {int(bad.sum())} "
+            "such level(s)): the probabilities of a graded level must be finite and "
+            "non-negative with a positive sum"
+        )
+    return keep
+
+
+def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float = EPS) -> float:
+    """probs (N, L, 3) non-negative, grades (N, L) int in {0, 1, 2} or -1 (ungraded); bad
+    values raise ValueError (`check_levels`)."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    grades = torch.as_tensor(grades, dtype=torch.long)
+    keep = check_levels(probs, grades)
     if not keep.any():
         raise ValueError("no graded level: the log loss is undefined")
     p = probs[keep]
@@ -60,6 +90,7 @@ class RsnaCanalLogLoss(Metric):
         grades = torch.cat(self.grades) if isinstance(self.grades, list) else self.grades
         if self.groups is None:
             return torch.tensor(rsna_weighted_logloss(probs, grades), dtype=torch.float64)
+        check_levels(probs, grades)  # indices of the whole (N, L), not of one group
         scored = [list(g) for g in self.groups if (grades[:, list(g)] >= 0).any()]
         if not scored:
             raise ValueError("no graded level: the log loss is undefined")

@@ -307,7 +307,7 @@ class SpineModule(pl.LightningModule):
         if self.val_rsna_logloss is not None and self.val_rsna_logloss.update_count:
             try:
                 value = self.val_rsna_logloss.compute().float()
-            except ValueError as err:  # no graded level in this split: undefined, not 0
+            except ValueError as err:  # no graded level (undefined, not 0) or a NaN output
                 rank_zero_warn(f"val: val/{self.rsna_logloss_name} not logged: {err}")
             else:
                 self.log(f"val/{self.rsna_logloss_name}", value, sync_dist=True)

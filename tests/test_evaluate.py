@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -194,11 +195,157 @@ def test_spacing_override(dataset, capsys):
 
 def test_studies_absent_from_the_prediction_file_count_as_missed(dataset, capsys):
     write_annotations(dataset["tmp"] / "pred.json", dataset["preds"][1:])
-    rc, out, _ = run([*dataset["args"], "--json"], capsys)
+    rc, out, err = run([*dataset["args"], "--json"], capsys)
     assert rc == 0
     result = json.loads(out)
     assert result["n_studies"] == 4
     assert result["localisation"]["all"]["n_missing"] >= 10
+    # ... and the run says so: the lower numbers are not left unexplained.
+    pred_path = str(dataset["tmp"] / "pred.json")
+    uids = [s.study_uid for s in dataset["gts"]]
+    (p,) = [p for p in result["problems"] if p["kind"] == "unpredicted_study"]
+    assert p["file"] == pred_path
+    assert p["message"] == (
+        f"1 ground-truth study has no predictions ({uids[0]}); its points count as missed"
+    )
+    assert f"warning: {pred_path}: 1 ground-truth study has no predictions" in err
+    write_annotations(dataset["tmp"] / "pred.json", [])  # an empty prediction list
+    rc, out, _ = run([*dataset["args"], "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out)
+    assert result["map"] == 0.0 and result["tp"] == 0
+    (p,) = [p for p in result["problems"] if p["kind"] == "unpredicted_study"]
+    assert p["message"] == (
+        f"4 ground-truth studies have no predictions (first: {', '.join(uids)}); their points "
+        "count as missed"
+    )
+
+
+def test_empty_ground_truth_is_named_not_the_predictions(dataset, capsys):
+    gt_path = dataset["root"] / "val_annotation.json"
+    for text in ("[]", json.dumps([{"studyUid": dataset["gts"][0].study_uid}])):
+        gt_path.write_text(text)
+        for extra in ([], ["--ignore-unknown"]):
+            rc, out, err = run([*dataset["args"], *extra], capsys)
+            assert rc == 2 and out == ""
+            assert f"error: no ground-truth points to score in {gt_path}" in err, err
+            assert "prediction file" not in err
+
+
+def test_a_point_exactly_r_away_is_a_miss(tmp_path, capsys):
+    # spacing 0.5 mm: 16 px along x is exactly 8.0 mm, a miss at 8 mm, a hit at 8.5 mm.
+    uid = "1.2.826.0.1.1"
+    gt = StudyAnnotation(uid, f"{uid}.7", f"{uid}.7.1")
+    gt.points.append(Point("L1", 100.0, 100.0, ("v2",), z_index=0))
+    pred = StudyAnnotation(uid, f"{uid}.7", f"{uid}.7.1")
+    pred.points.append(Point("L1", 116.0, 100.0, ("v2",), score=0.9))
+    write_annotations(tmp_path / "gt.json", [gt])
+    write_annotations(tmp_path / "pred.json", [pred])
+    args = ["--pred", str(tmp_path / "pred.json"), "--gt", str(tmp_path / "gt.json")]
+    rc, out, err = run([*args, "--spacing-mm", "0.5,0.5", "--radius-mm", "8",
+                        "--baseline-radius-mm", "8", "--sdr-mm", "8,8.5", "--json"], capsys)  # fmt: skip
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["mre_mm"] == 8.0
+    assert (result["tp"], result["fp"], result["fn"]) == (0, 1, 1)
+    assert result["keypoint_recall"] == 0.0
+    assert result["sdr"] == {"8": 0.0, "8.5": 1.0}
+
+
+# ---------------------------------------------------------------------------- rsna2024
+@pytest.fixture(scope="module")
+def rsna_phantom(tmp_path_factory):
+    from lit_spine.commands import phantom
+
+    root = tmp_path_factory.mktemp("rsna") / "data"
+    assert phantom.main(["--layout", "rsna2024", "--studies", "4", "--out", str(root)]) == 0
+    return root
+
+
+@pytest.fixture()
+def rsna(rsna_phantom, tmp_path):
+    """A copy of the phantom's rsna2024 root (the tests edit its CSV files) and a canal
+    submission.csv beside it with probabilities (0.6, 0.3, 0.1) for every level."""
+    import shutil
+
+    root = tmp_path / "rsna2024"
+    shutil.copytree(rsna_phantom, root)
+    grades = list(csv.DictReader((root / "train.csv").open()))
+    rows = [
+        [f"{g['study_id']}_{col}", 0.6, 0.3, 0.1]
+        for g in grades
+        for col in g
+        if col.startswith("spinal_canal_stenosis_")
+    ]
+    sub = tmp_path / "submission.csv"
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"], rows)
+    return root, sub, grades, rows
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_rsna_second_train_csv_row_of_a_study_is_reported(rsna):
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+
+    root, sub, grades, _ = rsna
+    first = evaluate_rsna2024(sub, root)
+    assert first.problems == []
+    twin = dict(grades[0])
+    twin["spinal_canal_stenosis_l1_l2"] = next(
+        g for g in ("Normal/Mild", "Severe") if g != grades[0]["spinal_canal_stenosis_l1_l2"]
+    )
+    write_csv(root / "train.csv", list(grades[0]), [list(g.values()) for g in [*grades, twin]])
+    ev = evaluate_rsna2024(sub, root)
+    assert ev.problems == [
+        f"{root / 'train.csv'} row {len(grades) + 2}: second row for study "
+        f"{grades[0]['study_id']} (the first is row 2); the first is kept"
+    ]
+    assert ev.metrics["rsna_canal_logloss"] == first.metrics["rsna_canal_logloss"]
+
+
+def test_rsna_no_usable_row_says_why(rsna, capsys):
+    from lit_spine.evaluate_layouts import LayoutEvaluationError, evaluate_rsna2024
+
+    root, sub, _, rows = rsna
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"],
+              [[r[0].upper(), *r[1:]] for r in rows])  # fmt: skip
+    with pytest.raises(LayoutEvaluationError) as err:
+        evaluate_rsna2024(sub, root)
+    text = str(err.value)
+    assert text.startswith(f"{sub}: no usable submission row; nothing to score ")
+    assert (
+        f"({len(rows)} problem(s), the first 3: {sub} row 2: row_id {rows[0][0].upper()!r}" in text
+    )
+    assert f"{sub} row 4: row_id" in text and f"{sub} row 5:" not in text
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"],
+              [[r[0], "nan", "nan", "nan"] for r in rows])  # fmt: skip
+    rc = main(["--format", "rsna2024", "--pred", str(sub), "--data-root", str(root)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{sub} row 2: probabilities normal_mild 'nan'" in err
+
+
+def test_rsna_localisation_hit_is_strict_at_the_radius(rsna):
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+
+    root, sub, _, _ = rsna
+    labels = list(csv.DictReader((root / "train_label_coordinates.csv").open()))
+    label = next(r for r in labels if r["condition"] == "Spinal Canal Stenosis")
+    coords = sub.parent / "coordinates.csv"
+    row = [label[c] for c in ("study_id", "series_id", "instance_number", "condition", "level")]
+    write_csv(coords, ["study_id", "series_id", "instance_number", "condition", "level", "x",
+                       "y", "score"], [[*row, float(label["x"]) + 4, label["y"], 0.9]])  # fmt: skip
+    d = evaluate_rsna2024(sub, root, coords).metrics["localisation_mre_mm"]  # its one distance
+    assert d > 0
+    m = evaluate_rsna2024(sub, root, coords, radius_mm=d, sdr_radii_mm=(d, 2 * d)).metrics
+    assert m["localisation_points"] == 1 and m["localisation_mre_mm"] == d
+    assert m[f"localisation_hit_rate@{d:g}mm"] == 0.0  # exactly R away: a miss
+    assert m[f"localisation_sdr@{d:g}mm"] == 0.0 and m[f"localisation_sdr@{2 * d:g}mm"] == 1.0
 
 
 def _edit_pred(dataset, fn):

@@ -668,3 +668,47 @@ def test_ddp_sync_equals_one_process_seeing_everything(tmp_path):
 # ---------------------------------------------------------------------------- speed
 def test_scoring_10k_studies_is_fast():
     assert benchmark_scoring(10000, repeats=1) < 2.0  # bench budget is 1 s; slack for CI noise
+
+
+# ---------------------------------------------------------------------------- rsna log loss
+@pytest.mark.parametrize(
+    "probs, grades, expected",
+    [
+        ([[[0.7, 0.2, 0.1], [math.nan, 0.5, 0.5]]], [[0, 0]], r"probs\[0, 1\] = \[nan, 0.5, 0.5\]"),
+        ([[[0.5, math.nan, 0.5]]], [[0]], r"probs\[0, 0\] = \[0.5, nan, 0.5\]"),
+        ([[[-0.5, 1.0, 0.5]]], [[1]], r"probs\[0, 0\] = \[-0.5, 1.0, 0.5\] \(grade 1"),
+        ([[[0.0, 0.0, 0.0]]], [[0]], r"probs\[0, 0\] = \[0.0, 0.0, 0.0\]"),
+        ([[[math.inf, 0.0, 0.0]]], [[0]], r"probs\[0, 0\] = \[inf, 0.0, 0.0\]"),
+        ([[[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]]], [[1, 3]], r"grades\[0, 1\] = 3 .*or -1"),
+        ([[[0.2, 0.3, 0.5]]], [[-2]], r"grades\[0, 0\] = -2 .*or -1 \(ungraded\)"),
+    ],
+)
+def test_rsna_logloss_rejects_unusable_levels_by_index(probs, grades, expected):
+    from lit_spine.metrics_rsna import RsnaCanalLogLoss, rsna_weighted_logloss
+
+    probs, grades = torch.tensor(probs, dtype=torch.float64), torch.tensor(grades)
+    with pytest.raises(ValueError, match=expected):
+        rsna_weighted_logloss(probs, grades)
+    metric = RsnaCanalLogLoss()  # the same check behind val/rsna_canal_logloss: no NaN
+    metric.update(probs, grades)
+    with pytest.raises(ValueError, match=expected):
+        metric.compute()
+
+
+def test_rsna_logloss_checks_only_graded_levels_and_keeps_the_numbers():
+    from lit_spine.metrics_rsna import RsnaCanalLogLoss, rsna_weighted_logloss
+
+    # An ungraded level (-1) is never looked at, whatever its probabilities.
+    p = torch.tensor(
+        [[[0.7, 0.2, 0.1], [math.nan, -1.0, 0.0], [0.2, 0.2, 0.6]]], dtype=torch.float64
+    )
+    g = torch.tensor([[0, -1, 2]])
+    expected = (-math.log(0.7) - 4 * math.log(0.6)) / 5
+    assert rsna_weighted_logloss(p, g) == pytest.approx(expected, rel=1e-12)
+    p2 = torch.tensor([[[2.0, 1.0, 1.0]]], dtype=torch.float64)  # normalised: -ln 0.5
+    assert rsna_weighted_logloss(p2, torch.tensor([[0]])) == -math.log(0.5)
+    # With groups (the foraminal task), the index is of the whole (N, L), not of one group.
+    metric = RsnaCanalLogLoss(groups=((0,), (1,)))
+    metric.update(torch.tensor([[[0.5, 0.3, 0.2], [0.5, -0.3, 0.8]]]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"probs\[0, 1\] = \[0.5, -0.3"):
+        metric.compute()

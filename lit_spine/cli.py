@@ -58,9 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"lit_spine.commands.{command}")
         return int(module.main(argv[1:]) or 0)
     if command in LIGHTNING_COMMANDS:
+        import os
+
+        from lit_spine.data.cache import CacheError
+        from lit_spine.phantom.generate import PhantomError
         from lit_spine.train_cli import run_lightning_cli
 
-        run_lightning_cli(argv)
+        try:
+            run_lightning_cli(argv)
+        except (ValueError, OSError, CacheError, PhantomError) as err:
+            # A bad setting or bad data (the suite's errors name the key, file or value):
+            # one line, not Lightning's traceback, unless asked for.
+            if os.environ.get("LIT_SPINE_TRACEBACK"):
+                raise
+            print(f"{prog} {command}: {str(err).strip()}", file=sys.stderr)
+            print(f"({prog}: LIT_SPINE_TRACEBACK=1 prints the traceback)", file=sys.stderr)
+            return 2
         return 0
     from lit_spine.utils import choose
 

@@ -12,9 +12,12 @@ of that run (`<run>/test/...`), never over the training run's files.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import secrets
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -26,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_spine import runs as run_folder
 from lit_spine.data.datamodule import SpineDataModule
@@ -202,7 +206,8 @@ class RunFolder(SaveConfigCallback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == "fit":
-            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            stopped = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+            status = "interrupted" if stopped else "failed"  # a stopped run resumes
             self._summary(trainer, pl_module, status)
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -337,6 +342,9 @@ class SpineCLI(LightningCLI):
             if not path.is_file():
                 raise SystemExit(f"lit-spine: --ckpt_path {ckpt}: {path} does not exist")
             cfg["ckpt_path"] = str(path)
+        if _launching_rank():
+            self._check_against_the_run(cfg)
+        self.new_folder = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # DDP children re-run this program: they must land in the same folder.
         os.environ["LIT_SPINE_RUN_DIR"] = str(self.run_dir)
@@ -345,6 +353,65 @@ class SpineCLI(LightningCLI):
         norm = cfg["model"]["net"]["init_args"].get("norm") if cfg["model"].get("net") else None
         if norm == "batchnorm":
             cfg["model"]["sync_batchnorm"] = cfg["model"].get("sync_batchnorm", True)
+
+    def _check_against_the_run(self, cfg) -> None:
+        """Refuse, before any file is written, a `fit` that would silently change a run: a new
+        fit into a folder that holds a run, or a resume whose settings differ from the run's
+        config.yaml (the restored optimizer and schedule would keep the old ones while the
+        record said the new). `test`/`predict`/`validate` on a run's checkpoint refuse another
+        net or task and warn at another image size."""
+        ckpt = cfg.get("ckpt_path")
+        saved_at = self.run_dir
+        if self.subcommand != "fit":
+            if not ckpt or Path(ckpt).parent.name != "checkpoints":
+                return
+            saved_at = Path(ckpt).parent.parent
+        if not (saved_at / run_folder.CONFIG).is_file():
+            if self.subcommand == "fit" and (saved_at / run_folder.METRICS).is_file() and not ckpt:
+                raise SystemExit(
+                    f"lit-spine: {saved_at} already holds a run (metrics.csv); resume it with "
+                    "--ckpt_path last, or pass another --run_dir (--run_dir=null: a new folder)"
+                )
+            return
+        if self.subcommand == "fit" and not ckpt:
+            status = run_folder.read_status(saved_at) or "no summary"
+            raise SystemExit(
+                f"lit-spine: {saved_at} already holds a run ({status}); resume it with "
+                "--ckpt_path last, or pass another --run_dir (--run_dir=null: a new folder; a "
+                "run's config.yaml records its run_dir)"
+            )
+        import yaml
+
+        try:
+            old = run_folder.flatten(yaml.safe_load((saved_at / run_folder.CONFIG).read_text()))
+        except (OSError, yaml.YAMLError):
+            return  # nothing readable to compare with
+        new = run_folder.flatten(json.loads(json.dumps(cfg.as_dict(), default=str)))
+        may_change = RESUME_MAY_CHANGE if self.subcommand == "fit" else EVAL_MUST_MATCH
+        changed = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) & set(new))  # linked keys (the task, ...) are not saved
+            if _text(old.get(k)) != _text(new.get(k))
+            and (not may_change.search(k) if self.subcommand == "fit" else may_change.search(k))
+        ]
+        if changed:
+            what = (
+                f"--ckpt_path resumes run {saved_at}, but this config differs from its "
+                "config.yaml; a resumed run keeps the settings it was trained with (only the "
+                "budget and the hardware may change): drop these options, or start a new run"
+                if self.subcommand == "fit"
+                else f"{ckpt} was trained with another net or task: use its run's config "
+                f"(--config {saved_at / 'config.yaml'}) without overriding these"
+            )
+            raise SystemExit(f"lit-spine: {what}:\n  " + "\n  ".join(changed))
+        size = ("data.image_size", old.get("data.image_size"), new.get("data.image_size"))
+        if self.subcommand != "fit" and size[1] != size[2]:
+            print(
+                f"lit-spine: warning: {self.subcommand} at {size[0]}={size[2]}, but the "
+                f"checkpoint was trained at {size[1]} ({saved_at / 'config.yaml'}): its numbers "
+                "are not those of the trained setting",
+                file=sys.stderr,
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config_init[self.subcommand]
@@ -431,6 +498,27 @@ class SpineCLI(LightningCLI):
                 cb.run_dir = self.run_dir
 
 
+# Keys a resumed fit may change (the budget, the hardware, where things go and what is
+# printed); any other difference from the run's config.yaml is refused.
+RESUME_MAY_CHANGE = re.compile(
+    r"^(trainer\.(max_epochs|max_steps|max_time|accelerator|devices|num_nodes|strategy"
+    r"|enable_progress_bar|logger.*)|data\.(num_workers|cache_dir)|checkpoint\.dirpath|ckpt_path"
+    r"|run_dir|runs_root"
+    r"|config|experiment|print_model|overlays|wandb\w*)$"
+)
+# Keys `test`/`predict`/`validate` must share with the checkpoint's run: the net and the task.
+EVAL_MUST_MATCH = re.compile(r"^(model\.net\..*|data\.(task|vocab|slices))$")
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _launching_rank() -> bool:
+    """Whether this process starts the run (not a DDP child, which re-runs the command)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def run_lightning_cli(argv: list[str]) -> SpineCLI:
     """Run LightningCLI on argv (e.g. ['fit', '--config', 'experiments/smoke.yaml'])."""
     threads = os.environ.get("LIT_SPINE_NUM_THREADS")
@@ -439,8 +527,16 @@ def run_lightning_cli(argv: list[str]) -> SpineCLI:
     # The run folder is handed to DDP children through the environment; restore it
     # afterwards so that a second run in the same process gets a folder of its own.
     saved = os.environ.get("LIT_SPINE_RUN_DIR")
+    cli: SpineCLI | None = None
+
+    class CLI(SpineCLI):
+        def before_instantiate_classes(self) -> None:
+            nonlocal cli
+            cli = self  # for the clean-up below, should anything fail
+            super().before_instantiate_classes()
+
     try:
-        return SpineCLI(
+        return CLI(
             SpineModule,
             SpineDataModule,
             save_config_callback=RunFolder,
@@ -449,8 +545,25 @@ def run_lightning_cli(argv: list[str]) -> SpineCLI:
             args=argv,
             auto_configure_optimizers=False,
         )
+    except SIGTERMException:
+        raise SystemExit(128 + 15) from None  # stopped, not a success (Lightning's exits 0)
+    except Exception:
+        if cli is not None and getattr(cli, "new_folder", False):
+            _remove_if_nothing_ran(cli.run_dir)
+        raise
     finally:
         if saved is None:
             os.environ.pop("LIT_SPINE_RUN_DIR", None)
         else:
             os.environ["LIT_SPINE_RUN_DIR"] = saved
+
+
+def _remove_if_nothing_ran(run_dir: Path) -> None:
+    """Remove a run folder this command created when it failed before any training step (a
+    bad setting or missing data): it holds no result, and left behind it would count as a
+    failed run in reports. A folder with a checkpoint or a trained step is kept."""
+    summary = run_folder.read_summary(run_dir) or {}
+    if any(run_dir.glob(f"{run_folder.CHECKPOINTS}/*.ckpt")) or summary.get("global_step"):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"lit-spine: removed {run_dir}: the run failed before its first step", file=sys.stderr)

@@ -463,3 +463,101 @@ def test_image_size_not_a_multiple_of_the_reduction_stops_before_training(phanto
     with pytest.raises(SystemExit, match=f"data.image_size={bad} is not a multiple of {deepest}"):
         _tiny_fit(phantom_root, tmp_path, f"--data.image_size={bad}")
     assert not list((tmp_path / "runs" / "tiny").glob("*")), "no empty run folder is left"
+
+
+def test_a_later_command_never_silently_changes_a_run(phantom_root, tmp_path, capsys):
+    """A new fit into a folder that holds a run, and a resume whose settings differ from the
+    run's config.yaml (the restored optimizer would keep the old lr while the record said the
+    new), are refused before any file is touched; `predict` on a run's checkpoint refuses
+    another net and warns at another image size; a resume that changes only the budget runs."""
+    run = _tiny_fit(phantom_root, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    same_run = ["fit", "--config", str(run / "config.yaml"), f"--run_dir={run}", "--wandb=disabled"]
+    for extra, expected in (
+        ([], f"{run} already holds a run (finished); resume it with --ckpt_path last"),
+        (["--ckpt_path=last", "--model.lr=0.5"], "model.lr: 0.002 -> 0.5"),
+        (
+            ["--ckpt_path=last", "--model.net.init_args.backbone=resnet18"],
+            "model.net.init_args.backbone: 'test_resnet' -> 'resnet18'",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            run_lightning_cli([*same_run, *extra])
+        assert expected in str(exc.value.code), exc.value.code
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    best = run / "checkpoints" / "best.ckpt"
+    predict = ["predict", "--config", str(run / "config.yaml"), f"--ckpt_path={best}"]
+    with pytest.raises(SystemExit) as exc:
+        run_lightning_cli([*predict, "--wandb=disabled", "--model.net.init_args.norm=groupnorm"])
+    assert "was trained with another net or task" in str(exc.value.code)
+    assert not (run / "predict").exists()
+    capsys.readouterr()
+    run_lightning_cli([*predict, "--wandb=disabled", "--data.image_size=96", "--overlays=0"])
+    assert "warning: predict at data.image_size=96, but the checkpoint was trained at 64" in (
+        capsys.readouterr().err
+    )
+    _resume(run, tmp_path, epochs=3)  # only the budget changes: allowed
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+
+def test_a_bad_setting_is_one_line_and_leaves_no_run_folder(phantom_root, tmp_path, capsys):
+    """`lit-spine fit` with a misspelt norm, a batch larger than the training split or a
+    phantom_dir that is a file: exit 2, one line naming the key and value, and no run folder
+    left behind to count as a failed run in reports."""
+    from lit_spine.cli import main
+
+    base = ["fit", "--config", str(EXPERIMENTS / "smoke.yaml"), *tiny_args(phantom_root, tmp_path),
+            "--model.net.init_args.backbone=test_resnet", "--model.net.init_args.norm_groups=8",
+            "--trainer.max_epochs=1", "--experiment=bad"]  # fmt: skip
+    (tmp_path / "a_file").write_text("")
+    for extra, expected in (
+        (["--model.net.init_args.norm=groupnrom"], "unknown norm 'groupnrom' (did you mean"),
+        (["--data.batch_size=64"], "data.batch_size=64 is larger than the 8 training items"),
+        (
+            ["--data.data_root=null", f"--data.phantom_dir={tmp_path / 'a_file'}"],
+            f"data.phantom_dir={str(tmp_path / 'a_file')!r} is a file, not a folder",
+        ),
+    ):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"lit-spine fit: {expected}" in err and "Traceback" not in err, err
+        assert not list((tmp_path / "runs" / "bad").glob("*")), "no run folder is left"
+
+
+def test_sigterm_stops_a_fit_as_interrupted_with_a_nonzero_exit(phantom_root, tmp_path):
+    """SIGTERM (a scheduler's stop) saves last.ckpt, marks the run interrupted (so a sweep
+    resumes it instead of restarting it) and exits 143, not 0."""
+    import signal
+    import time
+
+    run = tmp_path / "term"
+    cmd = [sys.executable, "-m", "lit_spine", "fit", "--config", str(EXPERIMENTS / "smoke.yaml"),
+           *tiny_args(phantom_root, tmp_path), "--model.net.init_args.backbone=test_resnet",
+           "--model.net.init_args.norm_groups=8", "--trainer.max_epochs=500", f"--run_dir={run}"]  # fmt: skip
+    env = {**os.environ, "LIT_SPINE_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        summary = run / "summary.json"
+        if summary.is_file() and (json.loads(summary.read_text()).get("epochs") or 0) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs"] >= 2
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_run_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a temporary file (mode 0600); the result has the mode a plain
+    write would give (0666 minus the umask), so others can read a shared run folder."""
+    from lit_spine import runs as run_folder
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    run_folder.write_summary(tmp_path, {"status": "finished"})
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask

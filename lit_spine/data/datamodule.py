@@ -264,6 +264,11 @@ class SpineDataModule(pl.LightningDataModule):
         if hp.data_root is not None:
             return Path(hp.data_root).expanduser()
         phantom = Path(hp.phantom_dir).expanduser()
+        if phantom.exists() and not phantom.is_dir():
+            raise ValueError(
+                f"data.phantom_dir={hp.phantom_dir!r} is a file, not a folder; point it at a "
+                "folder (the phantom is generated there when it is missing)"
+            )
         return phantom / hp.format if hp.format in ONE_SET_FORMATS else phantom
 
     @property
@@ -461,6 +466,15 @@ class SpineDataModule(pl.LightningDataModule):
         sampler = EpochSampler(
             dataset, shuffle=train, seed=dataset.seed, num_replicas=replicas, rank=rank, pad=train
         )
+        if train and len(sampler) < hp.batch_size:
+            # Every step would see the whole split, a smaller batch than the learning-rate
+            # rule, the logs and the sweep's factor say.
+            raise ValueError(
+                f"data.batch_size={hp.batch_size} is larger than the {len(sampler)} training "
+                f"items {'per process ' if replicas > 1 else ''}of split(s) "
+                f"{', '.join(self.split_names('train'))}; use data.batch_size={len(sampler)} "
+                "or less, or more training data"
+            )
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
         return DataLoader(
             dataset,

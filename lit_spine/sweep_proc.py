@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lit_spine import runs as run_folder
@@ -34,6 +36,7 @@ from lit_spine.sweep_state import (
     runtime_s,
     utc_now,
 )
+from lit_spine.utils import one_line
 
 KILL_GRACE_S = 30.0  # for a run to stop after SIGINT (Lightning saves last.ckpt)
 POLL_S = 0.2
@@ -256,6 +259,14 @@ class Runner:
             shown = f"{metric_name}={metric:.4f}" if metric is not None else "no metric"
             code = f", exit code {returncode}" if returncode != 0 else ""
             event = f"finished {run.id} ({shown}, {fmt_seconds(duration)}{code})"
+        elif (
+            run_folder.read_status(run_dir) == "interrupted"
+            and (run_dir / run_folder.LAST_CHECKPOINT).is_file()
+        ):
+            # Stopped from outside (a scheduler's SIGTERM): it saved last.ckpt and says so.
+            # Not retried in this invocation; the next one resumes it.
+            self.failed_here.add(run.id)
+            event = f"INTERRUPTED {run.id} (exit code {returncode}): the next sweep resumes it"
         else:
             self.failed_here.add(run.id)
             error = (
@@ -264,7 +275,9 @@ class Runner:
                 else f"exit code 0 but {run_folder.SUMMARY} does not say status: finished"
             )
             record_status(run_dir, "failed", error)
-            event = f"FAILED {run.id}: {error}; log: {run_dir / run_folder.LOG}"
+            why = last_error_line(run_dir / run_folder.LOG)
+            event = f"FAILED {run.id}: {error}" + (f": {why}" if why else "")
+            event += f"; log: {run_dir / run_folder.LOG}"
         del self.active[active.slot]
         self._progress(event)
 
@@ -320,3 +333,21 @@ class Runner:
             )
             self._stop_all()
             raise
+
+
+def last_error_line(log: Path, limit: int = 300) -> str:
+    """The line of a failed run's log that says why, for the sweep's progress: the last line
+    naming an error (the suite's one-line messages start with 'lit-spine'), else ''."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-40:]
+    except OSError:
+        return ""
+    pattern = re.compile(r"^(lit-spine[\w ]*: |\w*(Error|Exception)\b|error: )")
+    hits = [i for i, ln in enumerate(lines) if pattern.search(ln.strip())]
+    hits = [i for i in hits if "LIT_SPINE_TRACEBACK" not in lines[i]]
+    if not hits:
+        return ""
+    # An argument error continues on indented lines (jsonargparse: the class, the option).
+    tail = [lines[hits[-1]].strip()]
+    tail += [ln.strip() for ln in lines[hits[-1] + 1 :] if ln.startswith(" ") and ln.strip()]
+    return one_line(" ".join(tail), limit)

@@ -132,7 +132,12 @@ def main() -> int:
     fail = os.environ.get("FAKE_FIT_FAIL")
     if fail and any(f"{k}={v}" == fail for k, v in params.items()):
         run_folder.write_summary(run_dir, {"status": "failed"})
+        print(f"lit-spine fit: fake failure for {fail}", file=sys.stderr)
         return 3
+    stop = os.environ.get("FAKE_FIT_SIGTERM")  # stopped from outside after saving last.ckpt
+    if stop and any(f"{k}={v}" == stop for k, v in params.items()):
+        run_folder.write_summary(run_dir, {"status": "interrupted"})
+        return 143
     write_run(
         run_dir,
         params,

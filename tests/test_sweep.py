@@ -334,6 +334,48 @@ def test_failed_runs_are_redone_and_finished_ones_kept(tmp_path, monkeypatch):
     assert set(statuses(out / "tiny").values()) == {"finished"}
 
 
+def test_a_failure_says_why_and_an_outside_stop_resumes(tmp_path, monkeypatch, capsys):
+    """A failed run's progress line carries its log's error line; a run stopped from outside
+    (a scheduler's SIGTERM: it saved last.ckpt and says interrupted) keeps that status, so the
+    next invocation resumes it instead of restarting it from scratch."""
+    marker = tmp_path / "marker.jsonl"
+    monkeypatch.setenv("FAKE_FIT_MARKER", str(marker))
+    monkeypatch.setenv("FAKE_FIT_FAIL", "seed_everything=1")
+    monkeypatch.setenv("FAKE_FIT_SIGTERM", "model.net.init_args.norm=groupnorm")
+    path, out = write_sweep(tmp_path), tmp_path / "out"
+    assert sweep_command.main([str(path), "--workers", "1", "--out", str(out), "--no-report"]) == 1
+    printed = capsys.readouterr().out
+    assert "exit code 3: lit-spine fit: fake failure for seed_everything=1; log:" in printed
+    assert "INTERRUPTED" in printed and "the next sweep resumes it" in printed
+    state = sweep.SweepState.load(out / "tiny" / "state.json")
+    stopped = [r for r in state.runs if r.params["model.net.init_args.norm"] == "groupnorm"
+               and r.params["seed_everything"] == 0]  # fmt: skip
+    assert [state.status(r) for r in stopped] == ["interrupted"]
+    monkeypatch.delenv("FAKE_FIT_SIGTERM")
+    monkeypatch.delenv("FAKE_FIT_FAIL")
+    assert sweep_command.main([str(path), "--workers", "1", "--out", str(out), "--no-report"]) == 0
+    resumed = [s for s in starts(marker)[4:] if any(a.startswith("--ckpt_path") for a in s["argv"])]
+    assert [Path(s["run_dir"]).name for s in resumed] == [stopped[0].id]
+
+
+def test_last_error_line_of_a_log(tmp_path):
+    from lit_spine.sweep_proc import last_error_line
+
+    log = tmp_path / "stdout.log"
+    log.write_text("Seed set to 0\nusage: lit-spine fit [-h]\nerror: Parser key \"model.net\":\n"
+                   "  Problem with given class_path 'lit_spine.models.SpineNet':\n"
+                   "    Option 'nrom' is not accepted\n")  # fmt: skip
+    assert last_error_line(log) == (
+        'error: Parser key "model.net": Problem with given class_path '
+        "'lit_spine.models.SpineNet': Option 'nrom' is not accepted"
+    )
+    log.write_text(
+        "Epoch 1\nlit-spine fit: unknown norm 'x'\n(lit-spine: LIT_SPINE_TRACEBACK=1 ...)\n"
+    )
+    assert last_error_line(log) == "lit-spine fit: unknown norm 'x'"
+    assert last_error_line(tmp_path / "missing.log") == ""
+
+
 def sweep_argv(path: Path, out: Path, *extra: str) -> list[str]:
     """`lit-spine sweep` with two workers, run as a child process."""
     return [sys.executable, "-m", "lit_spine", "sweep", str(path), "--workers", "2",

@@ -307,6 +307,19 @@ class SpineCLI(LightningCLI):
         parser.link_arguments("data.task", "model.net.init_args.task", apply_on="parse")
         parser.link_arguments("model.net.init_args.heatmap_stride", "data.stride", apply_on="parse")
 
+    def _set_seed(self) -> None:
+        """`seed_everything: true` draws a real random seed (recorded in config.yaml and
+        meta.json like any other): Lightning's help promises a random seed, but its
+        `seed_everything()` without one gives 0 every time. DDP children inherit the drawn
+        seed through PL_GLOBAL_SEED, which seeding sets."""
+        if self._get(self.config, "seed_everything") is True and "PL_GLOBAL_SEED" not in os.environ:
+            seed = secrets.randbelow(2**31)
+            if self.subcommand:
+                self.config[self.subcommand]["seed_everything"] = seed
+            else:
+                self.config["seed_everything"] = seed
+        super()._set_seed()
+
     # ------------------------------------------------------------------ run folder
     def _resolve_run_dir(self, cfg) -> Path:
         explicit = cfg.get("run_dir") or os.environ.get("LIT_SPINE_RUN_DIR")

@@ -561,3 +561,18 @@ def test_run_files_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     run_folder.write_summary(tmp_path, {"status": "finished"})
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_seed_everything_true_draws_and_records_a_real_seed(phantom_root, tmp_path):
+    """Lightning's seed_everything() without a seed gives 0 every time; `seed_everything:
+    true` here draws a random seed, recorded in config.yaml and meta.json."""
+    os.environ.pop("PL_GLOBAL_SEED", None)  # as in a fresh process
+    seeds = []
+    for _ in range(2):
+        run = _tiny_fit(phantom_root, tmp_path, "--seed_everything=true", "--trainer.max_epochs=1")
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        seed = yaml.safe_load((run / "config.yaml").read_text())["seed_everything"]
+        assert isinstance(seed, int) and not isinstance(seed, bool)
+        assert json.loads((run / "meta.json").read_text())["seed"] == seed
+        seeds.append(seed)
+    assert seeds[0] != seeds[1], "two draws of 2**31 seeds should differ"

@@ -211,16 +211,16 @@ def locate_instances(root: Path, st: RsnaStudy, problems: list[str]) -> tuple[Pa
             (s, i) for s in study.series for i, h in enumerate(s.slices) if Path(h.path) == named
         ]
         header = found[0][0].slices[found[0][1]] if len(found) == 1 else None
-        if not found and str(named) in study.unreadable:
-            problems.append(f"{where}: {what}: {one_line(named)} cannot be read "
-                            f"({study.unreadable[str(named)]}); those levels are left out")  # fmt: skip
-            continue
-        if not found:  # dropped as a duplicate of another file with its SOPInstanceUID
-            try:
-                header = read_header(named)
-            except DicomFileError as err:
+        if not found:  # unreadable, or dropped as a duplicate of another file's SOPInstanceUID
+            reason = study.unreadable.get(str(named))
+            if reason is None:
+                try:
+                    header = read_header(named)
+                except DicomFileError as err:
+                    reason = err.reason
+            if reason is not None:
                 problems.append(f"{where}: {what}: {one_line(named)} cannot be read "
-                                f"({err.reason}); those levels are left out")  # fmt: skip
+                                f"({reason}); those levels are left out")  # fmt: skip
                 continue
             found = [
                 (s, i) for s in study.series if (i := s.index_of(header.instance_uid)) is not None

@@ -115,3 +115,35 @@ def test_per_sample_norms_equal_torch_in_both_layouts(norm, reference, fused):
             g_ours, g_ref = getattr(ours, name).grad, getattr(ref, name).grad
             torch.testing.assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-5)
             g_ours.zero_(), g_ref.zero_()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "regnetx_002"])
+def test_frozen_batchnorm_from_scratch_keeps_every_residual_branch_alive(backbone):
+    """Without pretrained weights there are no statistics to freeze: the frozen norms are
+    identity maps. timm zero-initialises the last scale of each residual block; frozen at 0
+    it would make every residual branch output 0 and get no gradient, forever."""
+    import warnings
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from lit_spine.models.net import SpineNet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = SpineNet(backbone=backbone, norm="frozen_batchnorm", norm_group_size=8)
+    frozen = [m for m in net.backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    frozen += [m for m in net.backbone.modules() if type(m).__name__ == "FrozenBatchNormAct2d"]
+    assert frozen and all(bool((m.weight == 1).all()) for m in frozen)
+    net.train()
+    out = net(torch.randn(2, 1, 64, 64), torch.rand(2, net.task.num_points, 2) * 63)
+    sum(o.float().square().sum() for o in out.values() if torch.is_tensor(o)).backward()
+    convs = [m for m in net.backbone.modules() if isinstance(m, nn.Conv2d)]
+    dead = [m for m in convs if m.weight.grad is None or not m.weight.grad.any()]
+    assert not dead, f"{len(dead)} of {len(convs)} convolutions get no gradient"
+
+
+def test_instancenorm_refuses_a_one_pixel_map_in_training_as_torch_does():
+    layer = make_norm("instancenorm", 4).train()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        layer(torch.randn(2, 4, 1, 1))
+    layer.eval()(torch.randn(2, 4, 1, 1))  # evaluation: torch allows it too

@@ -115,12 +115,16 @@ class SpineNet(nn.Module):
         if norm == "frozen_batchnorm" and not pretrained:
             warnings.warn(
                 "frozen_batchnorm without pretrained weights fixes every norm at mean 0, "
-                "variance 1: the layers become identity maps",
+                "variance 1, scale 1, shift 0: the layers become identity maps (timm's "
+                "zero-initialised last scale of each residual block is reset to 1, or that "
+                "branch would output 0 forever)",
                 stacklevel=2,
             )
 
         self.backbone = backbones.create_backbone(backbone, in_chans, pretrained)
         norms.swap_norms(self.backbone, norm, norm_groups, norm_group_size)
+        if norm == "frozen_batchnorm" and not pretrained:
+            norms.reset_frozen_batch_norms(self.backbone)  # identity maps, as warned above
         info = self.backbone.feature_info
         self.reductions: list[int] = list(info.reduction())
         channels: list[int] = list(info.channels())

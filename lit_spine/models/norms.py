@@ -113,6 +113,11 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4:
             return super().forward(x)
+        if self.training and x.shape[2] * x.shape[3] == 1:  # as nn.InstanceNorm2d refuses it
+            raise ValueError(
+                f"InstanceNorm2d: expected more than 1 spatial element when training, got input "
+                f"size {tuple(x.shape)} (a 1x1 map normalises to 0: use a larger image_size)"
+            )
         return group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
 
@@ -273,6 +278,24 @@ def norm_act_layer(
         return make_norm(norm, channels, nn.ReLU(inplace=True), groups, group_size)
 
     return build
+
+
+def reset_frozen_batch_norms(module: nn.Module) -> int:
+    """Set every frozen BatchNorm in `module` to the identity map (scale 1, shift 0, mean 0,
+    variance 1); the number reset. For a network without pretrained weights, where there are
+    no statistics to freeze: the swap would otherwise freeze timm's zero-initialised last
+    scale of each residual block (`zero_init_last`) at 0, and every residual branch would
+    output 0 forever."""
+    frozen = [
+        m for m in module.modules() if isinstance(m, FrozenBatchNorm2d | FrozenBatchNormAct2d)
+    ]
+    with torch.no_grad():
+        for m in frozen:
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+    return len(frozen)
 
 
 def _copy_affine(old: nn.Module, new: nn.Module) -> None:

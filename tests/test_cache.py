@@ -192,6 +192,43 @@ def test_rebuilds_when_settings_files_or_annotation_change(tmp_path):
     assert edited.path != touched.path and edited.present[0].sum() == 1
 
 
+def test_rebuilds_when_a_file_is_rewritten_with_its_old_mtime_or_behind_a_link(tmp_path):
+    """A slice rewritten with its old size and mtime put back (os.utime, cp -p, rsync -t), and
+    a file changed in a study folder that is a symlink into another store, give a new key:
+    the stale cache is never reused."""
+    root, infos = dataset(tmp_path, 2)
+    cache_dir = tmp_path / "cache"
+    base = build_cache(root, CacheSettings(image_size=32), cache_dir, progress=False)
+    path = infos[0].series["t2"].paths[0]
+    st, data = path.stat(), path.read_bytes()
+    path.write_bytes(data[:-4] + bytes(4))  # the same size, other pixels
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    rewritten = build_cache(root, CacheSettings(image_size=32), cache_dir, progress=False)
+    assert rewritten.path != base.path
+
+    store = tmp_path / "store"
+    shutil.move(str(root / infos[1].folder.name), store)
+    (root / infos[1].folder.name).symlink_to(store, target_is_directory=True)
+    linked = build_cache(root, CacheSettings(image_size=32), cache_dir, progress=False)
+    source = next(p for p in sorted(store.rglob("*")) if p.is_file())
+    (store / "extra.dcm").write_bytes(source.read_bytes())
+    changed = build_cache(root, CacheSettings(image_size=32), cache_dir, progress=False)
+    assert changed.path != linked.path, "a change behind a symlinked study folder rebuilds"
+
+
+def test_a_copied_study_folder_is_reported_and_counted_once(tmp_path):
+    root, infos = dataset(tmp_path, 2)
+    shutil.copytree(infos[0].folder, root / "zz_copy")
+    c = build_cache(root, CacheSettings(image_size=32), tmp_path / "cache", progress=False)
+    assert len(c) == 2 and "zz_copy" not in {r["study"] for r in c.records}
+    assert any(
+        p.startswith(f"zz_copy: StudyInstanceUID {infos[0].study_uid} is also that of")
+        and p.endswith("which is kept; this folder is left out")
+        for p in c.problems
+    ), c.problems
+
+
 def test_failed_build_leaves_nothing_visible(tmp_path, monkeypatch):
     root, _ = dataset(tmp_path, 1)
     cache_dir = tmp_path / "cache"

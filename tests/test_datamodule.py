@@ -388,3 +388,25 @@ def test_trainer_epochs_are_reproducible_with_any_worker_count(challenge_root, t
     assert [epoch for epoch, _, _ in seen] == [0, 1, 2]  # 3 studies, batch 2, drop_last
     assert len({total for _, _, total in seen}) == 3
     assert fit(2) == seen
+
+
+def test_training_data_reused_for_evaluation_is_said(phantom_root, tmp_path):
+    """val_split=train (the overfit check does it on purpose), a split listed twice, and a
+    validation study copied into the training split each give a warning naming it."""
+    import shutil
+
+    def setup(root, **splits):
+        dm = SpineDataModule(data_root=str(root), image_size=64, batch_size=2, num_workers=0,
+                             cache_dir=str(tmp_path / "cache"), **splits)  # fmt: skip
+        dm.setup("fit")
+
+    with pytest.warns(UserWarning, match="val split\\(s\\) train are also training splits"):
+        setup(phantom_root, train_split="train", val_split="train")
+    with pytest.warns(UserWarning, match="split 'train' is listed 2 times in train_split"):
+        setup(phantom_root, train_split="train,train", val_split="val")
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    val_study = next(p for p in sorted((root / "val").iterdir()) if p.is_dir())
+    shutil.copytree(val_study, root / "train" / "copied_from_val")
+    with pytest.warns(UserWarning, match="1 val studies are also in the training splits"):
+        setup(root, train_split="train", val_split="val")

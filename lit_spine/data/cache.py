@@ -15,7 +15,7 @@
 Each image is letterboxed: scaled so that its longer side is `image_size` (bilinear,
 antialiased), centred, padded with 0; normalised to [0, 1] by the percentile window of the
 annotated slice; C = 2 * neighbors + 1 slices ordered along the series normal (the edge slice
-repeats at the series ends). The key hashes every file's (path, size, mtime), the annotation
+repeats at the series ends). The key hashes every file's (path, size, mtime, ctime), the annotation
 and series-map bytes, the settings, the vocabulary and `CACHE_FORMAT_VERSION`, so any change
 rebuilds; a build goes to `<key>.tmp-<pid>/` and is renamed into place only when complete.
 That build (`open_or_build`) and the row writer (`CacheRows`) serve every layout's cache.
@@ -221,9 +221,17 @@ class SpineCache:
 # ----------------------------------------------------------------------------- building
 
 
-def _file_fingerprints(root: Path) -> list[tuple[str, int, int]]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _file_fingerprints(root: Path) -> list[tuple[str, int, int, int]]:
+    """(path, size, mtime, ctime) of every file below `root`, through symlinked folders as
+    the indexer reads them (each real folder once). The ctime catches a file rewritten with
+    its old size and mtime put back (os.utime, cp -p, rsync -t): no call can set it."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or one folder linked twice
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in filenames:
             p = Path(dirpath) / name
@@ -231,7 +239,8 @@ def _file_fingerprints(root: Path) -> list[tuple[str, int, int]]:
                 st = p.stat()
             except OSError:
                 continue
-            out.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            rel = p.relative_to(root).as_posix()
+            out.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return sorted(out)
 
 
@@ -247,8 +256,8 @@ def cache_key(
     h.update(f"lit_spine cache v{CACHE_FORMAT_VERSION}\n".encode())
     h.update(json.dumps(asdict(settings), sort_keys=True).encode() + b"\n")
     h.update(vocab.encode() + b"\n")
-    for rel, size, mtime in _file_fingerprints(Path(root)):
-        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    for rel, size, mtime, ctime in _file_fingerprints(Path(root)):
+        h.update(f"{rel}\0{size}\0{mtime}\0{ctime}\n".encode())
     for side in (annotation, series_map):
         h.update(b"\0side\0" + (Path(side).read_bytes() if side else b"-"))
     return h.hexdigest()[:20]
@@ -500,8 +509,16 @@ def _write_dataset(
     problems += unknown_side_file_studies(
         studies, root, annotation, annotations, series_map, forced
     )
+    kept, first = [], {}
+    for s in studies:  # a copied study folder would count its study twice
+        if s.study_uid and s.study_uid in first:
+            problems.append(f"{s.name}: StudyInstanceUID {s.study_uid} is also that of "
+                            f"{first[s.study_uid]}, which is kept; this folder is left out")  # fmt: skip
+            continue
+        first.setdefault(s.study_uid, s.name)
+        kept.append(s)
     return _write_samples(
-        out, root, studies, annotations, forced, settings, vocabulary, problems, progress
+        out, root, kept, annotations, forced, settings, vocabulary, problems, progress
     )
 
 

@@ -377,6 +377,38 @@ class SpineDataModule(pl.LightningDataModule):
             self._datasets[role] = self._make_dataset(role, self._role_cache(role))
         if self.hparams.folds > 1 and {"train", "val"} & set(self._datasets):
             self._make_folds()
+        elif "train" in self._datasets:
+            self._warn_overlap()
+
+    def _warn_overlap(self) -> None:
+        """Say when the training data is also evaluation data, or counted twice: a split named
+        in both roles (the overfit check does it on purpose), a split listed twice, or a
+        study (StudyInstanceUID) in a training and an evaluation split, e.g. a copied folder.
+        A warning, not an error: validation then measures fit, not generalisation."""
+        from pytorch_lightning.utilities import rank_zero_warn
+
+        train = self.split_names("train")
+        notes = [f"split {n!r} is listed {train.count(n)} times in train_split: its studies "
+                 "count that many times" for n in dict.fromkeys(train) if train.count(n) > 1]  # fmt: skip
+
+        def uids(role: str) -> set:
+            cache = self._datasets[role].cache
+            return {r.get("study_uid") for r in getattr(cache, "records", [])} - {None}
+
+        for role in ("val", "test"):
+            if role not in self._datasets:
+                continue
+            shared = [n for n in dict.fromkeys(self.split_names(role)) if n in train]
+            if shared:
+                notes.append(f"{role} split(s) {', '.join(shared)} are also training splits")
+                continue
+            both = sorted(uids("train") & uids(role))
+            if both:
+                notes.append(f"{len(both)} {role} studies are also in the training splits (by "
+                             f"StudyInstanceUID, first {both[0]})")  # fmt: skip
+        if notes:
+            rank_zero_warn("data: " + "; ".join(notes) + ": evaluation on them measures fit to "
+                           "the training data, not generalisation")  # fmt: skip
 
     def _rsna_cache(self):
         """The cache of the one labelled set of rsna2024 or spider, built or opened once."""

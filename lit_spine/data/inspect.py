@@ -146,7 +146,9 @@ def inspect_dataset(
     )
     counts = Counter(s.study_uid for s in studies if s.study_uid)
     dataset_problems += [
-        f"StudyInstanceUID {uid} appears in {n} study folders" for uid, n in counts.items() if n > 1
+        f"StudyInstanceUID {uid} appears in {n} study folders; the cache keeps the first"
+        for uid, n in counts.items()
+        if n > 1
     ]
     return reports, dataset_problems
 

@@ -10,7 +10,7 @@ letterboxing are those of the 2020 cache (`letterbox`, `percentile_normalise`,
 they read a 2020 cache. Records carry `study_id`, `series_id`, `instance_number` and
 `levels` besides the 2020 fields.
 
-The key hashes the three CSV files, every file of the chosen series (path, size, mtime), the
+The key hashes the three CSV files, every file of the chosen series (path, size, mtime, ctime), the
 settings, task, vocabulary and `RSNA_CACHE_VERSION`; a build goes to `<key>.tmp-<pid>/` and
 is renamed into place only when complete. A study whose series cannot be read is reported
 in `problems` and left out; only a dataset without any usable study raises.
@@ -73,8 +73,8 @@ def rsna_cache_key(data: RsnaDataset, settings: CacheSettings, task: str, vocab:
     for st in data.studies:
         folder = data.root / IMAGES_DIR / str(st.study_id) / str(st.series_id)
         h.update(f"\0series\0{st.study_id}/{st.series_id}\n".encode())
-        for rel, size, mtime in _file_fingerprints(folder):
-            h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        for rel, size, mtime, ctime in _file_fingerprints(folder):
+            h.update(f"{rel}\0{size}\0{mtime}\0{ctime}\n".encode())
     return h.hexdigest()[:20]
 
 

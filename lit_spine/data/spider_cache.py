@@ -11,7 +11,7 @@ normalisation and letterboxing are those of the 2020 cache (`percentile_normalis
 read it as they read a 2020 cache. Records carry `patient`, `series`, `slice_index` and
 `levels` besides the 2020 fields.
 
-The key hashes the gradings CSV, every chosen image and mask file (path, size, mtime), the
+The key hashes the gradings CSV, every chosen image and mask file (path, size, mtime, ctime), the
 settings, task, vocabulary and `SPIDER_CACHE_VERSION`; a build goes to `<key>.tmp-<pid>/`
 and is renamed into place only when complete. A patient whose volume cannot be read is
 reported in `problems` and left out; only a dataset without any usable patient raises.
@@ -47,7 +47,7 @@ def spider_cache_key(data: SpiderDataset, settings: CacheSettings, task: str, vo
         for path in (st.image_path, st.mask_path):
             stat = path.stat()
             rel = os.path.relpath(path, data.root)
-            h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            h.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 

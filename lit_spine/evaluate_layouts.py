@@ -6,6 +6,9 @@ docs/datasets.md "Prediction files"); the labels are read from the data root.
 - rsna2024: the competition's sample-weighted log loss (weights 1/2/4) per condition of the
   submission file, computed by `metrics_rsna.rsna_weighted_logloss`, the function behind
   `val/rsna_canal_logloss`, over the graded (study, level) pairs of the predicted studies;
+  per competition condition (left and right sides pooled into one loss, as the
+  competition's metric does), their mean, and the any_severe_spinal term
+  (`metrics_rsna.rsna_any_severe_logloss`) where the file has canal rows;
   and, where a coordinates file is given, the localisation error in mm: the distance
   between the predicted and the labelled point in patient coordinates (each pixel placed
   with its own file's ImagePositionPatient, ImageOrientationPatient and PixelSpacing), so a
@@ -32,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from lit_spine.data.rsna import (
+    CANAL_CONDITION,
     COORDS_COLUMNS,
     COORDS_CSV,
     GRADES_CSV,
@@ -49,7 +53,7 @@ from lit_spine.metrics import (
     check_radii,
     score_detections,
 )
-from lit_spine.metrics_rsna import rsna_weighted_logloss
+from lit_spine.metrics_rsna import rsna_any_severe_logloss, rsna_weighted_logloss
 from lit_spine.predict_layouts import (
     COORDINATES_CSV,
     PREDICTION_COORDS_COLUMNS,
@@ -69,6 +73,17 @@ LOGLOSS_NAMES = {
     "Left Subarticular Stenosis": "rsna_left_subarticular_logloss",
     "Right Subarticular Stenosis": "rsna_right_subarticular_logloss",
 }
+# The competition's conditions (its metric: 'spinal', 'foraminal', 'subarticular' in the
+# row_id): the name of each one's log loss, pooled over the train.csv conditions it covers.
+COMPETITION_LOGLOSS = {
+    "rsna_canal_logloss": ("Spinal Canal Stenosis",),
+    "rsna_foraminal_logloss": (
+        "Left Neural Foraminal Narrowing",
+        "Right Neural Foraminal Narrowing",
+    ),
+    "rsna_subarticular_logloss": ("Left Subarticular Stenosis", "Right Subarticular Stenosis"),
+}
+ANY_SEVERE_LOGLOSS = "rsna_any_severe_spinal_logloss"
 
 
 class LayoutEvaluationError(ValueError):
@@ -305,9 +320,9 @@ def evaluate_rsna2024(
         "studies_scored": len(studies),
         "studies_not_predicted": len(set(truth) - studies),
     }
-    losses = []
+    scored: dict[str, tuple[list[np.ndarray], list[int], list[int]]] = {}
     for condition in conditions:
-        probs, labels = [], []
+        probs, labels, study_of = [], [], []
         for sid in sorted(studies):
             rec, row = truth[sid]["rec"], truth[sid]["row"]
             for level in RSNA_LEVELS:
@@ -327,18 +342,17 @@ def evaluate_rsna2024(
                 else:
                     probs.append(p)
                     labels.append(RSNA_SEVERITIES.index(text))
+                    study_of.append(sid)
+        scored[condition] = (probs, labels, study_of)
         name = LOGLOSS_NAMES[condition]
         metrics[f"{name}_levels"] = len(labels)
         if labels:
-            value = rsna_weighted_logloss(np.array(probs)[:, None], np.array(labels)[:, None])
-            metrics[name] = value
-            losses.append(value)
+            metrics[name] = _logloss(probs, labels)
         else:
             metrics[name] = None
             problems.append(f"{condition}: no graded level of a predicted study; its log loss "
                             "is undefined")  # fmt: skip
-    if len(losses) > 1:
-        metrics["rsna_mean_logloss"] = float(np.mean(losses))
+    metrics |= _competition_terms(scored)
     if coordinates is None and (pred.parent / COORDINATES_CSV).is_file():
         coordinates = pred.parent / COORDINATES_CSV
     if coordinates is not None:
@@ -346,6 +360,44 @@ def evaluate_rsna2024(
             root, Path(coordinates), studies, radius_mm, sdr_radii_mm, problems
         )
     return LayoutEvaluation("rsna2024", metrics, list(dict.fromkeys(problems)))
+
+
+def _logloss(probs: list[np.ndarray], labels: list[int]) -> float:
+    return rsna_weighted_logloss(np.array(probs)[:, None], np.array(labels)[:, None])
+
+
+def _competition_terms(
+    scored: dict[str, tuple[list[np.ndarray], list[int], list[int]]],
+) -> dict[str, float | int | None]:
+    """The competition's terms from each train.csv condition's scored (probabilities,
+    grades, study) lists: one log loss per competition condition over the levels of all its
+    sides (the canal one is the canal condition's own), their mean where there are several,
+    and the any_severe_spinal term where the canal condition has a scored level."""
+    out: dict[str, float | int | None] = {}
+    losses = []
+    for name, covered in COMPETITION_LOGLOSS.items():
+        parts = [scored[c] for c in covered if c in scored]
+        if not parts:
+            continue
+        probs = [p for part in parts for p in part[0]]
+        labels = [g for part in parts for g in part[1]]
+        if len(covered) > 1:  # the one-condition canal loss is already there
+            out[f"{name}_levels"] = len(labels)
+            out[name] = _logloss(probs, labels) if labels else None
+        if labels:
+            losses.append(_logloss(probs, labels))
+    if len(losses) > 1:
+        out["rsna_mean_logloss"] = float(np.mean(losses))
+    canal = scored.get(CANAL_CONDITION)
+    if canal is not None and canal[1]:
+        studies: dict[int, tuple[list[float], list[int]]] = {}
+        for p, g, sid in zip(*canal):
+            severe, grades = studies.setdefault(sid, ([], []))
+            severe.append(float(p[-1]))
+            grades.append(g)
+        out[f"{ANY_SEVERE_LOGLOSS}_studies"] = len(studies)
+        out[ANY_SEVERE_LOGLOSS] = rsna_any_severe_logloss(list(studies.values()))
+    return out
 
 
 # ---------------------------------------------------------------------------- spider

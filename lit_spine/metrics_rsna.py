@@ -5,23 +5,33 @@ Per level, the three severity probabilities are normalised to sum 1 and clipped 
 2 (Moderate) or 4 (Severe); the score is the weighted mean. Levels without a grade (-1) are
 left out. A grade outside {-1, 0, 1, 2}, or a graded level whose probabilities are not
 finite and non-negative with a positive sum, raises ValueError naming the level and its
-values (`check_levels`; `RsnaCanalLogLoss.compute` too), never a NaN score. A task with
-several conditions (the foraminal task: left and right) scores each condition on its own
-points and logs the mean, as the competition averages its conditions.
+values (`check_levels`; `RsnaCanalLogLoss.compute` too), never a NaN score. The
+competition's conditions are spinal canal stenosis, neural foraminal narrowing and
+subarticular stenosis: its metric finds a row's condition by the substring 'spinal',
+'foraminal' or 'subarticular', so the left and the right side of the foramina (and of the
+subarticular recesses) are one condition, one weighted log loss over the levels of both
+sides; the foraminal task logs that pooled loss. A task with several competition conditions
+would log the mean of their losses, as the competition averages its conditions.
+`rsna_any_severe_logloss` is the competition's fourth term, the study-level "any severe
+spinal canal stenosis" log loss (docs/datasets.md).
 Hand-written: a few numpy/torch lines (scikit-learn's log_loss is not a dependency).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
 
 SEVERITY_WEIGHTS = (1.0, 2.0, 4.0)
 EPS = 1e-15
-# task -> (logged name under val/, the point columns of each condition, None = one condition)
+# task -> (logged name under val/, the point columns of each competition condition, None =
+# one condition over all points). Left and right foramina are one condition: one group.
 RSNA_LOGLOSS: dict[str, tuple[str, tuple[tuple[int, ...], ...] | None]] = {
     "rsna2024_canal": ("rsna_canal_logloss", None),
-    "rsna2024_foraminal": ("rsna_foraminal_logloss", (tuple(range(5)), tuple(range(5, 10)))),
+    "rsna2024_foraminal": ("rsna_foraminal_logloss", (tuple(range(10)),)),
 }
 
 
@@ -69,9 +79,38 @@ def rsna_weighted_logloss(probs: torch.Tensor, grades: torch.Tensor, eps: float 
     return float((w * nll).sum() / w.sum())
 
 
+def rsna_any_severe_logloss(
+    studies: Sequence[tuple[Sequence[float], Sequence[int]]], eps: float = EPS
+) -> float:
+    """The competition's any_severe_spinal term: per study, (the `severe` probabilities, the
+    grades) of its scored spinal canal levels. A study's label is whether any level is
+    Severe (grade 2), its prediction the largest `severe` probability of its levels as the
+    file gives it (not renormalised), clipped to [eps, 1 - eps], and its weight that of its
+    worst grade (1/2/4: the largest of its levels' weights); the score is the weighted mean
+    binary log loss over the studies. A study without a level is left out; none raises."""
+    num = den = 0.0
+    for severe, grades in studies:
+        if not len(grades):
+            continue
+        worst = max(int(g) for g in grades)
+        if not 0 <= worst < len(SEVERITY_WEIGHTS) or min(int(g) for g in grades) < 0:
+            raise ValueError(f"grades {list(grades)}: a scored level's grade is 0, 1 or 2")
+        p = max(float(v) for v in severe)
+        if not math.isfinite(p) or p < 0:
+            raise ValueError(f"severe probabilities {list(severe)} are not finite and >= 0")
+        p = min(max(p, eps), 1 - eps)
+        w = SEVERITY_WEIGHTS[worst]
+        num -= w * math.log(p if worst == len(SEVERITY_WEIGHTS) - 1 else 1 - p)
+        den += w
+    if den == 0:
+        raise ValueError("no study with a scored spinal canal level: the term is undefined")
+    return num / den
+
+
 class RsnaCanalLogLoss(Metric):
     """Accumulates probabilities and grades; logged as `val/rsna_canal_logloss` (or, with
-    `groups`, the mean over conditions of each group of point columns)."""
+    `groups`, the mean over competition conditions of one pooled log loss per group of point
+    columns; the foraminal task has one group, both sides)."""
 
     full_state_update = False
 

@@ -59,7 +59,8 @@ class SpineModule(pl.LightningModule):
     The points, vocabulary and so the losses and metrics follow the net's task (`net.task`,
     linked from `data.task`). On the rsna2024_canal task validation also logs the
     competition's sample-weighted log loss as `val/rsna_canal_logloss` (rsna2024_foraminal:
-    `val/rsna_foraminal_logloss`, the mean over left and right; docs/datasets.md).
+    `val/rsna_foraminal_logloss`, one weighted log loss over both sides as the competition
+    pools them; docs/datasets.md).
 
     Args:
         net: the network (backbone + heads), built from its own config section.

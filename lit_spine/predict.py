@@ -5,10 +5,19 @@ rsna2024 and spider tasks it is the layout's own CSV format (`lit_spine/predict_
 docs/datasets.md "Prediction files"). Points come out of the network in cache-image pixels;
 they are mapped back to the pixels of the original image so that `lit-spine evaluate`
 scores the file against the dataset's own labels.
+
+`overlays/` holds exactly the overlays of the last predict: they are drawn into a fresh
+hidden folder beside it that then replaces it (`--overlays 0` removes it), so no PNG of an
+earlier predict stays beside a new prediction file. Each overlay's name is unique among
+them (`overlay_names`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +28,7 @@ from lit_spine.data.annotation import Point, StudyAnnotation, write_annotations
 from lit_spine.metrics import PredictionRows, select_predictions
 from lit_spine.predict_layouts import WRITTEN_TASKS, write_layout_predictions
 from lit_spine.task import POINT_NAMES, Vocabulary, get_task
+from lit_spine.utils import UMASK
 
 
 def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabulary) -> list[Point]:
@@ -45,6 +55,40 @@ def rows_to_points(rows: PredictionRows, i: int, xy: np.ndarray, vocab: Vocabula
             )
         )
     return points
+
+
+def overlay_names(cache, indices: list[int]) -> list[str]:
+    """File stems of the overlays of cache rows `indices`, unique among them: the study folder
+    (rsna2024: plus `_<instance_number>`, one item per labelled instance), after its split
+    folder's name when the cache joins several splits (`--data.predict_split=train,val` may
+    hold a `study0` in each); a stem that is still repeated gets `_row<cache row>`."""
+    parts = getattr(cache, "caches", None) or []
+    starts = np.cumsum([0] + [len(c) for c in parts])
+    names = []
+    for index in indices:
+        rec = cache.records[index]
+        suffix = f"_{rec['instance_number']}" if "instance_number" in rec else ""
+        name = f"{rec['study']}{suffix}"
+        if len(parts) > 1:
+            k = int(np.searchsorted(starts, index, side="right")) - 1
+            root = getattr(parts[k], "index", {}).get("root")
+            name = f"{Path(root).name if root else f'part{k}'}_{name}"
+        names.append(name)
+    counts = Counter(names)
+    return [f"{n}_row{i}" if counts[n] > 1 else n for n, i in zip(names, indices)]
+
+
+def replace_folder(folder: Path, new: Path | None) -> None:
+    """Put the folder `new` in the place of `folder` (None: remove `folder`): the old one is
+    renamed aside first and deleted after, so `folder` is never a mix of the two."""
+    old = None
+    if folder.exists() or folder.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}-old-", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+    if new is not None:
+        os.replace(new, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class PredictionWriter(pl.Callback):
@@ -126,37 +170,40 @@ class PredictionWriter(pl.Callback):
         return pred_path
 
     def _overlays(self, cache, merged: dict, point_names: tuple[str, ...]) -> list[Path]:
+        """Draw the first `self.overlays` items into a fresh folder that replaces `overlays/`;
+        returns the paths of the files written (one per item: the names are unique)."""
+        folder = self.out_dir / "overlays"
         if self.overlays <= 0:
+            replace_folder(folder, None)  # no overlay of an earlier predict stays
             return []
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        folder = self.out_dir / "overlays"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for row, index in enumerate(merged["index"].tolist()[: self.overlays]):
-            image = np.asarray(cache.images[index], dtype=np.float32)
-            image = image[image.shape[0] // 2]
-            fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-            gt, present = cache.points[index], cache.present[index]
-            pred = merged["points"][row]
-            for k, name in enumerate(point_names):
-                if present[k]:
-                    ax.plot(*gt[k], "o", ms=5, mfc="none", mec="lime")
-                ax.plot(*pred[k], "x", ms=5, color="red")
-                ax.text(pred[k][0] + 4, pred[k][1], name, color="yellow", fontsize=6)
-            ax.set_title(
-                f"{cache.records[index]['study']}: true (green o) vs predicted (red x)", fontsize=8
-            )
-            ax.axis("off")
-            rec = cache.records[index]
-            # An rsna2024 study has one item per labelled instance: one overlay each.
-            suffix = f"_{rec['instance_number']}" if "instance_number" in rec else ""
-            path = folder / f"{rec['study']}{suffix}.png"
-            fig.savefig(path, bbox_inches="tight")
-            plt.close(fig)
-            paths.append(path)
-        return paths
+        indices = merged["index"].tolist()[: self.overlays]
+        names = overlay_names(cache, indices)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".overlays-new-", dir=self.out_dir))
+        try:
+            for row, (index, name) in enumerate(zip(indices, names)):
+                image = np.asarray(cache.images[index], dtype=np.float32)
+                image = image[image.shape[0] // 2]
+                fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+                gt, present = cache.points[index], cache.present[index]
+                pred = merged["points"][row]
+                for k, point in enumerate(point_names):
+                    if present[k]:
+                        ax.plot(*gt[k], "o", ms=5, mfc="none", mec="lime")
+                    ax.plot(*pred[k], "x", ms=5, color="red")
+                    ax.text(pred[k][0] + 4, pred[k][1], point, color="yellow", fontsize=6)
+                ax.set_title(f"{name}: true (green o) vs predicted (red x)", fontsize=8)
+                ax.axis("off")
+                fig.savefig(tmp / f"{name}.png", bbox_inches="tight")
+                plt.close(fig)
+            tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it 0700; a plain mkdir would not
+            replace_folder(folder, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return [folder / f"{name}.png" for name in names]

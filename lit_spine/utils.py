@@ -22,7 +22,7 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()
+UMASK = _read_umask()  # the process umask (mkstemp and mkdtemp ignore it)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -35,7 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; a plain write would not
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it 0600; a plain write would not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

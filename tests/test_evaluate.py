@@ -348,6 +348,79 @@ def test_rsna_localisation_hit_is_strict_at_the_radius(rsna):
     assert m[f"localisation_sdr@{d:g}mm"] == 0.0 and m[f"localisation_sdr@{2 * d:g}mm"] == 1.0
 
 
+LEVELS = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
+
+
+def _set_grades(root, grades, columns):
+    """Rewrite train.csv with the canal/foraminal columns of each study given by `columns`
+    (study row -> {column: grade}); the other columns stay as they are."""
+    edited = [dict(g) | columns.get(i, {}) for i, g in enumerate(grades)]
+    write_csv(root / "train.csv", list(grades[0]), [list(g.values()) for g in edited])
+    return edited
+
+
+def test_rsna_foraminal_sides_are_one_pooled_condition(rsna):
+    """The competition's metric calls both sides 'foraminal': one sample-weighted log loss
+    over the left and the right levels, not the mean of a left and a right one (they differ
+    when the sides' weight sums differ: here all left levels Severe, all right Normal/Mild)."""
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+
+    root, sub, grades, canal_rows = rsna
+    edit = {i: {f"{side}_neural_foraminal_narrowing_{lv}": grade for lv in LEVELS
+                for side, grade in (("left", "Severe"), ("right", "Normal/Mild"))}
+            for i in range(len(grades))}  # fmt: skip
+    _set_grades(root, grades, edit)
+    rows = [[f"{g['study_id']}_{side}_neural_foraminal_narrowing_{lv}", *probs]
+            for g in grades for lv in LEVELS
+            for side, probs in (("left", (0.2, 0.3, 0.5)), ("right", (0.9, 0.05, 0.05)))]  # fmt: skip
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"], rows)
+    m = evaluate_rsna2024(sub, root).metrics
+    n = 5 * len(grades)  # levels per side
+    left, right = -np.log(0.5), -np.log(0.9)
+    pooled = (4 * n * left + 1 * n * right) / (4 * n + 1 * n)  # = 0.8 left + 0.2 right
+    assert m["rsna_left_foraminal_logloss"] == pytest.approx(left)
+    assert m["rsna_right_foraminal_logloss"] == pytest.approx(right)
+    assert m["rsna_foraminal_logloss"] == pytest.approx(pooled, rel=1e-12)
+    assert m["rsna_foraminal_logloss_levels"] == 2 * n
+    assert pooled != pytest.approx((left + right) / 2)
+    assert "rsna_mean_logloss" not in m  # one competition condition: nothing to average
+    # With the canal rows too: the mean over the competition's conditions (canal, foraminal).
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"], canal_rows + rows)
+    m2 = evaluate_rsna2024(sub, root).metrics
+    assert m2["rsna_mean_logloss"] == pytest.approx((m2["rsna_canal_logloss"] + pooled) / 2)
+
+
+def test_rsna_any_severe_spinal_term_by_hand(rsna):
+    """The competition's any_severe_spinal term, per study: label = any canal level Severe,
+    prediction = the largest 'severe' probability of its scored canal levels, weight = that
+    of its worst grade (1/2/4); a level without a grade is in neither."""
+    from lit_spine.evaluate_layouts import evaluate_rsna2024
+
+    root, sub, grades, _ = rsna
+    assert len(grades) == 4
+    canal = {f"spinal_canal_stenosis_{lv}": "Normal/Mild" for lv in LEVELS}
+    edit = {
+        0: canal | {"spinal_canal_stenosis_l1_l2": "Severe"},  # severe where p(severe) is least
+        1: canal | {"spinal_canal_stenosis_l3_l4": "Moderate"},
+        2: canal,
+        3: canal | {"spinal_canal_stenosis_l5_s1": ""},  # ungraded: its 0.25 is not the max
+    }
+    _set_grades(root, grades, edit)
+    rows = [[f"{g['study_id']}_spinal_canal_stenosis_{lv}", 0.65 - 0.05 * (j + 1), 0.3,
+             0.05 * (j + 1)] for g in grades for j, lv in enumerate(LEVELS)]  # fmt: skip
+    write_csv(sub, ["row_id", "normal_mild", "moderate", "severe"], rows)
+    ev = evaluate_rsna2024(sub, root)
+    expected = (
+        -4 * np.log(0.25)  # study 0: Severe, max severe 0.25 (L5/S1), weight 4
+        - 2 * np.log(1 - 0.25)  # study 1: worst Moderate, weight 2
+        - 1 * np.log(1 - 0.25)  # study 2: all Normal/Mild, weight 1
+        - 1 * np.log(1 - 0.20)  # study 3: L5/S1 ungraded, max over L1/L2 .. L4/L5
+    ) / (4 + 2 + 1 + 1)
+    assert ev.metrics["rsna_any_severe_spinal_logloss"] == pytest.approx(expected, rel=1e-12)
+    assert ev.metrics["rsna_any_severe_spinal_logloss_studies"] == 4
+    assert "rsna_mean_logloss" not in ev.metrics  # canal only: one condition
+
+
 def _edit_pred(dataset, fn):
     path = dataset["tmp"] / "pred.json"
     obj = json.loads(path.read_text())

@@ -295,6 +295,29 @@ def test_logloss_known_answers():
         rsna_weighted_logloss(p, torch.tensor([[-1, -1]]))
 
 
+def test_foraminal_validation_logloss_pools_both_sides():
+    """val/rsna_foraminal_logloss is the competition's 'foraminal' condition: one weighted
+    log loss over the left and the right levels. Here the left side has two Severe levels
+    (weight 4 each) and the right two Normal/Mild (weight 1), so the pooled loss (weights
+    8 : 2) differs from the mean of the sides (1 : 1)."""
+    from lit_spine.metrics_rsna import RSNA_LOGLOSS
+
+    name, groups = RSNA_LOGLOSS["rsna2024_foraminal"]
+    assert name == "rsna_foraminal_logloss"
+    probs = torch.full((1, 10, 3), 1 / 3, dtype=torch.float64)
+    grades = torch.full((1, 10), -1)
+    grades[0, [0, 1]] = 2  # L1/L2 left, L2/L3 left: Severe
+    probs[0, [0, 1]] = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64)
+    grades[0, [5, 6]] = 0  # L1/L2 right, L2/L3 right: Normal/Mild
+    probs[0, [5, 6]] = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    m = RsnaCanalLogLoss(groups)
+    m.update(probs, grades)
+    left, right = -math.log(0.7), -math.log(0.4)
+    expected = (2 * 4 * left + 2 * 1 * right) / (2 * 4 + 2 * 1)
+    assert float(m.compute()) == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx((left + right) / 2)
+
+
 def _batch(data, size=64):
     """One image per study: the instance of its L3/L4 point, with the points on it."""
     images, points, present, grades = [], [], [], []
@@ -756,11 +779,12 @@ def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
     module._update_rsna_logloss(pred["disc_probs"], batch)
     (grades,) = module.val_rsna_logloss.grades
     probs = module.val_rsna_logloss.probs[0]
-    # The mean of the left and the right condition's weighted log loss.
-    sides = [rsna_weighted_logloss(probs[:, g], grades[:, g])
-             for g in (slice(0, 5), slice(5, 10)) if (grades[:, g] >= 0).any()]  # fmt: skip
-    assert len(sides) >= 1
-    assert float(module.val_rsna_logloss.compute()) == pytest.approx(sum(sides) / len(sides))
+    # One weighted log loss over the graded levels of both sides (the competition's
+    # 'foraminal' condition), not a mean of sides.
+    assert (grades >= 0).any()
+    assert float(module.val_rsna_logloss.compute()) == pytest.approx(
+        rsna_weighted_logloss(probs, grades)
+    )
 
     # Prediction files: left and right rows of the competition's conditions, each from the
     # item of its own slice; evaluate scores both conditions.
@@ -778,6 +802,7 @@ def test_foraminal_training_step_logloss_and_prediction_files(tmp_path):
     ev = evaluate_rsna2024(out / "submission.csv", tmp_path / "phantom" / "rsna2024")
     assert ev.metrics["rsna_left_foraminal_logloss"] == pytest.approx(-math.log(0.8))
     assert ev.metrics["rsna_right_foraminal_logloss"] == pytest.approx(-math.log(0.8))
-    assert ev.metrics["rsna_mean_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_foraminal_logloss"] == pytest.approx(-math.log(0.8))
+    assert ev.metrics["rsna_foraminal_logloss_levels"] == 10 * len(studies)
     assert ev.metrics["localisation_same_instance_rate"] == 1.0
     assert ev.metrics["localisation_mre_mm"] == pytest.approx(0.0, abs=1e-3)

@@ -576,3 +576,39 @@ def test_seed_everything_true_draws_and_records_a_real_seed(phantom_root, tmp_pa
         assert json.loads((run / "meta.json").read_text())["seed"] == seed
         seeds.append(seed)
     assert seeds[0] != seeds[1], "two draws of 2**31 seeds should differ"
+
+
+def test_predict_overlays_are_exactly_this_predicts_and_never_overwrite_each_other(
+    phantom_root, tmp_path
+):
+    """Two splits hold same-named study folders (train/study0, val/study0): each item gets its
+    own PNG; a later predict into the same folder leaves none of the earlier PNGs, and
+    --overlays 0 leaves no overlay at all."""
+    import numpy as np
+
+    from lit_spine.data.cache import CacheSettings, build_cache
+    from lit_spine.data.dataset import ConcatCache
+    from lit_spine.predict import PredictionWriter
+    from lit_spine.task import POINT_NAMES
+
+    settings = CacheSettings(image_size=64)
+    train, val = (build_cache(phantom_root / s, settings, cache_dir=tmp_path / "cache",
+                              progress=False) for s in ("train", "val"))  # fmt: skip
+    cache = ConcatCache([train, val])
+    assert {r["study"] for r in train.records} & {r["study"] for r in val.records}
+
+    def overlays(indices, n=16):
+        merged = {"index": np.asarray(indices), "points": cache.points[indices]}
+        writer = PredictionWriter(tmp_path / "predict", overlays=n)
+        return writer._overlays(cache, merged, POINT_NAMES)
+
+    folder = tmp_path / "predict" / "overlays"
+    every = list(range(len(cache)))
+    paths = overlays(every)
+    assert len(set(paths)) == len(paths) == len(cache)
+    assert sorted(folder.iterdir()) == sorted(paths)  # as many files as the count printed
+    assert folder / "train_study0.png" in paths and folder / "val_study0.png" in paths
+    again = overlays(every[-2:])
+    assert sorted(folder.iterdir()) == sorted(again) and len(again) == 2
+    assert overlays(every[:3], n=0) == [] and not folder.exists()
+    assert [p.name for p in (tmp_path / "predict").iterdir()] == []  # no temporary left

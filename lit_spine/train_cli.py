@@ -147,12 +147,21 @@ class RunFolder(SaveConfigCallback):
         }
         # Only rank 0 runs this: never touch trainer.log_dir here, it is a collective call.
         run_folder.write_meta(Path(cli.log_dir), meta)
+        self._short_keys = {k: config_flat.get(v) for k, v in GROUP_KEYS.items()}
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update(
-                    {**config_flat, **{k: config_flat.get(v) for k, v in GROUP_KEYS.items()}},
-                    allow_val_change=True,
+                    {**config_flat, **self._short_keys}, allow_val_change=True
                 )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning logs the module's and data module's hyperparameters after save_config;
+        # the data module's own `seed` argument (None unless set) would then stand in W&B's
+        # `seed` where the run's seed_everything belongs: the short keys are put back.
+        short = getattr(self, "_short_keys", None)
+        for logger in trainer.loggers if short and trainer.is_global_zero else ():
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.config.update(short, allow_val_change=True)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()

@@ -380,6 +380,25 @@ def test_refuses_a_foreign_folder(tmp_path):
         generate_phantom(tmp_path, studies=1, size=64)
 
 
+@pytest.mark.parametrize("layout", ["tianchi2020", "rsna2024", "spider"])
+def test_a_users_own_dataset_in_the_layout_is_never_overwritten(tmp_path, capsys, layout):
+    """A folder holding a dataset in the layout's own names (split folders and annotation
+    files; train.csv and train_images; images/ and the gradings) but no phantom marker is
+    refused, and every file in it is left as it was."""
+    files = {
+        "tianchi2020": ["train/study0/image1.dcm", "train_annotation.json"],
+        "rsna2024": ["train.csv", "train_images/4000000/40000001/1.dcm"],
+        "spider": ["radiological_gradings.csv", "images/1_t1.mha"],
+    }[layout]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"my own {name}")
+    assert main(["--layout", layout, "--studies", "2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err or "holds files the phantom did not write" in err, err
+    assert all((tmp_path / n).read_text() == f"my own {n}" for n in files)
+
+
 def test_parse_splits():
     assert parse_splits("train=0.7,val=0.15,test=0.15", 20) == {"train": 14, "val": 3, "test": 3}
     assert parse_splits("train=8,val=2", 10) == {"train": 8, "val": 2}

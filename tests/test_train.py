@@ -612,3 +612,25 @@ def test_predict_overlays_are_exactly_this_predicts_and_never_overwrite_each_oth
     assert sorted(folder.iterdir()) == sorted(again) and len(again) == 2
     assert overlays(every[:3], n=0) == [] and not folder.exists()
     assert [p.name for p in (tmp_path / "predict").iterdir()] == []  # no temporary left
+
+
+def test_wandb_short_keys_are_put_back_after_the_hyperparameters(tmp_path):
+    """Lightning logs the data module's own `seed` argument (None) after save_config; the run
+    folder callback puts the short keys (seed = the run's seed_everything) back at train start."""
+    from types import SimpleNamespace
+
+    from lit_spine.train_cli import RunFolder
+
+    class WandbLogger:  # the callback recognises W&B's logger by its class name
+        def __init__(self):
+            self.experiment = SimpleNamespace(config=SimpleNamespace(update=self.update))
+            self.updates = []
+
+        def update(self, values, allow_val_change=False):
+            self.updates.append(dict(values))
+
+    logger = WandbLogger()
+    folder = RunFolder.__new__(RunFolder)
+    folder._short_keys = {"seed": 7, "norm": "groupnorm"}
+    folder.on_train_start(SimpleNamespace(loggers=[logger], is_global_zero=True), None)
+    assert logger.updates == [{"seed": 7, "norm": "groupnorm"}]

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_spine.phantom.generate import PhantomError
 
     args = common.parse(build_parser(), argv)
-    return common.run(NAME, lambda: _phantom(args), (PhantomError, ValueError))
+    return common.run(NAME, lambda: _phantom(args), (PhantomError, ValueError, FileExistsError))
 
 
 def _phantom(args) -> int:
@@ -75,16 +75,18 @@ def _phantom(args) -> int:
 
     root = Path(args.out)
     vocab = common.check_vocab(args.vocab, VOCABS)
+    # The other layouts through their marker, as the data module makes them: written once,
+    # a phantom of other parameters replaced, a non-empty folder that is no phantom refused.
     if args.layout == "rsna2024":
-        from lit_spine.phantom.rsna2024 import write_rsna2024_phantom
+        from lit_spine.phantom.rsna2024 import ensure_rsna2024_phantom
 
-        write_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
+        ensure_rsna2024_phantom(root, args.studies, args.seed, args.size or 64)
         print(f"phantom: {args.studies} studies in rsna2024 layout in {root}")
         return 0
     if args.layout == "spider":
-        from lit_spine.phantom.spider import write_spider_phantom
+        from lit_spine.phantom.spider import ensure_spider_phantom
 
-        write_spider_phantom(root, args.studies, args.seed, args.size or 64)
+        ensure_spider_phantom(root, args.studies, args.seed, args.size or 64)
         print(f"phantom: {args.studies} patients in spider layout in {root}")
         return 0
     preview_only = (

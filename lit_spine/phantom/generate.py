@@ -122,6 +122,57 @@ def _job(args) -> dict:
     return {"split": split, "index": index}
 
 
+def _check_unmarked(root: Path, counts, seed, vocab, size, difficulty) -> None:
+    """A folder without the marker (a phantom whose marker was lost) is finished only if all
+    in it is the phantom's: its split folders hold only studies of these parameters (a file of
+    each carries the StudyInstanceUID the phantom gives it) beside its annotation files. A
+    user's own dataset in this layout has the same names but other UIDs: it is refused, never
+    overwritten."""
+    bad = []
+    for split, n in counts.items():
+        ann = root / f"{split}_annotation.json"
+        if ann.exists():  # the phantom's holds exactly its studies' entries
+            want = [render_study(seed, split, i, vocab, size, difficulty, pixels=False).annotation
+                    for i in range(n)]  # fmt: skip
+            try:
+                same = json.loads(ann.read_text()) == json.loads(json.dumps(want))
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                bad.append(ann.name)
+        folder = root / split
+        for study in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if study.name.startswith("."):
+                continue  # a temporary folder of an interrupted run
+            k = study.name[len("study") :] if study.name.startswith("study") else ""
+            uid = (
+                render_study(seed, split, int(k), vocab, size, difficulty, pixels=False).study.uid
+                if k.isdigit() and int(k) < n
+                else None
+            )
+            if uid is None or not _carries_study_uid(study, uid):
+                bad.append(f"{split}/{study.name}")
+    if bad:
+        raise PhantomError(
+            f"{root} has no {MARKER} and holds files the phantom did not write "
+            f"({', '.join(bad[:5])}); choose an empty --out, or pass --force to write into it "
+            "anyway"
+        )
+
+
+def _carries_study_uid(folder: Path, uid: str) -> bool:
+    """Whether the first readable DICOM file below `folder` has StudyInstanceUID `uid`."""
+    import pydicom
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - an unreadable file: look at the next one
+            continue
+        return str(ds.get("StudyInstanceUID", "")) == uid
+    return False
+
+
 def _check_root(root: Path, params: dict, counts: Mapping[str, int], force: bool) -> dict | None:
     """Validate the output folder; returns the existing marker or None. Clears it under `force`."""
     marker_path = root / MARKER
@@ -197,6 +248,8 @@ def _generate_locked(
     root, studies, counts, seed, vocab, size, difficulty, workers, force, progress
 ) -> Path:
     params = _params(studies, seed, counts, vocab, size, difficulty)
+    if root.is_dir() and not (root / MARKER).exists() and not force:
+        _check_unmarked(root, counts, seed, vocab, size, difficulty)
     marker = _check_root(root, params, counts, force)
     if (
         marker is not None

@@ -41,7 +41,7 @@ def ensure_layout(
         elif root.is_dir() and any(root.iterdir()):
             raise FileExistsError(
                 f"{root}: not empty and not {what} (no {marker_name}); "
-                "choose another data.phantom_dir or remove the folder"
+                "choose another folder (--out, or data.phantom_dir) or remove it"
             )
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(marker, {"params": params, "complete": False})

@@ -5,7 +5,8 @@ reliability bins), the BatchNorm train/eval drift, and the effective receptive f
 
 Written by hand (no library does them): the off-by-one rule, the BatchNorm drift, the
 re-centred ERF average and the reliability-diagram bins (torchmetrics returns only the ECE;
-the bins here use its binning, equal-width over [0, 1], and the tests check both agree).
+the bins here use its binning, equal-width [low, high) over [0, 1] plus one bin for exactly
+1.0, and the tests check that they reproduce its ECE).
 """
 
 from __future__ import annotations
@@ -163,17 +164,22 @@ def calibration(confidence: np.ndarray, outcome: np.ndarray, n_bins: int = 15) -
         n_bins=n_bins,
         norm="l1",
     )
-    # torchmetrics' bucketing: bin i holds confidences in (edge_i, edge_i+1], 0 in the first.
-    edges = np.linspace(0, 1, n_bins + 1)
-    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    # torchmetrics' bucketing, on the same float32 values and edges: bin i holds confidences
+    # in [edge_i, edge_i+1), and a confidence of exactly 1.0 has a bin of its own (listed only
+    # when it holds one), so the bins reproduce the ECE: sum of n/N |accuracy - confidence|.
+    edges32 = torch.linspace(0, 1, n_bins + 1)
+    index = (torch.bucketize(torch.from_numpy(confidence).float(), edges32, right=True) - 1).numpy()
+    edges = edges32.double().numpy()
     bins = []
-    for i in range(n_bins):
+    for i in range(n_bins + 1):
         sel = index == i
         n = int(sel.sum())
+        if i == n_bins and not n:
+            break
         bins.append(
             {
                 "low": float(edges[i]),
-                "high": float(edges[i + 1]),
+                "high": float(edges[min(i + 1, n_bins)]),
                 "n": n,
                 "confidence": float(confidence[sel].mean()) if n else None,
                 "accuracy": float(outcome[sel].mean()) if n else None,
@@ -262,16 +268,19 @@ def effective_receptive_field(
     stride: int = 1,
     channels: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Mean |d output peak / d input| re-centred on each peak: an (2H/2+1, 2W/2+1) map, sum 1.
+    """Mean |d output peak / d input| re-centred on each peak: a (2H-1, 2W-1) map, sum 1.
 
     For every image and output channel (heatmap point; `channels`, default all) the gradient
     of the channel's maximum with respect to the input, summed over input channels in
     absolute value, is shifted so the peak's input location is the window centre, then
-    averaged. `fn(images)` returns (B, K, h, w) maps or a dict with "heatmaps".
+    averaged. The window is large enough to hold the whole image wherever the peak is, so no
+    gradient is cut off (a smaller one lost what lay beyond it from an off-centre peak, and
+    the normalisation to sum 1 hid the loss). `fn(images)` returns (B, K, h, w) maps or a
+    dict with "heatmaps".
     """
     images = images.detach().clone().float().requires_grad_(True)
     _, _, height, width = images.shape
-    half_h, half_w = height // 2, width // 2
+    half_h, half_w = height - 1, width - 1
     total = torch.zeros(2 * half_h + 1, 2 * half_w + 1, dtype=torch.float64, device=images.device)
     count = 0
     with torch.enable_grad():

@@ -104,6 +104,13 @@ def render_sections(cells: Sequence[Any], label: Callable[[Any], str], out: Path
             "`--diagnostics.enabled=false`, or the runs predate them).\n"
             for name in SECTIONS
         )
+    missing = []  # runs without diagnostics.json: named, never silently dropped
+    for (name, diags, _), cell in zip(groups, cells):
+        lacking = [r.dir.name for r in cell.runs if run_folder.read_diagnostics(r.dir) is None]
+        if lacking:
+            what = "no run" if not diags else f"{len(lacking)} of {len(cell.runs)} runs"
+            missing.append(f"{name}: {what} ({', '.join(lacking[:6])}"
+                           + (f" and {len(lacking) - 6} more)" if len(lacking) > 6 else ")"))  # fmt: skip
     groups = [g for g in groups if g[1]]
     parts = [
         _localisation(groups),
@@ -113,6 +120,12 @@ def render_sections(cells: Sequence[Any], label: Callable[[Any], str], out: Path
         _calibration(groups, out),
         _erf(groups, out),
     ]
+    if missing:
+        note = (
+            "Runs without a diagnostics.json are left out of these sections (diagnostics off, "
+            "or the run predates them): " + "; ".join(missing) + "."
+        )
+        parts[0] = parts[0].replace("\n\n", f"\n\n{note}\n\n", 1)
     return "\n".join(parts)
 
 

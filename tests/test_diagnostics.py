@@ -170,13 +170,41 @@ def test_erf_of_a_single_conv_is_its_kernel_support():
     images = torch.zeros(3, 1, 33, 33)
     images[:, :, 16, 16] = 1.0
     erf = diagnostics.effective_receptive_field(conv, images, stride=1)
-    assert erf.shape == (33, 33) and erf.sum() == pytest.approx(1.0)
+    assert erf.shape == (65, 65) and erf.sum() == pytest.approx(1.0)
     size = diagnostics.erf_size(erf)
     assert size["support_px"] == [5, 5]
     assert size["support_px"] == list(receptive_field(conv, images[:1])["size"])
     # Uniform 5x5 mass: radius 2 holds 13 of 25 px (>= 50%), sqrt(5) only 21 (< 90%), sqrt(8) all.
     assert size["r50_px"] == pytest.approx(2.0) and size["r90_px"] == pytest.approx(np.sqrt(8))
     assert diagnostics.erf_size(erf, (2.0, 2.0))["r50_mm"] == pytest.approx(4.0)
+
+
+def test_erf_keeps_the_gradient_of_an_off_centre_peak():
+    """A peak in the corner whose gradient covers the whole image: the map keeps all of it
+    (a window of half the image around the peak kept a quarter, and the sum-1 scaling hid it)."""
+
+    def fn(x):  # every heatmap pixel sums the image; a ramp puts the peak at pixel (0, 0)
+        ramp = -torch.arange(24 * 24, dtype=x.dtype).reshape(1, 1, 24, 24) * 1e-3
+        return x.sum((1, 2, 3)).reshape(-1, 1, 1, 1) + ramp
+
+    erf = diagnostics.effective_receptive_field(fn, torch.rand(2, 1, 24, 24), stride=1)
+    assert erf.shape == (47, 47)
+    assert diagnostics.erf_size(erf)["support_px"] == [24, 24]
+
+
+def test_reliability_bins_reproduce_the_ece_at_edges_and_at_one():
+    """torchmetrics bins [low, high) and gives exactly 1.0 a bin of its own; the diagram's
+    bins must reproduce its ECE also for saturated probabilities and values on a bin edge."""
+    conf = np.array([1.0] * 10 + [0.95] * 10 + [0.4] * 6 + [0.3] * 4, dtype=np.float32)
+    outcome = np.array([1] * 5 + [0] * 5 + [1] * 6 + [0] * 4 + [1] * 3 + [0] * 3 + [0] * 4, bool)
+    cal = diagnostics.calibration(conf, outcome, n_bins=10)
+    n = sum(b["n"] for b in cal["bins"])
+    from_bins = sum(
+        b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in cal["bins"] if b["n"]
+    )
+    assert n == len(conf) and from_bins == pytest.approx(cal["ece"], abs=1e-6)
+    assert cal["bins"][-1]["low"] == cal["bins"][-1]["high"] == 1.0 and cal["bins"][-1]["n"] == 10
+    assert next(b for b in cal["bins"] if b["n"] == 6)["low"] == pytest.approx(0.4)
 
 
 def test_interval_helper_and_format():
@@ -341,6 +369,15 @@ def test_report_sections_aggregate_cells_over_seeds(tmp_path):
     assert (tmp_path / "diagnostics_reliability.png").is_file()
     empty = render_sections([Cell("x", [Run(tmp_path / "nothing")])], lambda c: c.name, tmp_path)
     assert all(f"## {name}" in empty for name in SECTIONS) and "No run has" in empty
+    # A cell whose runs have no diagnostics.json, and a run of a cell missing one, are named.
+    bare = Cell("norm=layernorm", [Run(tmp_path / "ln0"), Run(tmp_path / "ln1")])
+    part = Cell("norm=batchnorm", [*bn.runs, Run(tmp_path / "bn_bare")])
+    md = render_sections([part, gn, bare], lambda c: c.name, tmp_path)
+    assert (
+        "Runs without a diagnostics.json are left out of these sections (diagnostics off, or "
+        "the run predates them): norm=batchnorm: 1 of 3 runs (bn_bare); norm=layernorm: no "
+        "run (ln0, ln1)." in md
+    )
 
 
 def test_run_diagnostics_groupnorm_softmax_without_a_trainer(phantom_root, tmp_path):
@@ -375,7 +412,7 @@ def test_run_diagnostics_groupnorm_softmax_without_a_trainer(phantom_root, tmp_p
     )
     # The same split on both sides: no generalisation gap.
     assert result["generalisation"]["gap"]["loss"] == pytest.approx(0.0, abs=1e-6)
-    assert maps["trained"].shape == (65, 65) and "init" not in maps
+    assert maps["trained"].shape == (127, 127) and "init" not in maps
     assert set(result["erf"]["trained"]) >= {"r50_px", "r90_px", "r50_mm", "r90_mm"}
 
 

@@ -94,6 +94,18 @@ def build_report(
             + "; ".join(left_out_runs(loaded))
             + ")"
         )
+    if all(math.isnan(r.number([metric])) for r in runs):
+        import difflib
+
+        known = sorted(
+            {k for r in runs for k, v in r.summary.items() if isinstance(v, int | float)}
+        )
+        close = difflib.get_close_matches(metric, known, n=3)
+        raise ValueError(
+            f"no finished run has the metric {metric!r} in its summary.json"
+            + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "")
+            + f" (numeric fields: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''})"
+        )
     column = curve_column(runs, metric)
     for run in runs:
         run.convergence = convergence(run_folder.read_curve(run.dir, column), goal)

@@ -511,6 +511,8 @@ class SpineCLI(LightningCLI):
 
             image_size = self.datamodule.hparams.get("image_size", 256)
             print(format_description(describe(self.model.spine_net, input_size=image_size)))
+            if getattr(self, "new_folder", False) and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # nothing was trained: no run folder is left behind
             raise SystemExit(0)
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunFolder):

@@ -154,3 +154,37 @@ def test_every_suite_command_reads_its_options_from_config_files(tmp_path, capsy
         main(["phantom", "--config", str(options), "--print_config"])
     printed = capsys.readouterr().out
     assert "studies: 2" in printed and "layout: tianchi2020" in printed
+
+
+def test_more_bad_values_are_one_line_and_exit_2(tmp_path, capsys):
+    """A bad value in a tool's --config file, a zero or negative size or count, a misspelt
+    backbone (a short message, not timm's whole model list) and a metric no run has."""
+    config = tmp_path / "ev.yaml"
+    config.write_text("radius_mm: 0\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--pred", "p.json", "--gt", "g.json", "--config", str(config)])
+    assert exc.value.code == 2 and "--radius-mm takes a finite radius" in capsys.readouterr().err
+    for argv, expected in (
+        (["describe", "--image-size", "0"], "--image-size takes one or two sizes in px >= 1"),
+        (
+            ["sweep", "sweeps/default.yaml", "--count", "0", "--dry-run"],
+            "--count must be at least 1",
+        ),
+        (["sweep", "sweeps/default.yaml", "--workers", "0", "--dry-run"], "--workers must be"),
+        (
+            ["bench", "--backbones", "resnet19"],
+            "unknown backbone 'resnet19' (did you mean 'resnet18'",
+        ),
+        (["describe", "--backbone", "resnet19"], "unknown backbone 'resnet19' (did you mean"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and len(err) < 1500 and "Traceback" not in err, err
+
+    from fake_fit import write_run
+
+    write_run(tmp_path / "runs" / "r0", {"seed_everything": 0}, 0.5)
+    assert main(["report", str(tmp_path / "runs"), "--metric", "val/mAPP",
+                 "--out", str(tmp_path / "rep")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "no finished run has the metric 'val/mAPP'" in err and "did you mean 'val/mAP" in err

@@ -282,6 +282,7 @@ def test_print_model(phantom_root, tmp_path, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "FLOPs" in out and "receptive field" in out.lower()
+    assert not list((tmp_path / "runs").glob("*/*")), "--print_model trains nothing: no run folder"
 
 
 def test_two_process_cpu_ddp_gives_the_same_metrics(phantom_root, tmp_path):

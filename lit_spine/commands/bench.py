@@ -94,6 +94,13 @@ def _check(args) -> list[str]:
         raise common.UsageError(
             f"--image-size must be a multiple of 32 (backbone stride), got {args.image_size}"
         )
+    for name in (*(args.backbones or ()), *(args.step_backbones or ())):
+        from lit_spine.models.backbones import backbone_family
+
+        try:
+            backbone_family(name)
+        except ValueError as err:
+            raise common.UsageError(f"--backbones/--step-backbones: {err}") from None
     if args.norms:
         from lit_spine.models import norms
 

@@ -138,6 +138,12 @@ def choice(option: str, value: str, options: Sequence[str], what: str) -> str:
 # parsed value once more with the same type, and config files give numbers, not strings.
 
 
+class OptionValueError(argparse.ArgumentTypeError, ValueError):
+    """A bad option value: argparse reports it for the command line, and jsonargparse, which
+    catches ValueError, for a value read from a --config file (a plain ArgumentTypeError
+    escaped it as a traceback)."""
+
+
 def positive_radius(option: str) -> Callable[[Any], float]:
     """Type of a radius option: a finite number of mm > 0."""
 
@@ -149,7 +155,7 @@ def positive_radius(option: str) -> Callable[[Any], float]:
         except (TypeError, ValueError):
             value = None
         if value is None or radius_problem(value) is not None:
-            raise argparse.ArgumentTypeError(
+            raise OptionValueError(
                 f"{option} takes a finite radius in mm > 0 (e.g. 8), got {one_line(text, 80)!r}"
             )
         return value

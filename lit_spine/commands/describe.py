@@ -78,8 +78,8 @@ def _describe(parser, args) -> int:
     from lit_spine.models.summary import describe, format_description
 
     size = list(args.image_size)
-    if len(size) not in (1, 2):
-        raise common.UsageError(f"--image-size takes one or two values, got {size}")
+    if len(size) not in (1, 2) or any(v < 1 for v in size):
+        raise common.UsageError(f"--image-size takes one or two sizes in px >= 1, got {size}")
     net_args = {k: v for k, v in vars(args).items() if k not in ("config", "image_size", "json")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,7 +9,6 @@ The radius and spacing options are checked while parsing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -30,13 +29,13 @@ def _spacing(text: Any) -> tuple[float, float]:
         parts = text if isinstance(text, (list, tuple)) else str(text).split(",")
         row, col = (float(v) for v in parts)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(
+        raise common.OptionValueError(
             f"expected ROW,COL in mm (e.g. 0.7,0.7), got {one_line(text, 80)!r}"
         ) from None
     reason = spacing_problem(row, col)
     if reason is not None:
         lo, hi = SPACING_RANGE_MM
-        raise argparse.ArgumentTypeError(
+        raise common.OptionValueError(
             f"ROW,COL must be finite spacings in {lo:g}-{hi:g} mm, at most "
             f"{MAX_SPACING_ASPECT:g}:1 apart; {one_line(text, 80)!r}: {reason}"
         )
@@ -53,7 +52,7 @@ def _radii(text: Any) -> tuple[float, ...]:
     except (TypeError, ValueError):
         radii = ()
     if not radii or any(radius_problem(r) for r in radii) or len(set(radii)) != len(radii):
-        raise argparse.ArgumentTypeError(
+        raise common.OptionValueError(
             f"expected distinct comma-separated radii in mm, each finite and > 0 (e.g. 2,4,6,8), "
             f"got {one_line(text, 80)!r}"
         )

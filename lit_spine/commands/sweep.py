@@ -41,7 +41,7 @@ def build_parser():
             "examples:\n"
             "  lit-spine sweep sweeps/default.yaml --workers 2\n"
             "  lit-spine sweep sweeps/full.yaml --workers 4 --dry-run\n"
-            "  lit-spine sweep sweeps/random_lr.yaml --count 20\n"
+            "  lit-spine sweep sweeps/full.yaml --count 20   # the first 20 grid points\n"
             "  lit-spine sweep sweeps/default.yaml --config experiments/data/challenge2020.yaml\n"
             "  lit-spine sweep sweeps/full.yaml --online --project lit_spine --workers 4\n"
             "Rerunning the same command continues an interrupted sweep."
@@ -102,13 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_spine.sweep import SweepError, run_sweep
 
     args = common.parse(build_parser(), argv)
+
+    def checked() -> None:
+        for option, value in (("--workers", args.workers), ("--count", args.count),
+                              ("--max-runs", args.max_runs)):  # fmt: skip
+            if value is not None and value < 1:
+                raise common.UsageError(f"{option} must be at least 1, got {value}")
+
     return common.run(
         NAME,
-        lambda: run_sweep(
-            args.sweep_file,
-            report=not args.no_report,
-            overlay=args.config,
-            **{k: getattr(args, k) for k in PASSED_ON},
+        lambda: (
+            checked()
+            or run_sweep(
+                args.sweep_file,
+                report=not args.no_report,
+                overlay=args.config,
+                **{k: getattr(args, k) for k in PASSED_ON},
+            )
         ),
         (SweepError,),
     )

@@ -14,8 +14,6 @@ from typing import Any
 import timm
 from torch import nn
 
-from lit_spine.utils import choose
-
 
 @dataclass(frozen=True)
 class Family:
@@ -68,7 +66,15 @@ FAMILIES: dict[str, Family] = {
 def backbone_family(name: str) -> str:
     """The family of a timm model name; a clear error for unknown or unsupported models."""
     if not timm.is_model(name):
-        choose(name, timm.list_models(), "backbone")  # raises naming the closest timm model
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        examples = "; ".join(f"{f}: {', '.join(s.examples[:3])}" for f, s in FAMILIES.items())
+        raise ValueError(
+            f"unknown backbone {name!r}"
+            + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
+            + f"; supported timm families and examples: {examples}"
+        )
     family = timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
     if family not in FAMILIES:
         supported = "; ".join(f"{f}: {', '.join(s.examples[:3])}" for f, s in FAMILIES.items())

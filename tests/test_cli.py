@@ -188,3 +188,21 @@ def test_more_bad_values_are_one_line_and_exit_2(tmp_path, capsys):
                  "--out", str(tmp_path / "rep")]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "no finished run has the metric 'val/mAPP'" in err and "did you mean 'val/mAP" in err
+
+
+def test_describe_reads_experiment_files_as_fit_does(capsys):
+    """The data section's image size (and the task, vocab and slices fit links into the net)
+    come with a LightningCLI file; an overlay without a model section is accepted."""
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    assert main(["describe", "--config", str(root / "smoke.yaml")]) == 0
+    assert "input 1x128x128" in capsys.readouterr().out
+    overlay = [
+        "--config",
+        str(root / "base.yaml"),
+        "--config",
+        str(root / "data/challenge2020.yaml"),
+    ]
+    assert main(["describe", *overlay]) == 0
+    assert "input 1x256x256" in capsys.readouterr().out
+    assert main(["describe", "--config", str(root / "smoke.yaml"), "--image-size", "64"]) == 0
+    assert "input 1x64x64" in capsys.readouterr().out  # the command line wins

@@ -3,8 +3,9 @@
 The net's options are `SpineNet`'s own arguments, read from its signature and docstring
 (`add_class_arguments`), so describe takes exactly what a config's `model.net.init_args`
 takes; `--image-size` and `--json` are describe's own. `--config FILE` reads a LightningCLI
-experiment file (its `model.net.init_args`, as `lit-spine fit --config` would) or a file of
-describe's own keys; files apply left to right, command-line options win. Calls
+experiment file or overlay (its `model.net.init_args`, the data section's task, vocab and
+slices that fit links into the net, and `data.image_size`, as `lit-spine fit --config`
+would) or a file of describe's own keys; files apply left to right, command-line options win. Calls
 `lit_spine.models.summary.describe` / `format_description`.
 """
 
@@ -18,6 +19,12 @@ from typing import Any
 from lit_spine.commands import common
 
 NAME = "describe"
+# Top-level keys of a LightningCLI experiment file (any of them marks one, overlays included).
+LIGHTNING_KEYS = {
+    "model", "data", "trainer", "seed_everything", "checkpoint", "early_stopping",
+    "drop_schedule", "diagnostics", "experiment", "run_dir", "runs_root", "wandb",
+    "wandb_project", "overlays", "print_model", "ckpt_path",
+}  # fmt: skip
 MODE = "lit_spine_net"  # jsonargparse parser mode: the YAML loader below
 
 
@@ -30,13 +37,21 @@ def _net_init_args(text: str) -> Any:
     import yaml
 
     doc = yaml.safe_load(text)
-    if not isinstance(doc, dict) or "model" not in doc:
+    if not isinstance(doc, dict) or not set(doc) & LIGHTNING_KEYS:
         return doc
     model = doc.get("model") or {}
     net = model.get("net") or (model.get("init_args") or {}).get("net") or {}
     if not isinstance(net, dict):
         raise ValueError(f"model.net must be a mapping with init_args, got {net!r}")
-    return dict(net.get("init_args") or {})
+    args = dict(net.get("init_args") or {})
+    # What fit links from the data section into the net, and the size it trains at.
+    data = doc.get("data") or {}
+    for key, target in (("task", "task"), ("vocab", "vocab"), ("slices", "in_chans")):
+        if data.get(key) is not None:
+            args[target] = data[key]
+    if data.get("image_size") is not None:
+        args["image_size"] = [int(data["image_size"])]
+    return args
 
 
 def build_parser():

@@ -72,7 +72,8 @@ class SpineModule(pl.LightningModule):
             an optimizer step sees: data.batch_size x processes x accumulate_grad_batches.
         lr_reference_batch: the batch size at which `lr` is given.
         weight_decay: L2 / decoupled weight decay for conv and linear weights.
-        norm_weight_decay: weight decay for norm scales/shifts and biases (0 as in the GroupNorm paper).
+        norm_weight_decay: weight decay for norm scales/shifts (0 as in the GroupNorm paper);
+            biases always get none (docs/regularizers.md).
         momentum: SGD momentum.
         scheduler: "cosine" (linear warm-up then cosine decay, per step) or "constant".
         warmup_epochs: length of the linear warm-up, in epochs (fractions allowed).
@@ -384,6 +385,20 @@ class SpineModule(pl.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def _optimizer_steps_per_epoch(self, total_steps: int) -> float:
+        """Optimizer steps of one epoch (the warm-up counts epochs of them), from the training
+        batches the Trainer found (`estimated_stepping_batches` has loaded them) and the
+        gradient accumulation, whatever bounds the run: max_epochs, or max_steps cutting it
+        short or running without an epoch limit (the steps spread over max_epochs were wrong
+        then: no warm-up, or one as long as the run)."""
+        trainer = self.trainer
+        if not 0 < getattr(trainer, "num_training_batches", math.inf) < math.inf:
+            trainer.fit_loop.setup_data()  # max_epochs=-1: the estimate did not load the data
+        batches = getattr(trainer, "num_training_batches", math.inf)
+        if isinstance(batches, int | float) and 0 < batches < math.inf:
+            return math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        return total_steps / max(1, trainer.max_epochs or 1)  # an iterable of unknown length
+
     def configure_optimizers(self):
         hp = self.hparams
         groups = self.spine_net.param_groups(
@@ -405,9 +420,9 @@ class SpineModule(pl.LightningModule):
         if hp.scheduler == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
         decay_steps = max(1, total_steps - int(round(hp.hold_fraction * total_steps)))
-        warmup_steps = min(decay_steps - 1, int(round(hp.warmup_epochs * total_steps / epochs)))
+        warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total_steps)))
+        warmup_steps = min(decay_steps - 1, warmup)
         scheduler = warmup_cosine_schedule(optimizer, warmup_steps, decay_steps, hp.min_lr_ratio)
         return {
             "optimizer": optimizer,

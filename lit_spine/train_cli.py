@@ -376,6 +376,12 @@ class SpineCLI(LightningCLI):
         if norm == "batchnorm":
             cfg["model"]["sync_batchnorm"] = cfg["model"].get("sync_batchnorm", True)
 
+    def _drop_empty_new_folder(self) -> None:
+        """Remove the run folder this command created when it stops before training (a size
+        the backbone cannot take, `--print_model`) and nothing has been written into it."""
+        if getattr(self, "new_folder", False) and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+
     def _check_against_the_run(self, cfg) -> None:
         """Refuse, before any file is written, a `fit` that would silently change a run: a new
         fit into a folder that holds a run, or a resume whose settings differ from the run's
@@ -426,11 +432,11 @@ class SpineCLI(LightningCLI):
                 f"(--config {saved_at / 'config.yaml'}) without overriding these"
             )
             raise SystemExit(f"lit-spine: {what}:\n  " + "\n  ".join(changed))
-        size = ("data.image_size", old.get("data.image_size"), new.get("data.image_size"))
-        if self.subcommand != "fit" and size[1] != size[2]:
+        trained, asked = old.get("data.image_size"), new.get("data.image_size")
+        if self.subcommand != "fit" and trained != asked:
             print(
-                f"lit-spine: warning: {self.subcommand} at {size[0]}={size[2]}, but the "
-                f"checkpoint was trained at {size[1]} ({saved_at / 'config.yaml'}): its numbers "
+                f"lit-spine: warning: {self.subcommand} at data.image_size={asked}, but the "
+                f"checkpoint was trained at {trained} ({saved_at / 'config.yaml'}): its numbers "
                 "are not those of the trained setting",
                 file=sys.stderr,
             )
@@ -499,8 +505,7 @@ class SpineCLI(LightningCLI):
         deepest = getattr(self.model.spine_net, "size_multiple", 1)  # SpineNet.forward's rule
         if isinstance(size, int) and size % deepest:
             fits = sorted({max(deepest, size // deepest * deepest), -(-size // deepest) * deepest})
-            if self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()  # the new run's folder, still empty: nothing ran
+            self._drop_empty_new_folder()
             raise SystemExit(
                 f"lit-spine: data.image_size={size} is not a multiple of {deepest}, the deepest "
                 f"reduction of backbone {self.model.spine_net.backbone_name!r}; use "
@@ -511,8 +516,7 @@ class SpineCLI(LightningCLI):
 
             image_size = self.datamodule.hparams.get("image_size", 256)
             print(format_description(describe(self.model.spine_net, input_size=image_size)))
-            if getattr(self, "new_folder", False) and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()  # nothing was trained: no run folder is left behind
+            self._drop_empty_new_folder()
             raise SystemExit(0)
         for cb in self.trainer.callbacks:
             if isinstance(cb, RunFolder):
